@@ -159,3 +159,29 @@ def load_segmentor(model_dir: str | os.PathLike) -> tuple[OpenVocabSegmentor, Se
     except RuntimeError as exc:
         raise OpenTransError(f"{weights}: does not match {model_dir / SPEC_FILE}: {str(exc).splitlines()[1].strip()}") from None
     return seg.eval(), spec
+
+
+def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrained: str = "none",
+                  image_size: tuple[int, int] | None = None, head: str = "linear",
+                  ) -> tuple[OpenVocabSegmentor, SegmentorSpec, list[Path]]:
+    """The segmentor a stage starts from: the model of an earlier stage (``--from DIR``) or a fresh one
+    (``--model NAME --pretrained TAG|PATH|none``).
+
+    Returns:
+        ``(segmentor, spec, input files)``; the input files are what the stage's manifest should hash.
+
+    Raises:
+        OpenTransError: neither or both sources given, or a ``--from`` directory without a model.
+    """
+    if from_dir is not None and model is not None:
+        raise OpenTransError("give either --from RUN_DIR or --model NAME, not both")
+    if from_dir is not None:
+        from_dir = Path(from_dir)
+        if not (from_dir / SPEC_FILE).exists():
+            raise OpenTransError(f"--from {from_dir}: no {SPEC_FILE} there; point it at the output of prune or finetune")
+        seg, spec = load_segmentor(from_dir)
+        return seg, spec, [from_dir / SPEC_FILE, from_dir / WEIGHTS_FILE]
+    if model is None:
+        raise OpenTransError("no model: give --model NAME (an open_clip architecture) or --from RUN_DIR")
+    seg, spec = build_segmentor(model, pretrained, image_size=image_size, head=head)
+    return seg, spec, []

@@ -1,0 +1,106 @@
+"""One runner protocol for every back end, and the evaluation loops built on it.
+
+A runner maps ``images`` float32 ``(B, 3, H, W)`` (normalised, at the model's input size) and
+``text_embeds`` float32 ``(C, D)`` to logits float32 ``(B, C, H, W)``, all numpy arrays. ``eval`` and
+``bench`` take any runner, so every number in a report comes from the artifact that ships.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from opentrans.data import SegDataset, collate
+from opentrans.metrics import ConfusionMatrix
+
+
+class Runner(Protocol):
+    """Anything that turns a batch of images and class embeddings into logits.
+
+    Attributes:
+        name: back end and precision, e.g. ``torch-fp32``, ``onnxruntime-fp32``, ``openvino-int8``.
+    """
+
+    name: str
+
+    def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        """images float32 (B,3,H,W), text_embeds float32 (C,D) -> logits float32 (B,C,H,W)."""
+        ...
+
+
+class TorchRunner:
+    """Runs an :class:`~opentrans.models.segmentor.OpenVocabSegmentor` eagerly in fp32 on CPU."""
+
+    def __init__(self, segmentor: torch.nn.Module, name: str = "torch-fp32"):
+        self.segmentor = segmentor.eval()
+        self.name = name
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        return self.segmentor(torch.as_tensor(images), torch.as_tensor(text_embeds)).numpy()
+
+
+def predict_labels(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Argmax labels ``(B, h0, w0)`` after bilinear resizing of logits ``(B, C, H, W)`` to ``size``."""
+    logits = torch.as_tensor(logits)
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(1)
+
+
+def batches(dataset: SegDataset, batch_size: int = 4, desc: str | None = None):
+    """Iterate ``(images (B,3,H,W) tensor, masks list of (h0,w0) tensors)`` over a dataset, in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return tqdm(loader, desc=desc, leave=False, disable=desc is None)
+
+
+def evaluate(runner: Runner, dataset: SegDataset, text_embeds: np.ndarray, batch_size: int = 4,
+             desc: str | None = None) -> dict:
+    """mIoU, pixel accuracy and per-class IoU of ``runner`` on ``dataset``, in percent.
+
+    Returns:
+        ``{"miou", "pixel_acc", "per_class_iou", "images"}`` (see :meth:`ConfusionMatrix.summary`).
+    """
+    cm = ConfusionMatrix(len(dataset.class_names), dataset.ignore_index)
+    text_embeds = np.asarray(text_embeds, dtype=np.float32)
+    for images, masks in batches(dataset, batch_size, desc):
+        logits = runner(images.numpy(), text_embeds)
+        for lg, mask in zip(logits, masks):
+            cm.update(predict_labels(lg[None], mask.shape)[0], mask)
+    return {**cm.summary(dataset.class_names), "images": len(dataset)}
+
+
+def agreement(reference: Runner, candidate: Runner, dataset: SegDataset, text_embeds: np.ndarray,
+              batch_size: int = 4, desc: str | None = None) -> dict:
+    """How closely ``candidate`` reproduces ``reference`` on real images.
+
+    Returns:
+        ``max_abs_diff`` (logits), ``mean_abs_diff``, ``cosine`` (min over images of the cosine between the
+        flattened logits), ``pixel_agreement`` (% of pixels with the same argmax) and ``teacher_miou`` (%: mIoU
+        of the candidate against the reference's argmax as labels, over the C classes).
+    """
+    text_embeds = np.asarray(text_embeds, dtype=np.float32)
+    cm = ConfusionMatrix(text_embeds.shape[0], ignore_index=-1)
+    max_abs, sum_abs, count, cosines, same, total = 0.0, 0.0, 0, [], 0, 0
+    for images, _ in batches(dataset, batch_size, desc):
+        ref = np.asarray(reference(images.numpy(), text_embeds), dtype=np.float64)
+        out = np.asarray(candidate(images.numpy(), text_embeds), dtype=np.float64)
+        diff = np.abs(ref - out)
+        max_abs = max(max_abs, float(diff.max()))
+        sum_abs, count = sum_abs + float(diff.sum()), count + diff.size
+        for r, o in zip(ref.reshape(len(ref), -1), out.reshape(len(out), -1)):
+            cosines.append(float(r @ o / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-12)))
+        ref_lbl, out_lbl = ref.argmax(1), out.argmax(1)
+        same, total = same + int((ref_lbl == out_lbl).sum()), total + ref_lbl.size
+        cm.update(torch.from_numpy(out_lbl), torch.from_numpy(ref_lbl))
+    return {
+        "max_abs_diff": max_abs,
+        "mean_abs_diff": sum_abs / max(count, 1),
+        "cosine": min(cosines),
+        "pixel_agreement": 100.0 * same / max(total, 1),
+        "teacher_miou": 100.0 * cm.miou(),
+    }

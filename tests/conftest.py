@@ -1,0 +1,47 @@
+"""Shared fixtures: the real CamVid data beside the project, and tiny random-initialised models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__import__("os").environ.get("OPENTRANS_DATA", ROOT.parent / "shared" / "data"))
+CAMVID = SHARED_DATA / "camvid"
+COCO_OBJECT = SHARED_DATA / "coco-object-mini"
+CAMVID_SPEC = f"camvid:{CAMVID}"
+TINY_VIT = "opentrans-tiny-vit"
+TINY_RN = "opentrans-tiny-rn"
+
+
+def pytest_configure(config):
+    if not (CAMVID / "val.txt").exists():
+        raise pytest.UsageError(f"CamVid not found at {CAMVID}; set OPENTRANS_DATA to the shared data folder")
+
+
+@pytest.fixture(scope="session")
+def camvid_spec() -> str:
+    return CAMVID_SPEC
+
+
+@pytest.fixture()
+def tiny_vit():
+    from opentrans.models.artifact import build_segmentor
+
+    return build_segmentor(TINY_VIT, "none")
+
+
+@pytest.fixture()
+def tiny_rn():
+    from opentrans.models.artifact import build_segmentor
+
+    return build_segmentor(TINY_RN, "none")
+
+
+@pytest.fixture()
+def camvid_val(tiny_vit):
+    from opentrans.data import open_dataset
+
+    _, spec = tiny_vit
+    return open_dataset(CAMVID_SPEC, "val", spec.image_size, spec.mean, spec.std, limit=4)
