@@ -1,0 +1,45 @@
+"""Wall-clock latency of a runner on a fixed batch."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from opentrans.evaluate import Runner
+
+
+def measure_latency(runner: Runner, images: np.ndarray, text_embeds: np.ndarray, warmup: int = 3,
+                    repeats: int = 20) -> dict:
+    """Time ``runner(images, text_embeds)``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    Args:
+        images: float32 ``(B, 3, H, W)``; B is the batch the latency refers to.
+        text_embeds: float32 ``(C, D)``.
+
+    Returns:
+        ``median_ms``, ``p90_ms``, ``mean_ms`` (per call, ms), ``images_per_s`` (B / median), ``batch``,
+        ``repeats``.
+
+    Raises:
+        ValueError: ``repeats`` < 1 or ``warmup`` < 0.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        runner(images, text_embeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(images, text_embeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    times_arr = np.asarray(times)
+    median = float(np.median(times_arr))
+    return {
+        "median_ms": round(median, 3),
+        "p90_ms": round(float(np.percentile(times_arr, 90)), 3),
+        "mean_ms": round(float(times_arr.mean()), 3),
+        "images_per_s": round(images.shape[0] * 1e3 / median, 2),
+        "batch": int(images.shape[0]),
+        "repeats": repeats,
+    }

@@ -1,0 +1,118 @@
+"""``opentrans run``: every stage of a recipe in order, into ``runs/NAME/STAGE/``, resumable.
+
+A stage whose directory already holds a complete manifest with the same options is skipped, so a rerun
+after an interruption continues where it stopped. Changing a stage's options reruns it and every stage
+after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from opentrans.artifacts import is_complete, read_json, write_json, write_text
+from opentrans.recipe import Recipe
+
+
+def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Callable[[], dict]]]:
+    """(label, directory, options, thunk) for each stage of the recipe, in order."""
+    from opentrans.bench import bench_stage
+    from opentrans.deploy.stage import deploy_stage
+    from opentrans.finetune.stage import analyze_stage, finetune_stage
+    from opentrans.prune.stage import prune_stage
+
+    base = {"model": recipe.model, "pretrained": recipe.pretrained, "image_size": recipe.image_size}
+    plan: list[tuple[str, Path, dict, Callable[[], dict]]] = []
+    source: dict = {"from_dir": None, "model": recipe.model, "pretrained": recipe.pretrained,
+                    "image_size": recipe.image_size}
+    if recipe.analyze is not None:
+        out = root / "analyze"
+        plan.append(("analyze", out, {**base}, lambda out=out, src=dict(source): analyze_stage(out_dir=out, **src)))
+    if recipe.prune is not None:
+        out, opts = root / "prune", asdict(recipe.prune)
+        plan.append(("prune", out, {**base, **opts},
+                     lambda out=out, src=dict(source), o=opts: prune_stage(out_dir=out, **src, **o)))
+        source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
+    if recipe.finetune is not None:
+        out, opts = root / "finetune", asdict(recipe.finetune)
+        plan.append(("finetune", out, {**base, **opts, "data": recipe.data},
+                     lambda out=out, src=dict(source), o=opts: finetune_stage(out_dir=out, data=recipe.data, **src, **o)))
+        source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
+    if recipe.deploy is not None:
+        d = recipe.deploy
+        for b in d.builds:
+            out = root / "deploy" / f"{b.target}-{b.precision}"
+            opts = {"target": b.target, "precision": b.precision, "parity_limit": d.parity_limit,
+                    "calib_size": d.calib_size, "opset": d.opset}
+            plan.append((f"deploy {b.target}-{b.precision}", out, {**base, **opts, "data": recipe.data},
+                         lambda out=out, src=dict(source), o=opts: deploy_stage(out_dir=out, data=recipe.data, **src, **o)))
+    if recipe.bench is not None:
+        out, opts = root / "bench", asdict(recipe.bench)
+        targets = [root / s for s in ("finetune", "prune") if getattr(recipe, s) is not None][:1] + [root / "deploy"]
+        plan.append(("bench", out, {**base, **opts, "data": recipe.data},
+                     lambda out=out, o=opts, t=targets: bench_stage([p for p in t if p.exists()], out, recipe.data, **o)))
+    return plan
+
+
+def run_recipe(recipe: Recipe, runs_root: str | os.PathLike = "runs", force: bool = False,
+               echo: Callable[[str], None] = print) -> Path:
+    """Run every stage of ``recipe`` into ``runs_root/NAME/``; return the path of the run's report.
+
+    Writes ``run.json`` (per-stage wall time and headline figures) and ``report.md`` at the run root.
+
+    Raises:
+        OpenTransError: from any stage (bad input, failed parity check, ...); finished stages are kept.
+    """
+    root = Path(runs_root) / recipe.name
+    root.mkdir(parents=True, exist_ok=True)
+    summary, rerun_rest = [], force
+    for label, out, options, thunk in _stage_plan(recipe, root):
+        done = is_complete(out) and read_json(out / "manifest.json").get("run_options") == _jsonable(options)
+        if done and not rerun_rest:
+            echo(f"[skip] {label}: finished earlier ({out})")
+        else:
+            rerun_rest = True  # everything downstream of a rerun stage is stale
+            echo(f"[run ] {label} -> {out}")
+            start = time.perf_counter()
+            thunk()
+            manifest = read_json(out / "manifest.json")
+            manifest["run_options"] = _jsonable(options)
+            write_json(out / "manifest.json", manifest)
+            echo(f"[done] {label} in {time.perf_counter() - start:.1f} s")
+        manifest = read_json(out / "manifest.json")
+        summary.append({"stage": label, "dir": str(out), "wall_time_s": manifest["wall_time_s"],
+                        "weights": manifest.get("weights"), "figures": manifest.get("figures", {})})
+    write_json(root / "run.json", {"recipe": _jsonable(asdict(recipe)), "stages": summary})
+    report = root / "report.md"
+    write_text(report, _report_markdown(recipe, root, summary))
+    return report
+
+
+def _jsonable(obj):
+    """``obj`` as it reads back from JSON (tuples -> lists, paths -> strings), for option comparison."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _report_markdown(recipe: Recipe, root: Path, summary: list[dict]) -> str:
+    weights = next((s["weights"] for s in summary if s["weights"]), "unknown weights")
+    lines = [f"# Run {recipe.name}", "", f"Model {recipe.model}, **{weights}**, data `{recipe.data}`.", "",
+             "| stage | wall time s | headline figures |", "|---|---:|---|"]
+    for s in summary:
+        figs = s["figures"]
+        if s["stage"] == "bench":
+            text = "; ".join(f"{k}: {v['median_ms']:.1f} ms, mIoU {v['miou']}" for k, v in figs.items())
+        else:
+            text = ", ".join(f"{k}={_short(v)}" for k, v in figs.items() if not isinstance(v, (dict, list)))
+        lines.append(f"| {s['stage']} | {s['wall_time_s']:.1f} | {text} |")
+    bench = root / "bench" / "bench.md"
+    if bench.exists():
+        lines += ["", bench.read_text().replace("# Benchmark", "## Benchmark", 1)]
+    return "\n".join(lines) + "\n"
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v

@@ -1,0 +1,151 @@
+"""Typed recipes: the YAML that ``opentrans run`` executes, stage by stage.
+
+Example (``recipes/quickstart.yaml``)::
+
+    name: quickstart
+    model: ViT-B-32
+    pretrained: none            # random-init weights; an open_clip tag or a checkpoint path otherwise
+    data: camvid:../shared/data/camvid
+    analyze: {}
+    prune: {sparsity: 0.5}
+    finetune: {steps: 40, batch_size: 4}
+    deploy: {builds: [{target: onnx, precision: fp32}, {target: openvino, precision: int8}]}
+    bench: {limit: 24}
+
+A stage left out of the recipe is not run. Relative data paths are resolved against the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opentrans.errors import OpenTransError
+
+
+@dataclass
+class AnalyzeOptions:
+    """Options of ``opentrans analyze`` (none yet besides the model)."""
+
+
+@dataclass
+class PruneOptions:
+    """Options of ``opentrans prune``: sparsity in (0, 1) of the prunable channels."""
+
+    sparsity: float = 0.5
+    importance: str = "magnitude"
+    round_to: int = 8
+
+
+@dataclass
+class FinetuneOptions:
+    """Options of ``opentrans finetune``."""
+
+    steps: int = 40
+    batch_size: int = 4
+    lr: float = 1e-3
+    freeze_heavy_tail: bool = True
+    train_limit: int | None = None
+    val_limit: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Build:
+    """One deploy build: a target and a precision."""
+
+    target: str
+    precision: str = "fp32"
+
+
+@dataclass
+class DeployOptions:
+    """Options of ``opentrans deploy``, one build per target/precision pair."""
+
+    builds: list[Build] = field(default_factory=lambda: [Build("onnx", "fp32")])
+    parity_limit: int = 8
+    calib_size: int = 32
+    opset: int = 17
+
+
+@dataclass
+class BenchOptions:
+    """Options of ``opentrans bench``."""
+
+    split: str = "val"
+    limit: int | None = 24
+    warmup: int = 3
+    repeats: int = 20
+    batch_size: int = 1
+
+
+@dataclass
+class Recipe:
+    """A whole pipeline: model, data and the options of each stage to run (``None`` = skip the stage)."""
+
+    name: str
+    model: str
+    data: str
+    pretrained: str = "none"
+    image_size: tuple[int, int] | None = None
+    analyze: AnalyzeOptions | None = None
+    prune: PruneOptions | None = None
+    finetune: FinetuneOptions | None = None
+    deploy: DeployOptions | None = None
+    bench: BenchOptions | None = None
+
+    @property
+    def stages(self) -> list[str]:
+        """Names of the stages to run, in pipeline order."""
+        return [s for s in ("analyze", "prune", "finetune", "deploy", "bench") if getattr(self, s) is not None]
+
+
+def _build(cls, raw: Any, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise OpenTransError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise OpenTransError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}")
+    return cls(**raw)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse and validate a recipe file.
+
+    Raises:
+        OpenTransError: missing file, invalid YAML, missing required keys, unknown keys, wrong types.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OpenTransError(f"{path}: recipe not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise OpenTransError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise OpenTransError(f"{path}: expected a mapping at the top level")
+    for key in ("name", "model", "data"):
+        if key not in raw:
+            raise OpenTransError(f"{path}: missing required key '{key}'")
+    stage_types = {"analyze": AnalyzeOptions, "prune": PruneOptions, "finetune": FinetuneOptions,
+                   "deploy": DeployOptions, "bench": BenchOptions}
+    top = {k: v for k, v in raw.items() if k not in stage_types}
+    recipe = _build(Recipe, top, str(path))
+    for stage, cls in stage_types.items():
+        if stage in raw:
+            opts = _build(cls, raw[stage], f"{path}: {stage}")
+            if stage == "deploy":
+                opts.builds = [_build(Build, b, f"{path}: deploy.builds") for b in opts.builds]
+            setattr(recipe, stage, opts)
+    if recipe.image_size is not None:
+        recipe.image_size = tuple(recipe.image_size)
+    if not str(recipe.name).replace("-", "").replace("_", "").isalnum():
+        raise OpenTransError(f"{path}: name '{recipe.name}' must be letters, digits, '-' or '_' (it names runs/NAME)")
+    return recipe
