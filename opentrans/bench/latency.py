@@ -36,10 +36,10 @@ def measure_latency(runner: Runner, images: np.ndarray, text_embeds: np.ndarray,
     times_arr = np.asarray(times)
     median = float(np.median(times_arr))
     return {
-        "median_ms": round(median, 3),
-        "p90_ms": round(float(np.percentile(times_arr, 90)), 3),
-        "mean_ms": round(float(times_arr.mean()), 3),
-        "images_per_s": round(images.shape[0] * 1e3 / median, 2),
+        "median_ms": median,
+        "p90_ms": float(np.percentile(times_arr, 90)),
+        "mean_ms": float(times_arr.mean()),
+        "images_per_s": images.shape[0] * 1e3 / median,
         "batch": int(images.shape[0]),
         "repeats": repeats,
     }

@@ -1,0 +1,189 @@
+"""Deploy targets: one back end per module, a string-keyed registry, and :func:`load_runner`.
+
+Every target module exposes ``check_available() -> None`` (raises :class:`OpenTransError` when its back end
+cannot run here) and ``build(ctx: BuildContext) -> BuildOutput``. ``build`` turns the fp32 ONNX export in the
+build directory into the target's artifact and returns a runner on that artifact, which the deploy stage checks
+against PyTorch before anything reaches the output directory.
+
+========  ==========================================  ===========  =========================================
+target    artifact                                    precisions   parity checked here on
+========  ==========================================  ===========  =========================================
+onnx      ``model.onnx`` for ONNX Runtime             fp32         ONNX Runtime CPU
+openvino  ``model.xml``/``model.bin`` OpenVINO IR     fp32, int8   OpenVINO CPU, f32 inference precision
+jetson    bundle: ``model.onnx`` + ``build_engine.sh``  fp32, fp16   ONNX Runtime on the fp32 ``model.onnx``
+nvidia    ``model.engine`` (TensorRT, this GPU only)  fp32, fp16   TensorRT (needs ``import tensorrt``)
+========  ==========================================  ===========  =========================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from opentrans.artifacts import read_json
+from opentrans.errors import OpenTransError
+
+BUILD_FILE = "build.json"
+PARITY_FILE = "parity.json"
+BUILD_FORMAT = "opentrans.deploy/1"
+TEXT_EMBEDS_FILE = "text_embeds.npy"
+CLASSES_FILE = "classes.json"
+
+#: target -> (module under opentrans.deploy.targets, back end recorded in build.json)
+TARGETS: dict[str, tuple[str, str]] = {
+    "onnx": ("onnx", "onnxruntime"),
+    "openvino": ("openvino", "openvino"),
+    "jetson": ("jetson", "jetson"),
+    "nvidia": ("tensorrt", "tensorrt"),
+}
+#: Precisions each target can build.
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "onnx": ("fp32",),
+    "openvino": ("fp32", "int8"),
+    "jetson": ("fp32", "fp16"),
+    "nvidia": ("fp32", "fp16"),
+}
+
+
+@dataclass
+class BuildContext:
+    """What a target needs to build its artifact.
+
+    Attributes:
+        segmentor: the PyTorch :class:`OpenVocabSegmentor` (fp32, eval) the artifact must reproduce.
+        spec: its :class:`~opentrans.models.artifact.SegmentorSpec`.
+        precision: one of :data:`PRECISIONS` of the target.
+        build_dir: the (temporary) build directory; everything the target writes goes here.
+        onnx_path: the fp32 ONNX export inside ``build_dir`` (``model.onnx``), opset :attr:`opset`.
+        opset: ONNX opset of ``onnx_path``.
+        class_names: the dataset's class names, in label order.
+        text_embeds: float32 (C, D) L2-normalised class embeddings for ``class_names``.
+        calibration: returns the calibration images, float32 (1, 3, H, W) each, from the training split
+            (only called by targets that quantise).
+        sample_images: float32 (1, 3, H, W): one real validation image (for bundles that ship a sample).
+        options: target-specific options (``smooth_quant_alpha``, ``max_batch``, ``max_classes``).
+    """
+
+    segmentor: torch.nn.Module
+    spec: Any
+    precision: str
+    build_dir: Path
+    onnx_path: Path
+    opset: int
+    class_names: list[str]
+    text_embeds: np.ndarray
+    calibration: Callable[[], list[np.ndarray]]
+    sample_images: np.ndarray
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildOutput:
+    """What a target built.
+
+    Attributes:
+        file: the model file the runner loads, relative to the build directory.
+        model_files: every file that makes up the model (for the size in MB), relative to the build directory.
+        runner: a runner on the built artifact, used for the parity check.
+        checked_precision: the precision the parity check actually exercises here (``fp32`` for a Jetson
+            fp16 bundle: the fp16 engine is only built on the device).
+        info: extra fields for ``build.json`` (e.g. quantisation settings, OpenVINO inference precision).
+        timings: seconds spent in the target's own steps (conversion, quantisation, engine build).
+    """
+
+    file: str
+    model_files: list[str]
+    runner: Any
+    checked_precision: str
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def target_module(target: str):
+    """The module implementing ``target``.
+
+    Raises:
+        OpenTransError: an unknown target.
+    """
+    if target not in TARGETS:
+        raise OpenTransError(f"--target {target}: choose one of {', '.join(TARGETS)}")
+    return importlib.import_module(f"opentrans.deploy.targets.{TARGETS[target][0]}")
+
+
+def check_target(target: str, precision: str) -> None:
+    """Validate a target/precision pair and that the target's back end can run here; writes nothing.
+
+    Raises:
+        OpenTransError: unknown target, a precision the target does not build, or a missing back end
+            (``nvidia`` without TensorRT).
+    """
+    module = target_module(target)
+    if precision not in PRECISIONS[target]:
+        raise OpenTransError(f"--precision {precision}: target {target} builds {', '.join(PRECISIONS[target])}")
+    module.check_available()
+
+
+def read_build(build_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``build.json`` of a deploy build directory.
+
+    Raises:
+        OpenTransError: no ``build.json`` or one of another format.
+    """
+    build_dir = Path(build_dir)
+    if not (build_dir / BUILD_FILE).exists():
+        raise OpenTransError(f"{build_dir}: no {BUILD_FILE}; expected a directory written by `opentrans deploy`")
+    build = read_json(build_dir / BUILD_FILE)
+    if build.get("format") != BUILD_FORMAT:
+        raise OpenTransError(f"{build_dir / BUILD_FILE}: not an {BUILD_FORMAT} build description")
+    return build
+
+
+def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32"):
+    """A runner for a deploy build directory or a model directory.
+
+    * a deploy build (``build.json``): the runner of its back end on its model file: ONNX Runtime for
+      ``onnx`` and ``jetson`` bundles (the bundle's fp32 ``model.onnx``), OpenVINO for ``openvino`` (compiled
+      with ``openvino_precision``: ``f32`` by default, ``None`` for the device default, which is bf16 on CPUs
+      with avx512_bf16), TensorRT for ``nvidia``;
+    * a model directory (``model.json`` from prune/finetune): :class:`opentrans.evaluate.TorchRunner`.
+
+    The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W).
+
+    Raises:
+        OpenTransError: ``path`` is neither kind of directory, a build of an unknown back end, a missing model
+            file, or a back end that is not installed here.
+    """
+    path = Path(path)
+    if (path / BUILD_FILE).exists():
+        build = read_build(path)
+        backend, precision = build.get("backend"), build.get("precision")
+        model_file = path / build["file"]
+        if not model_file.exists():
+            raise OpenTransError(f"{model_file}: file not found (named in {path / BUILD_FILE})")
+        if backend in ("onnxruntime", "jetson"):
+            from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
+
+            name = "onnxruntime-fp32" if backend == "onnxruntime" else "onnxruntime-fp32 (jetson bundle)"
+            return OnnxRuntimeRunner(model_file, name=name)
+        if backend == "openvino":
+            from opentrans.deploy.targets.openvino import OpenVINORunner
+
+            return OpenVINORunner(model_file, name=f"openvino-{precision}", inference_precision=openvino_precision)
+        if backend == "tensorrt":
+            from opentrans.deploy.targets.tensorrt import TensorRTRunner, check_available
+
+            check_available()
+            return TensorRTRunner(model_file, name=f"tensorrt-{precision}")
+        raise OpenTransError(f"{path / BUILD_FILE}: unknown back end {backend!r}")
+    if (path / "model.json").exists():
+        from opentrans.evaluate import TorchRunner
+        from opentrans.models.artifact import load_segmentor
+
+        return TorchRunner(load_segmentor(path)[0])
+    raise OpenTransError(f"{path}: neither a deploy build ({BUILD_FILE}) nor a model directory (model.json)")
