@@ -15,6 +15,7 @@ Activations are calibrated on real images (the training split of the deploy data
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -86,10 +87,15 @@ def quantize_openvino_int8(ov_model, calib_images: Iterable[np.ndarray], text_em
     dataset = nncf.Dataset(images, lambda x: {"images": x, "text_embeds": text})
     advanced = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(smooth_quant_alpha)))
-    return nncf.quantize(
-        ov_model, dataset,
-        model_type=nncf.ModelType.TRANSFORMER if model_type_transformer else None,
-        subset_size=int(subset_size),
-        ignored_scope=nncf.IgnoredScope(names=text_path_ops(ov_model)),
-        advanced_parameters=advanced,
-    )
+    level = nncf.nncf_logger.level
+    nncf.nncf_logger.setLevel(logging.WARNING)  # one INFO line per ignored node otherwise; warnings still show
+    try:
+        return nncf.quantize(
+            ov_model, dataset,
+            model_type=nncf.ModelType.TRANSFORMER if model_type_transformer else None,
+            subset_size=int(subset_size),
+            ignored_scope=nncf.IgnoredScope(names=text_path_ops(ov_model)),
+            advanced_parameters=advanced,
+        )
+    finally:
+        nncf.nncf_logger.setLevel(level)

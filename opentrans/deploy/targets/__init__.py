@@ -144,6 +144,29 @@ def read_build(build_dir: str | os.PathLike) -> dict[str, Any]:
     return build
 
 
+def source_model_dir(build_dir: str | os.PathLike) -> Path:
+    """The model directory (``model.json``) a deploy build was made from, e.g. to encode other class names with
+    its text tower.
+
+    ``build.json`` records it relative to the build (so a run directory can move as a whole) and absolute.
+
+    Raises:
+        OpenTransError: not a deploy build, a build made from ``--model NAME`` (no model directory: pass
+            ``--model``/``--pretrained`` again), or a source directory that no longer exists.
+    """
+    from opentrans.models.artifact import SPEC_FILE
+
+    build_dir = Path(build_dir)
+    source = read_build(build_dir).get("source", {})
+    if not source.get("from_dir"):
+        raise OpenTransError(f"{build_dir} was built from --model {source.get('model')} --pretrained "
+                             f"{source.get('pretrained')}, not from a model directory; pass those options instead")
+    for candidate in (build_dir / source["from_dir_relative"], Path(source["from_dir"])):
+        if (candidate / SPEC_FILE).exists():
+            return candidate.resolve()
+    raise OpenTransError(f"{build_dir}: its source model directory {source['from_dir']} no longer exists")
+
+
 def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32"):
     """A runner for a deploy build directory or a model directory.
 
