@@ -149,7 +149,7 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--parity-limit", type=click.IntRange(min=1), default=8, show_default=True,
               help="Number of real val images the export is compared with PyTorch on.")
-@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True)
+@click.option("--opset", type=click.IntRange(min=14, max=20), default=17, show_default=True)
 @_out_option()
 def deploy(from_dir, model, pretrained, image_size, target, precision, data, calib_size, parity_limit, opset, out):
     """Export and verify: ONNX, OpenVINO IR (fp32 / NNCF INT8), Jetson bundle, TensorRT engine."""
@@ -181,14 +181,19 @@ def bench(paths, data, split, limit, warmup, repeats, batch_size, reference, out
 
 
 def _open_for_inference(from_dir, model, pretrained, image_size):
-    """(runner, segmentor for text embeddings, spec) from a model dir, a deploy build or --model."""
-    from opentrans.deploy.targets import load_runner, source_model_dir
+    """(runner, segmentor whose text tower encodes the class names, spec) from a model directory, a deploy
+    build (its text tower is the source model's) or ``--model``/``--pretrained``."""
+    from opentrans.deploy.targets import load_runner, read_build, source_model_dir
     from opentrans.evaluate import TorchRunner
     from opentrans.models.artifact import SPEC_FILE, resolve_model
 
     if from_dir is not None and not (Path(from_dir) / SPEC_FILE).exists():
         runner = load_runner(from_dir)
-        seg, spec, _ = resolve_model(source_model_dir(from_dir), None)
+        build = read_build(from_dir)
+        if build.get("source", {}).get("from_dir"):
+            seg, spec, _ = resolve_model(source_model_dir(from_dir), None)
+        else:
+            seg, spec, _ = resolve_model(None, build["model"], build["pretrained"], image_size=tuple(build["image_size"]))
         return runner, seg, spec
     seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
     return TorchRunner(seg), seg, spec

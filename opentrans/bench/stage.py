@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from opentrans.artifacts import StageRecord, machine_description
+from opentrans.artifacts import StageRecord, load_manifest, machine_description
 from opentrans.bench.latency import measure_latency
 from opentrans.bench.report import pareto_front, write_bench_report
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner, agreement, evaluate
-from opentrans.models.artifact import SPEC_FILE, load_segmentor
-
-BUILD_FILE = "build.json"
+from opentrans.deploy.targets import BUILD_FILE, load_runner
+from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, load_segmentor
 
 
 def discover_artifacts(paths: list[str | os.PathLike]) -> list[Path]:
@@ -38,9 +37,10 @@ def discover_artifacts(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def _artifact_size_mb(path: Path) -> float:
-    skip = {"manifest.json", "parity.json"}
-    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name not in skip)
-    return total / 2**20
+    """Size in MB (10^6 bytes) of what ships: the deploy manifest's model files, or a model's safetensors."""
+    if (path / WEIGHTS_FILE).exists():
+        return (path / WEIGHTS_FILE).stat().st_size / 1e6
+    return float(load_manifest(path)["figures"]["size_mb"])
 
 
 def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data: str, split: str = "val",
@@ -57,8 +57,6 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
     Raises:
         OpenTransError: no artifacts, no PyTorch model to use as reference, bad data spec, bad counts.
     """
-    from opentrans.deploy.targets import load_runner
-
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise OpenTransError(f"need --repeats >= 1, --warmup >= 0, --batch-size >= 1 (got {repeats}, {warmup}, {batch_size})")
     artifacts = discover_artifacts(paths)

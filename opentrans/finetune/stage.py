@@ -1,0 +1,271 @@
+"""The ``analyze`` and ``finetune`` pipeline stages.
+
+``analyze``: per-layer heavy-tail alpha of the image encoder (:mod:`opentrans.finetune.spectral`), written
+as ``alphas.csv``, ``alphas.json`` and ``alphas.png``.
+
+``finetune``: OpenTrans's layer-wise finetuning (Xu et al., "Transferable and Principled Efficiency for
+Open-Vocabulary Segmentation", CVPR 2024): with ``freeze_heavy_tail`` the alphas of the *current* image
+encoder (possibly pruned) are measured, layers below the median alpha stay frozen and the others are
+trained together with the head; without it only the head trains. Writes the finetuned model
+(``model.safetensors`` + ``model.json``), ``freeze_plan.json``, ``finetune_report.json`` and
+``finetune_report.md``.
+
+Both validate every input before writing anything: on a user error they raise
+:class:`~opentrans.errors.OpenTransError` and leave ``out_dir`` untouched. Each finishes by writing
+``manifest.json`` through :class:`~opentrans.artifacts.StageRecord`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+from opentrans.artifacts import StageRecord, write_json, write_text
+from opentrans.data import open_dataset
+from opentrans.errors import OpenTransError
+from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.finetune.freeze import apply_freeze_plan, freeze_plan, gradient_free_parameters, head_only_plan
+from opentrans.finetune.spectral import analyze_spectrum, write_alpha_report
+from opentrans.finetune.trainer import train_segmentor
+from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
+
+#: Module-name prefix of the image encoder inside :class:`~opentrans.models.segmentor.OpenVocabSegmentor`.
+VISUAL_PREFIX = "clip.visual."
+
+
+def _check_out_dir(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OpenTransError(f"--out {out_dir}: exists and is not a folder")
+    return out_dir
+
+
+def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str,
+                  out_dir: str | os.PathLike, image_size: tuple[int, int] | None = None) -> dict:
+    """Heavy-tail spectral analysis of a model's image encoder (``opentrans analyze``).
+
+    Layer names are those of ``seg.named_modules()`` (``clip.visual.…``), so ``alphas.json`` applies
+    directly to the segmentor. The analysis runs before anything is written.
+
+    Args:
+        from_dir: output directory of an earlier stage (``--from``), or None.
+        model, pretrained: open_clip architecture and weights (``--model``/``--pretrained``), if no ``from_dir``.
+        out_dir: where ``alphas.csv``, ``alphas.json``, ``alphas.png`` and ``manifest.json`` go.
+        image_size: network input (H, W) for a fresh model (does not change the alphas).
+
+    Returns:
+        The manifest figures: ``layers_analysed``, ``excluded``, ``median_alpha`` (dimensionless) and
+        ``seconds`` (weightwatcher wall time).
+
+    Raises:
+        OpenTransError: bad model arguments (see :func:`~opentrans.models.artifact.resolve_model`), an
+            ``out_dir`` that is a file, or an encoder without analysable layers.
+    """
+    out_dir = _check_out_dir(out_dir)
+    seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
+    report = analyze_spectrum(seg.visual, prefix=VISUAL_PREFIX)
+    options = {"from": None if from_dir is None else str(from_dir), "model": spec.model,
+               "pretrained": spec.pretrained, "image_size": list(spec.image_size)}
+    with StageRecord("analyze", out_dir, options) as rec:
+        for path in inputs:
+            rec.add_input(path)
+        for path in write_alpha_report(report, out_dir, weights=spec.weights):
+            rec.add_output(path)
+        rec.weights = spec.weights
+        rec.figures = {
+            "layers_analysed": len(report.layers),
+            "excluded": len(report.excluded),
+            "median_alpha": round(report.median_alpha, 4),
+            "seconds": round(report.seconds, 2),
+        }
+    return rec.figures
+
+
+def _loss_summary(losses: list[float]) -> dict:
+    finite = [v for v in losses if math.isfinite(v)]
+    if not finite:
+        return {"first": None, "last": None, "min": None, "mean_first_10pct": None, "mean_last_10pct": None,
+                "skipped_steps": len(losses)}
+    k = max(1, len(finite) // 10)
+    return {
+        "first": finite[0], "last": finite[-1], "min": min(finite),
+        "mean_first_10pct": statistics.fmean(finite[:k]), "mean_last_10pct": statistics.fmean(finite[-k:]),
+        "skipped_steps": len(losses) - len(finite),
+    }
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _report_md(r: dict) -> str:
+    w = r["weights"]
+    loss = r["loss"]
+    lines = [
+        f"# Finetune report: {r['model']}",
+        "",
+        f"Weights: **{w}**. Lineage: {' -> '.join(r['lineage'])}. Data: `{r['data']}` "
+        f"({r['train_images']} train / {r['val_images']} val images).",
+        "",
+        f"Freeze policy: **{r['policy']}**"
+        + (f" (OpenTrans heavy-tail criterion: layers with alpha < median {r['median_alpha']:.3f} stay frozen)"
+           if r["median_alpha"] is not None else " (every CLIP layer frozen; only the head trains)"),
+        "",
+        "| figure | value | weights |",
+        "|---|---|---|",
+        f"| val mIoU before | {_fmt(r['miou_before'])} % | {w} |",
+        f"| val mIoU after | {_fmt(r['miou_after'])} % | {w} |",
+        f"| trainable params | {r['trainable_params']:,} ({r['trainable_pct']:.2f} % of {r['total_params']:,}) | {w} |",
+        f"| planned trainable but outside the dense forward path (kept frozen) | {r['gradient_free_params']:,} params "
+        f"| {w} |",
+        f"| trainable / frozen / excluded encoder layers | {len(r['trainable_layers'])} / "
+        f"{len(r['frozen_layers'])} / {len(r['excluded'])} | {w} |",
+        f"| steps x batch, lr | {r['steps']} x {r['batch_size']}, {r['lr']:g} (poly) | {w} |",
+        f"| loss first -> last (mean first/last 10 %) | {_fmt(loss['first'])} -> {_fmt(loss['last'])} "
+        f"({_fmt(loss['mean_first_10pct'])} / {_fmt(loss['mean_last_10pct'])}) | {w} |",
+        f"| training time | {r['train_seconds']:.1f} s | {w} |",
+        "",
+    ]
+    if r["frozen_layers"]:
+        lines += ["## Frozen layers (heavy-tailed, alpha < median)", "", "| layer | alpha |", "|---|---|"]
+        lines += [f"| `{n}` | {r['alphas'][n]:.3f} |" for n in r["frozen_layers"]] + [""]
+    if r["trainable_layers"]:
+        lines += ["## Trained layers (alpha >= median)", "", "| layer | alpha |", "|---|---|"]
+        lines += [f"| `{n}` | {r['alphas'][n]:.3f} |" for n in r["trainable_layers"]] + [""]
+    if r["excluded"]:
+        lines += ["## Excluded from the analysis (stay frozen)", ""]
+        lines += [f"- `{e['name']}`: {e['reason']}" for e in r["excluded"]] + [""]
+    if r["gradient_free"]:
+        lines += ["## Trainable by plan but outside the dense forward path (kept frozen: no gradient reaches them)", ""]
+        lines += [f"- `{n}`" for n in r["gradient_free"]] + [""]
+    return "\n".join(lines)
+
+
+def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str,
+                   out_dir: str | os.PathLike, data: str, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
+                   freeze_heavy_tail: bool = True, train_limit: int | None = None, val_limit: int | None = None,
+                   image_size: tuple[int, int] | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Finetune a segmentor on a dataset's train split (``opentrans finetune``).
+
+    Steps: resolve the model; open the ``train`` and ``val`` splits at the model's input size; encode the
+    class names with the model's text tower; with ``freeze_heavy_tail`` measure the alphas of the current
+    image encoder and freeze the layers below the median (:func:`~opentrans.finetune.freeze.freeze_plan`),
+    else freeze all of CLIP (head only); planned-trainable parameters that the dense forward path never
+    reaches (:func:`~opentrans.finetune.freeze.gradient_free_parameters`, e.g. a ViT's last MLP) are frozen
+    too and listed in the report; val mIoU before; train
+    (:func:`~opentrans.finetune.trainer.train_segmentor`); val mIoU after; save the model with
+    ``"finetune"`` appended to its lineage. Everything up to the plan is done before ``out_dir`` is touched.
+
+    Args:
+        from_dir, model, pretrained, image_size: the starting model (see
+            :func:`~opentrans.models.artifact.resolve_model`).
+        out_dir: stage output directory.
+        data: ``FORMAT:PATH`` dataset spec (e.g. ``camvid:/data/camvid``) with ``train`` and ``val`` splits.
+        steps, batch_size, lr, seed: training settings (AdamW, poly schedule).
+        freeze_heavy_tail: use OpenTrans's heavy-tail freeze plan; otherwise train only the head.
+        train_limit, val_limit: use only the first N images of each split.
+        progress: show progress bars.
+
+    Returns:
+        The manifest figures: ``miou_before``, ``miou_after`` (val mIoU, %), ``trainable_params`` (elements
+        training updates), ``total_params`` (whole segmentor, text tower included), ``frozen_layers`` (count
+        of heavy-tailed layers frozen by the plan), ``steps``, ``final_loss`` (nats; None if the last batch
+        had no labelled pixel).
+
+    Raises:
+        OpenTransError: ``steps``/``batch_size`` < 1, non-positive ``lr``, a bad data spec or limit, bad
+            model arguments, an ``out_dir`` that is a file, nothing to train (``head`` is ``none`` and no
+            heavy-tail plan), or a loss that diverged.
+    """
+    if steps < 1:
+        raise OpenTransError(f"--steps {steps}: must be at least 1")
+    if batch_size < 1:
+        raise OpenTransError(f"--batch-size {batch_size}: must be at least 1")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise OpenTransError(f"--lr {lr}: must be a positive number")
+    out_dir = _check_out_dir(out_dir)
+    seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
+    train_ds = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, train_limit)
+    val_ds = open_dataset(data, "val", spec.image_size, spec.mean, spec.std, val_limit)
+    if not freeze_heavy_tail and not any(True for _ in seg.head.parameters()):
+        raise OpenTransError("nothing to train: the model has no head (head 'none') and --freeze-heavy-tail is off")
+
+    excluded: list[dict] = []
+    analysis_seconds = 0.0
+    if freeze_heavy_tail:
+        spectrum = analyze_spectrum(seg.visual, prefix=VISUAL_PREFIX)
+        plan = freeze_plan(spectrum.layers, "median")
+        excluded = [{"name": n, "reason": r} for n, r in spectrum.excluded]
+        analysis_seconds = spectrum.seconds
+    else:
+        plan = head_only_plan()
+    counts = apply_freeze_plan(seg, plan)
+    # layers the dense forward path never reaches would stay unchanged anyway: freeze them, so that
+    # trainable_params counts what training really updates
+    params = dict(seg.named_parameters())
+    gradient_free = gradient_free_parameters(seg)
+    for name in gradient_free:
+        params[name].requires_grad_(False)
+    trainable_params = sum(p.numel() for p in seg.parameters() if p.requires_grad)
+
+    options = {"from": None if from_dir is None else str(from_dir), "model": spec.model, "pretrained": spec.pretrained,
+               "data": data, "steps": steps, "batch_size": batch_size, "lr": lr,
+               "freeze_heavy_tail": freeze_heavy_tail, "train_limit": train_limit, "val_limit": val_limit,
+               "image_size": list(spec.image_size), "seed": seed}
+    with StageRecord("finetune", out_dir, options) as rec:
+        for path in inputs:
+            rec.add_input(path)
+        rec.weights = spec.weights
+        text_embeds = seg.encode_classes(list(train_ds.class_names), model_name=spec.model)
+        desc = "val" if progress else None
+        before = evaluate(TorchRunner(seg), val_ds, text_embeds.numpy(), desc=desc)
+        start = time.perf_counter()
+        losses = train_segmentor(seg, train_ds, text_embeds, steps=steps, batch_size=batch_size, lr=lr,
+                                 seed=seed, progress=progress)
+        train_seconds = time.perf_counter() - start
+        after = evaluate(TorchRunner(seg), val_ds, text_embeds.numpy(), desc=desc)
+        for p in seg.parameters():
+            p.requires_grad_(False)
+
+        spec.lineage.append("finetune")
+        save_segmentor(seg, spec, out_dir)
+        rec.add_output(out_dir / WEIGHTS_FILE)
+        rec.add_output(out_dir / SPEC_FILE)
+
+        plan_path = write_json(out_dir / "freeze_plan.json", {"weights": spec.weights, **plan.to_json(),
+                                                              "excluded": excluded})
+        rec.add_output(plan_path)
+        loss = _loss_summary(losses)
+        report = {
+            "weights": spec.weights, "model": spec.model, "lineage": spec.lineage, "data": data,
+            "train_images": len(train_ds), "val_images": len(val_ds),
+            "policy": plan.policy, "median_alpha": plan.median_alpha,
+            "frozen_layers": list(plan.frozen), "trainable_layers": list(plan.trainable),
+            "excluded": excluded, "alphas": plan.alphas,
+            "gradient_free": gradient_free,
+            "gradient_free_params": sum(params[n].numel() for n in gradient_free),
+            "trainable_params": trainable_params, "planned_trainable_params": counts["trainable_params"],
+            "total_params": counts["total_params"],
+            "head_params": counts["head_params"], "image_encoder_params": counts["image_encoder_params"],
+            "trainable_pct": 100.0 * trainable_params / counts["total_params"],
+            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "loss": {**loss, "curve": losses},
+            "miou_before": before["miou"], "miou_after": after["miou"],
+            "pixel_acc_before": before["pixel_acc"], "pixel_acc_after": after["pixel_acc"],
+            "per_class_iou_before": before["per_class_iou"], "per_class_iou_after": after["per_class_iou"],
+            "analysis_seconds": round(analysis_seconds, 2), "train_seconds": round(train_seconds, 2),
+        }
+        rec.add_output(write_json(out_dir / "finetune_report.json", report))
+        rec.add_output(write_text(out_dir / "finetune_report.md", _report_md(report)))
+        final = losses[-1] if math.isfinite(losses[-1]) else None
+        rec.figures = {
+            "miou_before": before["miou"], "miou_after": after["miou"],
+            "trainable_params": trainable_params, "total_params": counts["total_params"],
+            "frozen_layers": len(plan.frozen), "steps": steps,
+            "final_loss": None if final is None else round(final, 4),
+        }
+    return rec.figures
