@@ -158,7 +158,9 @@ def load_manifest(stage_dir: str | os.PathLike) -> dict[str, Any]:
 class StageRecord:
     """Collects what one stage read and wrote, then writes its manifest.
 
-    Use as a context manager; the manifest is written (status ``complete``) only if the block succeeds::
+    Use as a context manager; the manifest is written (status ``complete``) only if the block succeeds.
+    ``started`` (a ``time.perf_counter()`` value) makes the recorded wall time include work done before the
+    record was opened (validation, analysis)::
 
         with StageRecord("prune", out_dir, options) as rec:
             rec.add_input(path)
@@ -167,7 +169,7 @@ class StageRecord:
             rec.figures["params_m"] = 57.9
     """
 
-    def __init__(self, stage: str, out_dir: str | os.PathLike, options: dict[str, Any]):
+    def __init__(self, stage: str, out_dir: str | os.PathLike, options: dict[str, Any], started: float | None = None):
         self.stage = stage
         self.out_dir = Path(out_dir)
         self.options = options
@@ -175,14 +177,15 @@ class StageRecord:
         self.outputs: list[dict[str, str]] = []
         self.figures: dict[str, Any] = {}
         self.weights: str | None = None
-        self._start = 0.0
+        self._start = started  # time.perf_counter() when the stage began, if before the record was opened
 
     def __enter__(self) -> StageRecord:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stale = self.out_dir / MANIFEST
         if stale.exists():
             stale.unlink()  # a rerun invalidates the old record until it finishes
-        self._start = time.perf_counter()
+        if self._start is None:
+            self._start = time.perf_counter()
         return self
 
     def add_input(self, path: str | os.PathLike) -> None:

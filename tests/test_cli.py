@@ -55,6 +55,8 @@ def test_run_writes_every_stage(tiny_run):
         assert manifest["wall_time_s"] >= 0
         for out in manifest["outputs"]:
             assert (run_dir / stage / out["path"]).exists() or (run_dir / out["path"]).exists()
+    analyze = json.loads((run_dir / "analyze" / "manifest.json").read_text())
+    assert analyze["wall_time_s"] >= analyze["figures"]["seconds"]  # the whole stage is timed, analysis included
     report = (run_dir / "report.md").read_text()
     assert "random-init weights" in report and "openvino-int8" in report
     assert f"report: {run_dir / 'report.md'}" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
     Raises:
         OpenTransError: no artifacts, no PyTorch model to use as reference, bad data spec, bad counts.
     """
+    started = time.perf_counter()
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise OpenTransError(f"need --repeats >= 1, --warmup >= 0, --batch-size >= 1 (got {repeats}, {warmup}, {batch_size})")
     artifacts = discover_artifacts(paths)
@@ -72,7 +74,7 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
     out_dir = Path(out_dir)
     options = {"paths": [str(p) for p in paths], "data": data, "split": split, "limit": limit, "warmup": warmup,
                "repeats": repeats, "batch_size": batch_size, "reference": str(ref_dir)}
-    with StageRecord("bench", out_dir, options) as rec:
+    with StageRecord("bench", out_dir, options, started=started) as rec:
         rows = []
         for art in artifacts:
             runner = ref_runner if art == ref_dir else load_runner(art)

@@ -140,6 +140,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
             :func:`~opentrans.models.artifact.resolve_model`; and an artifact that fails its parity thresholds
             (figures in the message; nothing written either).
     """
+    started = time.perf_counter()
     from opentrans.data import open_dataset, parse_data_spec
     from opentrans.evaluate import TorchRunner, agreement
     from opentrans.models.artifact import resolve_model
@@ -183,7 +184,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".deploy-tmp", dir=out_dir.parent))
     try:
-        with StageRecord("deploy", tmp, options) as rec:
+        with StageRecord("deploy", tmp, options, started=started) as rec:
             rec.weights = spec.weights
             for path in inputs:
                 rec.add_input(path)

@@ -65,12 +65,13 @@ def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrai
         OpenTransError: bad model arguments (see :func:`~opentrans.models.artifact.resolve_model`), an
             ``out_dir`` that is a file, or an encoder without analysable layers.
     """
+    started = time.perf_counter()
     out_dir = _check_out_dir(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
     report = analyze_spectrum(seg.visual, prefix=VISUAL_PREFIX)
     options = {"from": None if from_dir is None else str(from_dir), "model": spec.model,
                "pretrained": spec.pretrained, "image_size": list(spec.image_size)}
-    with StageRecord("analyze", out_dir, options) as rec:
+    with StageRecord("analyze", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
         for path in write_alpha_report(report, out_dir, weights=spec.weights):
@@ -181,6 +182,7 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             model arguments, an ``out_dir`` that is a file, nothing to train (``head`` is ``none`` and no
             heavy-tail plan), or a loss that diverged.
     """
+    started = time.perf_counter()
     if steps < 1:
         raise OpenTransError(f"--steps {steps}: must be at least 1")
     if batch_size < 1:
@@ -216,7 +218,7 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
                "data": data, "steps": steps, "batch_size": batch_size, "lr": lr,
                "freeze_heavy_tail": freeze_heavy_tail, "train_limit": train_limit, "val_limit": val_limit,
                "image_size": list(spec.image_size), "seed": seed}
-    with StageRecord("finetune", out_dir, options) as rec:
+    with StageRecord("finetune", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
         rec.weights = spec.weights

@@ -11,6 +11,7 @@ Output directory::
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from opentrans.artifacts import StageRecord, write_json, write_text
@@ -80,6 +81,7 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
             ``out_dir`` equal to ``from_dir``, or a target below the model's current sparsity. All of these
             are checked before anything is written.
     """
+    started = time.perf_counter()
     validate_prune_options(sparsity, importance, round_to)
     out_dir = Path(out_dir)
     if from_dir is not None and image_size is not None:
@@ -102,7 +104,7 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
         "round_to": round_to,
         "image_size": list(spec.image_size),
     }
-    with StageRecord("prune", out_dir, options) as rec:
+    with StageRecord("prune", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
         report = prune_structured(seg, sparsity, importance, round_to, model_name=spec.model)
