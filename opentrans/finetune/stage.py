@@ -30,7 +30,7 @@ from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner, evaluate
 from opentrans.finetune.freeze import apply_freeze_plan, freeze_plan, gradient_free_parameters, head_only_plan
 from opentrans.finetune.spectral import analyze_spectrum, write_alpha_report
-from opentrans.finetune.trainer import train_segmentor
+from opentrans.finetune.trainer import check_train_options, train_segmentor
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
 
 #: Module-name prefix of the image encoder inside :class:`~opentrans.models.segmentor.OpenVocabSegmentor`.
@@ -183,12 +183,7 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             heavy-tail plan), or a loss that diverged.
     """
     started = time.perf_counter()
-    if steps < 1:
-        raise OpenTransError(f"--steps {steps}: must be at least 1")
-    if batch_size < 1:
-        raise OpenTransError(f"--batch-size {batch_size}: must be at least 1")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise OpenTransError(f"--lr {lr}: must be a positive number")
+    check_train_options(steps, batch_size, lr)
     out_dir = _check_out_dir(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
     train_ds = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, train_limit)

@@ -42,6 +42,20 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield batch
 
 
+def check_train_options(steps: int, batch_size: int, lr: float) -> None:
+    """Validate the training budget.
+
+    Raises:
+        OpenTransError: ``steps`` or ``batch_size`` below 1, or ``lr`` not a positive finite number.
+    """
+    if steps < 1:
+        raise OpenTransError(f"--steps {steps}: must be at least 1")
+    if batch_size < 1:
+        raise OpenTransError(f"--batch-size {batch_size}: must be at least 1")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise OpenTransError(f"--lr {lr}: must be a positive number")
+
+
 def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: torch.Tensor, steps: int,
                     batch_size: int, lr: float, seed: int = 0, weight_decay: float = 0.01,
                     progress: bool = True) -> list[float]:
@@ -73,12 +87,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
             ``seg.image_size``, a class count other than ``len(text_embeds)``, no trainable parameter, or a
             loss that became NaN/inf (lower the learning rate).
     """
-    if steps < 1:
-        raise OpenTransError(f"--steps {steps}: must be at least 1")
-    if batch_size < 1:
-        raise OpenTransError(f"--batch-size {batch_size}: must be at least 1")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise OpenTransError(f"--lr {lr}: must be a positive number")
+    check_train_options(steps, batch_size, lr)
     if tuple(dataset.image_size) != tuple(seg.image_size):
         raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
     if len(dataset.class_names) != text_embeds.shape[0]:
