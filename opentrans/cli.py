@@ -32,7 +32,16 @@ def _image_size(ctx, param, value):
 
 
 def model_options(f):
-    """--from / --model / --pretrained / --image-size."""
+    """--from / --model / --pretrained / --image-size / --dense-mode.
+
+    ``--dense-mode`` reaches the stage through :func:`opentrans.models.artifact.dense_mode_override`: with
+    ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces the
+    mode stored in the artifact (default: keep it). A command whose function takes ``dense_modes`` (``eval``)
+    receives the parsed list instead and may accept ``all`` or a comma-separated list.
+    """
+    import inspect
+
+    takes_list = "dense_modes" in inspect.signature(f).parameters
 
     @click.option("--from", "from_dir", type=click.Path(file_okay=False, path_type=Path),
                   help="Artifact of an earlier stage (a directory written by prune or finetune).")
@@ -41,9 +50,22 @@ def model_options(f):
                   help="open_clip tag (needs a network), a local checkpoint path, or 'none' for random init.")
     @click.option("--image-size", callback=_image_size, metavar="HxW",
                   help="Network input size; default: short side = the model's native size.")
+    @click.option("--dense-mode", "dense_mode", metavar="MODE",
+                  help="Training-free dense mode: maskclip (default), sclip, clearclip, naclip or cliper "
+                       "(ViT only); with --from, replaces the artifact's mode." +
+                       (" eval also takes 'all' or a comma-separated list." if takes_list else ""))
     @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
+    def wrapper(*args, dense_mode=None, **kwargs):
+        from opentrans.models.artifact import dense_mode_override
+        from opentrans.training_free import parse_modes
+
+        modes = parse_modes(dense_mode)
+        if takes_list:
+            return f(*args, dense_modes=modes, **kwargs)
+        if modes is not None and len(modes) > 1:
+            raise OpenTransError(f"--dense-mode {dense_mode}: this command takes one mode (only eval compares several)")
+        with dense_mode_override(modes[0] if modes else None):
+            return f(*args, **kwargs)
 
     return wrapper
 
@@ -87,30 +109,82 @@ def cli():
     """
 
 
-@cli.command(epilog="Example: opentrans analyze --model ViT-B-16 --pretrained none --out runs/x/analyze")
+@cli.command(epilog="Example: opentrans analyze --model ViT-B-16 --pretrained none --estimator both "
+                    "--towers image,text --out runs/x/analyze")
 @model_options
+@click.option("--estimator", type=click.Choice(["opentrans", "weightwatcher", "both"]), default="opentrans",
+              show_default=True, help="OpenTrans Hill fit with xmin near the ESD peak, weightwatcher, or both.")
+@click.option("--towers", default="image", show_default=True, help="Comma-separated CLIP towers: image, text.")
+@click.option("--esd-layers", default=None,
+              help="Comma-separated layer names for esd.png (default: smallest, median, largest alpha).")
 @_out_option()
-def analyze(from_dir, model, pretrained, image_size, out):
-    """Heavy-tail spectral analysis: weightwatcher power-law alpha of every image-encoder layer."""
+def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_layers, out):
+    """Heavy-tail spectral analysis: power-law alpha of every layer (Q/K/V split) of the chosen towers."""
     from opentrans.finetune.stage import analyze_stage
 
-    figures = analyze_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, image_size=image_size)
+    figures = analyze_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, image_size=image_size,
+                            estimator=estimator, towers=[t.strip() for t in towers.split(",") if t.strip()],
+                            esd_layers=[n.strip() for n in esd_layers.split(",") if n.strip()] if esd_layers else None)
     _print_figures("analyze", figures, out)
 
 
-@cli.command(epilog="Example: opentrans prune --model ViT-B-16 --pretrained none --sparsity 0.5 --out runs/x/prune")
+@cli.command(epilog="Examples: opentrans prune --model ViT-B-16 --pretrained none --sparsity 0.5 --out runs/x/prune; "
+                    "opentrans prune --method imp --model ViT-B-16 --sparsity 0.5 --recovery-steps 20 "
+                    "--distill-data camvid:../shared/data/camvid --eval-data camvid:../shared/data/camvid --out runs/x/imp; "
+                    "opentrans prune --method imp --masks runs/x/imp/masks.safetensors --model ViT-B-16 "
+                    "--pretrained /path/ckpt.bin --out runs/y/imp")
 @model_options
-@click.option("--sparsity", type=float, required=True, help="Fraction of prunable channels to remove, in (0, 1).")
-@click.option("--importance", type=click.Choice(["magnitude", "lamp"]), default="magnitude", show_default=True)
+@click.option("--method", type=click.Choice(["structured", "imp"]), default="structured", show_default=True,
+              help="structured: remove channels (faster model). imp: OpenTrans iterative global magnitude pruning "
+                   "(unstructured zeros; smaller compressed size, same dense latency).")
+@click.option("--sparsity", type=float,
+              help="structured: fraction of prunable channels to remove; imp: fraction of weights zeroed; in (0, 1).")
+@click.option("--importance", type=click.Choice(["magnitude", "lamp"]), default="magnitude", show_default=True,
+              help="structured only.")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Round kept widths to a multiple of this.")
+              help="structured only: round kept widths to a multiple of this.")
+@click.option("--rate", type=float, default=0.1, show_default=True,
+              help="imp: fraction of the remaining weights removed per round, in (0, 1).")
+@click.option("--recovery-steps", type=int, default=0, show_default=True,
+              help="Distillation steps from the unpruned model after pruning (imp: after every round); needs --distill-data.")
+@click.option("--distill-data", metavar="FORMAT:PATH|FOLDER",
+              help="Images for label-free distillation: camvid:PATH, folder:PATH (train split) or a folder of images.")
+@click.option("--distill-limit", type=click.IntRange(min=1), help="Use only the first N distillation images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per recovery step.")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="Adam learning rate of the recovery.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Recovery data-order seed.")
+@click.option("--eval-data", metavar="FORMAT:PATH",
+              help="Val dataset for fidelity to the unpruned model (teacher-agreement mIoU, feature cosine).")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--masks", "masks", type=click.Path(dir_okay=False, path_type=Path),
+              help="imp: re-apply this masks.safetensors (from an earlier imp run) instead of pruning anew.")
 @_out_option()
-def prune(from_dir, model, pretrained, image_size, sparsity, importance, round_to, out):
-    """Structured pruning of the CLIP image encoder with torch-pruning (MLP / bottleneck channels)."""
-    from opentrans.prune.stage import prune_stage
+def prune(from_dir, model, pretrained, image_size, method, sparsity, importance, round_to, rate, recovery_steps,
+          distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, out):
+    """Prune the CLIP image encoder: structured channels (torch-pruning) or OpenTrans IMP (global magnitude)."""
+    if method == "structured":
+        from opentrans.prune.stage import prune_stage
 
-    figures = prune_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
-                          importance=importance, round_to=round_to, image_size=image_size)
+        used = [flag for flag, given in {"--rate": rate != 0.1, "--masks": masks}.items() if given]
+        if used:
+            raise OpenTransError(f"{used[0]} applies to --method imp only")
+        if sparsity is None:
+            raise OpenTransError("--sparsity is required (a fraction in (0, 1), e.g. 0.5)")
+        figures = prune_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
+                              importance=importance, round_to=round_to, image_size=image_size,
+                              recovery_steps=recovery_steps, distill_data=distill_data, distill_limit=distill_limit,
+                              batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data, eval_limit=eval_limit)
+    else:
+        from opentrans.prune.imp_stage import imp_stage
+
+        if sparsity is None and masks is None:
+            raise OpenTransError("--method imp needs --sparsity (a fraction in (0, 1)) or --masks FILE")
+        if sparsity is not None and masks is not None:
+            raise OpenTransError("give either --sparsity or --masks, not both (the masks fix the sparsity)")
+        figures = imp_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
+                            rate=rate, recovery_steps=recovery_steps, distill_data=distill_data,
+                            distill_limit=distill_limit, batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data,
+                            eval_limit=eval_limit, masks=masks, image_size=image_size)
     _print_figures("prune", figures, out)
 
 
@@ -119,15 +193,26 @@ def prune(from_dir, model, pretrained, image_size, sparsity, importance, round_t
 @model_options
 @data_options(split="train")
 @click.option("--freeze-heavy-tail/--no-freeze-heavy-tail", default=True, show_default=True,
-              help="Freeze image-encoder layers whose alpha is below the median; train the rest and the head.")
+              help="Freeze image-encoder layers by their alpha (see --freeze-policy); train the rest and the head.")
+@click.option("--freeze-policy", type=click.Choice(["median", "fraction", "inverse", "random"]), default="median",
+              show_default=True, help="median: freeze alpha < median (OpenTrans); fraction: freeze the "
+              "--freeze-fraction smallest alphas; inverse: freeze alpha > median; random: a seeded control.")
+@click.option("--freeze-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--estimator", type=click.Choice(["opentrans", "weightwatcher"]), default="opentrans", show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "auto"]), default="off", show_default=True,
+              help="bf16 autocast (auto: where the CPU has native bf16).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Save the training state every N steps into OUT/checkpoints; rerun to resume after a kill.")
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--val-limit", type=click.IntRange(min=1), help="Validate on the first N val images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_out_option()
-def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze_heavy_tail, steps, batch_size, lr,
-             val_limit, seed, out):
+def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze_heavy_tail, freeze_policy,
+             freeze_fraction, estimator, grad_accum, amp, checkpoint_every, steps, batch_size, lr, val_limit, seed, out):
     """Selective finetuning on a labelled dataset, with heavy-tail freezing; reports val mIoU before/after."""
     from opentrans.finetune.stage import finetune_stage
 
@@ -135,7 +220,9 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
         raise OpenTransError("finetune trains on --split train and validates on val")
     figures = finetune_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, data=data,
                              steps=steps, batch_size=batch_size, lr=lr, freeze_heavy_tail=freeze_heavy_tail,
-                             train_limit=limit, val_limit=val_limit, image_size=image_size, seed=seed)
+                             train_limit=limit, val_limit=val_limit, image_size=image_size, seed=seed,
+                             freeze_policy=freeze_policy, freeze_fraction=freeze_fraction, estimator=estimator,
+                             grad_accum=grad_accum, amp=amp, checkpoint_every=checkpoint_every)
     _print_figures("finetune", figures, out)
 
 
@@ -166,16 +253,24 @@ def deploy(from_dir, model, pretrained, image_size, target, precision, data, cal
 @data_options()
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-sizes", default="1", show_default=True, metavar="B[,B...]",
+              help="Batch sizes to time, e.g. 1,4; the first one is the table's headline latency.")
+@click.option("--roofline/--no-roofline", default=True, show_default=True,
+              help="Measure this machine's peak GEMM throughput (fp32, bf16, int8) and report each build's fraction.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="PyTorch model directory whose argmax is the agreement reference (default: the first found).")
 @_out_option()
-def bench(paths, data, split, limit, warmup, repeats, batch_size, reference, out):
-    """Latency (median, p90, images/s) and mIoU of every model and build under PATHS; table + Pareto plot."""
+def bench(paths, data, split, limit, warmup, repeats, batch_sizes, roofline, reference, out):
+    """Latency (median, p90, p99, images/s), memory, roofline fraction and mIoU of every model and build under
+    PATHS, each measured in its own process; markdown/JSON/CSV tables, model cards and a Pareto plot."""
     from opentrans.bench import bench_stage
 
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise OpenTransError(f"--batch-sizes {batch_sizes}: expected comma-separated integers, e.g. 1,4") from None
     result = bench_stage(list(paths), out, data, split=split, limit=limit, warmup=warmup, repeats=repeats,
-                         batch_size=batch_size, reference=reference)
+                         batch_sizes=sizes, reference=reference, roofline=roofline)
     click.echo((out / "bench.md").read_text())
     click.echo(f"report: {out / 'bench.md'}, plot: {out / 'bench.png'} ({result['header']['weights']})")
 
@@ -188,8 +283,14 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
     from opentrans.models.artifact import SPEC_FILE, resolve_model
 
     if from_dir is not None and not (Path(from_dir) / SPEC_FILE).exists():
+        from opentrans.models.artifact import current_dense_mode_override
+
         runner = load_runner(from_dir)
         build = read_build(from_dir)
+        baked, asked = build.get("spec", {}).get("dense_mode", "maskclip"), current_dense_mode_override()
+        if asked is not None and asked != baked:
+            raise OpenTransError(f"--dense-mode {asked}: {from_dir} was exported with dense mode {baked}, which is part "
+                                 f"of its graph; re-run deploy with --dense-mode {asked}")
         if build.get("source", {}).get("from_dir"):
             seg, spec, _ = resolve_model(source_model_dir(from_dir), None)
         else:
@@ -199,27 +300,60 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
     return TorchRunner(seg), seg, spec
 
 
-@cli.command(name="eval", epilog="Example: opentrans eval --from runs/x/deploy/openvino-int8 --data camvid:../shared/data/camvid")
+@cli.command(name="eval", epilog="Example: opentrans eval --from runs/x/deploy/openvino-int8 --data camvid:../shared/data/camvid\n\n"
+             "Training-free modes compared: opentrans eval --model ViT-B-16 --pretrained openai --dense-mode all --short-side 336 --window 224x224 "
+             "--stride 112x112 --data coco-object:../shared/data/coco-object-mini --prompt-sets coco-object "
+             "--bg-threshold 0.1 --out runs/tf/coco.json")
 @model_options
 @data_options()
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
-def eval_(from_dir, model, pretrained, image_size, data, split, limit, out):
-    """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset."""
+@click.option("--short-side", type=click.IntRange(min=1), help="Resize images to this short side (px, aspect kept).")
+@click.option("--window", callback=_image_size, metavar="HxW", help="Sliding-window crop size (px).")
+@click.option("--stride", callback=_image_size, metavar="HxW", help="Sliding-window step (px); default half the window.")
+@click.option("--prompt-sets", metavar="FILE|NAME",
+              help="One line per class, comma-separated prompts (e.g. a background set); built in: coco-object, voc.")
+@click.option("--bg-threshold", type=click.FloatRange(0, 1, max_open=True),
+              help="Pixels whose top class probability is below this go to the dataset's background class.")
+@click.option("--templates", type=click.Path(dir_okay=False, path_type=Path),
+              help="Prompt templates, one per line with {} for the class (default: 6 built-in templates).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the metrics as JSON here (several modes: also .md table and .png plot beside it).")
+def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, limit, short_side, window, stride,
+          prompt_sets, bg_threshold, templates, out):
+    """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
+    --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import write_json
-    from opentrans.data import open_dataset
     from opentrans.evaluate import evaluate
+    from opentrans.models.artifact import dense_mode_override
+    from opentrans.training_free import InferenceOptions, evaluate_modes, markdown_modes, open_inference, write_modes_report
 
-    runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
-    dataset = open_dataset(data, split, spec.image_size, spec.mean, spec.std, limit=limit)
-    text = seg.encode_classes(list(dataset.class_names), model_name=spec.model).numpy()
-    metrics = evaluate(runner, dataset, text, desc=f"eval {runner.name}")
-    click.echo(f"{runner.name} on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}")
+    options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
+                               bg_threshold=bg_threshold, templates=templates)
+    if dense_modes is not None and len(dense_modes) > 1:
+        from opentrans.models.artifact import SPEC_FILE, resolve_model
+
+        if from_dir is not None and not (Path(from_dir) / SPEC_FILE).exists():
+            raise OpenTransError("several --dense-mode values need a PyTorch model (--model or a prune/finetune "
+                                 "directory); a deploy build has its mode baked in")
+        seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
+        report = evaluate_modes(seg, spec, dense_modes, data, split, limit, options, desc=True)
+        click.echo(markdown_modes(report))
+        if out is not None:
+            paths = write_modes_report(report, out)
+            click.echo(f"report: {', '.join(str(p) for p in paths)}")
+        return
+    with dense_mode_override(dense_modes[0] if dense_modes else None):
+        runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
+    fixed = not hasattr(runner, "segmentor")
+    runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
+    metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
+    click.echo(f"{runner.name} ({spec.dense_mode}) on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}; "
+               f"{options.describe()}")
     click.echo(f"mIoU {metrics['miou']:.2f} %   pixel accuracy {metrics['pixel_acc']:.2f} %")
     for name, iou in metrics["per_class_iou"].items():
         click.echo(f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}")
     if out is not None:
-        write_json(out, {"runner": runner.name, "weights": spec.weights, "dataset": dataset.name, "split": split,
-                         **metrics})
+        write_json(out, {"runner": runner.name, "dense_mode": spec.dense_mode, "weights": spec.weights,
+                         "dataset": dataset.name, "split": split, "input": options.describe(), **metrics})
 
 
 @cli.command(epilog='Example: opentrans segment street.png --classes "road,car,sky,building" '

@@ -59,19 +59,38 @@ def batches(dataset: SegDataset, batch_size: int = 4, desc: str | None = None):
 
 
 def evaluate(runner: Runner, dataset: SegDataset, text_embeds: np.ndarray, batch_size: int = 4,
-             desc: str | None = None) -> dict:
+             desc: str | None = None, keep_argmax: bool = False) -> dict:
     """mIoU, pixel accuracy and per-class IoU of ``runner`` on ``dataset``, in percent.
+
+    Args:
+        keep_argmax: also return ``"argmax"``: uint8 ``(N, H, W)`` labels at the network's input resolution
+            (what :func:`label_agreement` compares between builds).
 
     Returns:
         ``{"miou", "pixel_acc", "per_class_iou", "images"}`` (see :meth:`ConfusionMatrix.summary`).
     """
     cm = ConfusionMatrix(len(dataset.class_names), dataset.ignore_index)
     text_embeds = np.asarray(text_embeds, dtype=np.float32)
+    argmaxes = []
     for images, masks in batches(dataset, batch_size, desc):
         logits = runner(images.numpy(), text_embeds)
+        if keep_argmax:
+            argmaxes.append(np.asarray(logits).argmax(1).astype(np.uint8))
         for lg, mask in zip(logits, masks):
             cm.update(predict_labels(lg[None], mask.shape)[0], mask)
-    return {**cm.summary(dataset.class_names), "images": len(dataset)}
+    result = {**cm.summary(dataset.class_names), "images": len(dataset)}
+    if keep_argmax:
+        result["argmax"] = np.concatenate(argmaxes)
+    return result
+
+
+def label_agreement(reference: np.ndarray, candidate: np.ndarray, num_classes: int) -> dict:
+    """How often two label maps of equal shape agree: ``pixel_agreement`` (% of equal pixels) and
+    ``teacher_miou`` (%: mIoU of ``candidate`` with ``reference`` as the labels, over ``num_classes``)."""
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    cm = ConfusionMatrix(num_classes, ignore_index=-1)
+    cm.update(torch.from_numpy(candidate.astype(np.int64)), torch.from_numpy(reference.astype(np.int64)))
+    return {"pixel_agreement": 100.0 * float((reference == candidate).mean()), "teacher_miou": 100.0 * cm.miou()}
 
 
 def agreement(reference: Runner, candidate: Runner, dataset: SegDataset, text_embeds: np.ndarray,
@@ -84,8 +103,7 @@ def agreement(reference: Runner, candidate: Runner, dataset: SegDataset, text_em
         of the candidate against the reference's argmax as labels, over the C classes).
     """
     text_embeds = np.asarray(text_embeds, dtype=np.float32)
-    cm = ConfusionMatrix(text_embeds.shape[0], ignore_index=-1)
-    max_abs, sum_abs, count, cosines, same, total = 0.0, 0.0, 0, [], 0, 0
+    max_abs, sum_abs, count, cosines, ref_labels, out_labels = 0.0, 0.0, 0, [], [], []
     for images, _ in batches(dataset, batch_size, desc):
         ref = np.asarray(reference(images.numpy(), text_embeds), dtype=np.float64)
         out = np.asarray(candidate(images.numpy(), text_embeds), dtype=np.float64)
@@ -94,13 +112,7 @@ def agreement(reference: Runner, candidate: Runner, dataset: SegDataset, text_em
         sum_abs, count = sum_abs + float(diff.sum()), count + diff.size
         for r, o in zip(ref.reshape(len(ref), -1), out.reshape(len(out), -1)):
             cosines.append(float(r @ o / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-12)))
-        ref_lbl, out_lbl = ref.argmax(1), out.argmax(1)
-        same, total = same + int((ref_lbl == out_lbl).sum()), total + ref_lbl.size
-        cm.update(torch.from_numpy(out_lbl), torch.from_numpy(ref_lbl))
-    return {
-        "max_abs_diff": max_abs,
-        "mean_abs_diff": sum_abs / max(count, 1),
-        "cosine": min(cosines),
-        "pixel_agreement": 100.0 * same / max(total, 1),
-        "teacher_miou": 100.0 * cm.miou(),
-    }
+        ref_labels.append(ref.argmax(1))
+        out_labels.append(out.argmax(1))
+    labels = label_agreement(np.concatenate(ref_labels), np.concatenate(out_labels), text_embeds.shape[0])
+    return {"max_abs_diff": max_abs, "mean_abs_diff": sum_abs / max(count, 1), "cosine": min(cosines), **labels}

@@ -52,6 +52,12 @@ class FinetuneOptions:
     train_limit: int | None = None
     val_limit: int | None = None
     seed: int = 0
+    freeze_policy: str = "median"
+    freeze_fraction: float = 0.5
+    estimator: str = "opentrans"
+    grad_accum: int = 1
+    amp: str = "off"
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -80,7 +86,8 @@ class BenchOptions:
     limit: int | None = 24
     warmup: int = 3
     repeats: int = 20
-    batch_size: int = 1
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    roofline: bool = True
 
 
 @dataclass

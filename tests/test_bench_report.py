@@ -46,13 +46,42 @@ def test_pareto_front():
 
 def test_report_files(tmp_path):
     front = pareto_front(ROWS)
-    rows = [{**r, "p90_ms": r["median_ms"] * 1.1, "images_per_s": 1e3 / r["median_ms"], "speedup": 100.0 / r["median_ms"],
-             "pixel_acc": 80.0, "agreement": 99.0, "size_mb": 1.0, "pareto": r["name"] in front} for r in ROWS]
-    header = {"run": "r", "weights": "random-init weights", "image_size": [224, 288], "batch": 1, "warmup": 1,
-              "repeats": 2, "dataset": "camvid:x", "split": "val", "images": 3, "num_classes": 11, "reference": "torch",
+    rows = [{**r, "p90_ms": r["median_ms"] * 1.1, "p99_ms": r["median_ms"] * 1.2, "images_per_s": 1e3 / r["median_ms"],
+             "speedup": 100.0 / r["median_ms"], "batch": 1, "pixel_acc": 80.0, "agreement": 99.0, "teacher_miou": 95.0,
+             "size_mb": 1.0, "pareto": r["name"] in front, "backend": "openvino-int8" if "int8" in r["name"] else "torch-fp32",
+             "precision": "int8" if "int8" in r["name"] else "fp32", "path": f"runs/x/{r['name']}", "gmacs": 4.0,
+             "params_m": 50.0, "achieved_gmac_per_s": 4e3 / r["median_ms"], "roofline_precision": "fp32",
+             "roofline_fraction": 4e3 / r["median_ms"] / 100.0, "peak_rss_mb": 900.0, "weights": "random-init weights",
+             "lineage": ["prune"], "latency_by_batch": {"1": {"median_ms": r["median_ms"], "images_per_s": 1e3 / r["median_ms"]},
+                                                        "4": {"median_ms": 3 * r["median_ms"], "images_per_s": 4e3 / (3 * r["median_ms"])}}}
+            for r in ROWS]
+    header = {"run": "r", "weights": "random-init weights", "image_size": [224, 288], "batch": 1, "batch_sizes": [1, 4],
+              "warmup": 1, "repeats": 2, "dataset": "camvid:x", "split": "val", "images": 3, "num_classes": 11,
+              "reference": "torch", "load_average": [1.0, 1.0, 1.0], "roofline_gmac_per_s": {"fp32": 100.0, "int8": 800.0},
               "machine": {"cpu": "cpu", "logical_cores": 2, "torch_threads": 2, "isa": ["avx2"]}}
-    md, js, png = write_bench_report(rows, header, tmp_path)
+    md, js, csv_path, png, *cards = write_bench_report(rows, header, tmp_path)
     text = md.read_text()
-    assert "random-init weights" in text and "| ov-int8 | 30.0 |" in text and "3.33x" in text
+    assert "random-init weights" in text and "| ov-int8 | 30.0 | 33.0 | 36.0 |" in text and "3.33x" in text
+    assert "133.3 (fp32)" in text  # 4 GMACs in 30 ms = 133 GMAC/s against a 100 GMAC/s peak
+    assert "| ov-int8 | 90.0 / 44.44 |" in text  # the batch-4 table
     assert json.loads(js.read_text())["rows"][2]["pareto"] is True
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("name,backend,precision,median_ms") and len(lines) == 1 + len(ROWS)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(cards) == len(ROWS)
+    card = (tmp_path / "cards" / "ov-int8.md").read_text()
+    assert "random-init weights" in card and "prune -> then" not in card and "openvino-int8" in card
+
+
+def test_roofline_gemm_is_really_quantized_and_measured():
+    from opentrans.bench.roofline import _gemm_model, gemm_peak
+
+    shape = (64, 128, 256)
+    ops = {op.get_type_name() for op in _gemm_model("int8", shape).get_ops()}
+    assert "FakeQuantize" in ops and "MatMul" in ops
+    assert "FakeQuantize" not in {op.get_type_name() for op in _gemm_model("fp32", shape).get_ops()}
+    for precision in ("fp32", "int8"):
+        peak = gemm_peak(precision, shape, repeats=3)
+        assert 0 < peak < 1e5  # GMAC/s: positive and below any CPU's reach
+    with pytest.raises(ValueError, match="unknown precision"):
+        gemm_peak("int4", shape)

@@ -15,9 +15,10 @@ from opentrans.finetune.freeze import (
     freeze_plan,
     gradient_free_parameters,
     head_only_plan,
+    row_masked_parameters,
 )
-from opentrans.finetune.spectral import LayerAlpha, analyze_spectrum
-from opentrans.finetune.trainer import resize_masks, train_segmentor
+from opentrans.finetune.spectral import LayerAlpha, analyze_model, analyze_spectrum
+from opentrans.finetune.trainer import resize_masks, resolve_amp, train_segmentor
 from tests.conftest import CAMVID_SPEC, TINY_VIT
 
 
@@ -40,17 +41,22 @@ def test_freeze_plan_splits_at_median():
 
 def _expected_grad(plan, name: str) -> bool:
     mod, _, attr = name.rpartition(".")
+    if attr in ("in_proj_weight", "in_proj_bias"):
+        return any(f"{mod}.in_proj_weight[{t}]" in plan.trainable for t in "qkv")
     return name.startswith("head.") or (mod in plan.trainable and attr in ("weight", "bias"))
 
 
 def test_apply_freeze_plan_sets_requires_grad_exactly(tiny_vit):
     seg, _ = tiny_vit
-    plan = freeze_plan(analyze_spectrum(seg.visual, "clip.visual.").layers)
-    assert plan.frozen and plan.trainable
+    plan = freeze_plan(analyze_model(seg, ("image",), "opentrans")["opentrans"].layers)
+    assert plan.frozen and plan.trainable and any(n.endswith("]") for n in plan.frozen + plan.trainable)
     counts = apply_freeze_plan(seg, plan)
     flags = {n: p.requires_grad for n, p in seg.named_parameters()}
     assert flags == {n: _expected_grad(plan, n) for n in flags}
-    assert counts["trainable_params"] == sum(p.numel() for p in seg.parameters() if p.requires_grad)
+    masked = {id(p): int(m.sum()) for p, m in row_masked_parameters(seg)}
+    assert counts["trainable_params"] == sum(
+        p.numel() if id(p) not in masked else masked[id(p)] * (p.numel() // p.shape[0])
+        for p in seg.parameters() if p.requires_grad)
     assert counts["total_params"] == sum(p.numel() for p in seg.parameters())
     assert counts["frozen_layers"] == len(plan.frozen)
 
@@ -122,6 +128,18 @@ def test_training_is_deterministic():
     assert runs[0] == runs[1]
 
 
+def _param_name(layer: str) -> str:
+    return layer[: layer.index("[")] if layer.endswith("]") else f"{layer}.weight"
+
+
+def _layer_weight(state: dict, layer: str) -> torch.Tensor:
+    """The weight of a plan layer: a Linear's weight or the rows of a Q/K/V slice of in_proj_weight."""
+    w = state[_param_name(layer)]
+    if layer.endswith("]"):
+        w = w.chunk(3)["qkv".index(layer[-2])]
+    return w
+
+
 def test_finetune_stage_writes_loadable_model(tmp_path):
     from opentrans.artifacts import load_manifest
     from opentrans.finetune.stage import finetune_stage
@@ -144,14 +162,15 @@ def test_finetune_stage_writes_loadable_model(tmp_path):
     fresh, _ = build_segmentor(TINY_VIT, "none")
     state, fresh_state = seg.state_dict(), fresh.state_dict()
     for layer in plan["frozen"]:
-        assert torch.equal(state[f"{layer}.weight"], fresh_state[f"{layer}.weight"])
+        assert torch.equal(_layer_weight(state, layer), _layer_weight(fresh_state, layer))
     assert not torch.equal(state["head.proj.weight"], fresh_state["head.proj.weight"])
     assert torch.equal(state["clip.logit_scale"], fresh_state["clip.logit_scale"])
 
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["frozen_layers"] == plan["frozen"] and report["weights"] == "random-init weights"
-    trained = [n for n in plan["trainable"] if f"{n}.weight" not in report["gradient_free"]]
-    assert trained and all(not torch.equal(state[f"{n}.weight"], fresh_state[f"{n}.weight"]) for n in trained)
+    trained = [n for n in plan["trainable"] if _param_name(n) not in report["gradient_free"]]
+    assert trained and all(not torch.equal(_layer_weight(state, n), _layer_weight(fresh_state, n)) for n in trained)
+    assert report["trainable_layer_params"].keys() == set(plan["trainable"])
     assert figures["trainable_params"] == report["planned_trainable_params"] - report["gradient_free_params"]
     assert len(report["loss"]["curve"]) == 3
     md = (out / "finetune_report.md").read_text()
@@ -176,3 +195,114 @@ def test_finetune_stage_bad_input_leaves_out_dir_untouched(tmp_path, kwargs, mat
         finetune_stage(None, TINY_VIT, "none", out, **args)
     assert "\n" not in str(info.value)
     assert not out.exists()
+
+
+def test_freeze_policies_fraction_inverse_random():
+    layers = [_la(n, a) for n, a in zip("abcdefgh", (1.0, 8.0, 3.0, 5.0, 2.0, 7.0, 4.0, 6.0))]
+    by_alpha = sorted("abcdefgh", key=lambda n: dict(zip("abcdefgh", (1, 8, 3, 5, 2, 7, 4, 6)))[n])
+    for fraction, k in ((0.25, 2), (0.5, 4), (0.75, 6)):
+        plan = freeze_plan(layers, "fraction", fraction=fraction)
+        assert plan.frozen == tuple(sorted(by_alpha[:k])) and plan.fraction == fraction
+        assert set(plan.frozen) | set(plan.trainable) == set("abcdefgh") and not set(plan.frozen) & set(plan.trainable)
+    median = freeze_plan(layers, "median")
+    inverse = freeze_plan(layers, "inverse")
+    assert median.median_alpha == inverse.median_alpha == 4.5
+    assert inverse.frozen == median.trainable and inverse.trainable == median.frozen
+    r1, r2, r3 = (freeze_plan(layers, "random", seed=s) for s in (1, 1, 2))
+    assert r1 == r2 and len(r1.frozen) == len(median.frozen) and r1.seed == 1
+    assert {freeze_plan(layers, "random", seed=s).frozen for s in range(6)} != {r1.frozen}  # the seed matters
+    assert r3.to_json()["policy"] == "random"
+    with pytest.raises(OpenTransError, match="--freeze-fraction"):
+        freeze_plan(layers, "fraction", fraction=1.5)
+
+
+def test_qkv_slice_trains_alone_and_frozen_rows_stay_exact(tiny_vit):
+    seg, spec = tiny_vit
+    ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=2)
+    text = seg.encode_classes(list(ds.class_names), model_name=spec.model)
+    mha = "clip.visual.transformer.resblocks.0.attn"
+    plan = FreezePlan("median", 1.0, (f"{mha}.in_proj_weight[q]", f"{mha}.in_proj_weight[k]"),
+                      (f"{mha}.in_proj_weight[v]",), {})
+    counts = apply_freeze_plan(seg, plan)
+    attn = seg.get_submodule(mha)
+    e = attn.embed_dim
+    assert counts["trainable_params"] == e * e + e + counts["head_params"]
+    w0, b0 = attn.in_proj_weight.detach().clone(), attn.in_proj_bias.detach().clone()
+    train_segmentor(seg, ds, text, steps=2, batch_size=2, lr=1e-2, seed=0, progress=False)
+    assert torch.equal(attn.in_proj_weight[: 2 * e], w0[: 2 * e]) and torch.equal(attn.in_proj_bias[: 2 * e], b0[: 2 * e])
+    assert not torch.equal(attn.in_proj_weight[2 * e:], w0[2 * e:])
+    # re-planning removes the hook and mask of the earlier plan
+    apply_freeze_plan(seg, head_only_plan())
+    assert row_masked_parameters(seg) == [] and not attn.in_proj_weight.requires_grad
+    with pytest.raises(OpenTransError, match="slice"):
+        apply_freeze_plan(seg, FreezePlan("median", 1.0, (), (f"{mha}.out_proj.in_proj_weight[q]",), {}))
+
+
+def _resume_setup():
+    from opentrans.models.artifact import build_segmentor
+
+    seg, spec = build_segmentor(TINY_VIT, "none")
+    ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=3)
+    apply_freeze_plan(seg, freeze_plan(analyze_model(seg, ("image",), "opentrans")["opentrans"].layers))
+    text = seg.encode_classes(list(ds.class_names), model_name=spec.model)
+    return seg, ds, text
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    kwargs = {"steps": 4, "batch_size": 1, "lr": 1e-3, "seed": 3, "progress": False, "grad_accum": 2}
+    seg, ds, text = _resume_setup()
+    assert row_masked_parameters(seg)  # the plan splits some in-projection: masks are checkpointed too
+    full = train_segmentor(seg, ds, text, **kwargs)
+    final = {n: p.detach().clone() for n, p in seg.named_parameters()}
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, loss):
+        if step == 3:
+            raise Killed
+
+    ckpt = tmp_path / "ckpt"
+    seg, ds, text = _resume_setup()
+    with pytest.raises(Killed):
+        train_segmentor(seg, ds, text, checkpoint_dir=ckpt, checkpoint_every=2, on_step=kill, **kwargs)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2  # step 3 was never saved
+
+    seg, ds, text = _resume_setup()
+    seen = []
+    resumed = train_segmentor(seg, ds, text, checkpoint_dir=ckpt, checkpoint_every=2,
+                              on_step=lambda s, _: seen.append(s), **kwargs)
+    assert seen == [3, 4]  # steps 1-2 came from the checkpoint
+    assert resumed == full
+    assert all(torch.equal(p, final[n]) for n, p in seg.named_parameters())
+
+    seg, ds, text = _resume_setup()
+    with pytest.raises(OpenTransError, match="another run"):
+        train_segmentor(seg, ds, text, checkpoint_dir=ckpt, checkpoint_every=2, **{**kwargs, "lr": 2e-3})
+
+
+def test_bf16_autocast_and_gradient_accumulation(tiny_vit):
+    seg, spec = tiny_vit
+    ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=2)
+    text = seg.encode_classes(list(ds.class_names), model_name=spec.model)
+    apply_freeze_plan(seg, head_only_plan())
+    start = {n: p.detach().clone() for n, p in seg.named_parameters()}
+    fp32 = train_segmentor(seg, ds, text, steps=1, batch_size=2, lr=1e-3, progress=False)
+    after_full = {n: p.detach().clone() for n, p in seg.named_parameters() if p.requires_grad}
+    seg.load_state_dict(start)
+    bf16 = train_segmentor(seg, ds, text, steps=1, batch_size=2, lr=1e-3, progress=False, amp="bf16")
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)  # really ran in bf16, close
+    # two micro-batches of 1 with the same two images = one batch of 2 (equal pixel counts per image)
+    seg.load_state_dict(start)
+    accum = train_segmentor(seg, ds, text, steps=1, batch_size=1, lr=1e-3, progress=False, grad_accum=2)
+    assert accum[0] == pytest.approx(fp32[0], rel=1e-5)
+    # Adam's first step is about -lr * sign(grad): the accumulated gradient must point where the full one does
+    # (only the last micro-batch's gradient, say, would disagree on a large share of elements)
+    for n, p in seg.named_parameters():
+        if p.requires_grad:
+            agree = torch.sign(p - start[n]) == torch.sign(after_full[n] - start[n])
+            assert agree.float().mean() > 0.98, (n, agree.float().mean())
+    with pytest.raises(OpenTransError, match="--amp"):
+        resolve_amp("fp8")
+    with pytest.raises(OpenTransError, match="--grad-accum 0"):
+        train_segmentor(seg, ds, text, steps=1, batch_size=1, lr=1e-3, grad_accum=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import subprocess
 import sys
 
@@ -14,7 +15,19 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.finetune.spectral import _import_weightwatcher, analyze_spectrum, layer_alphas, write_alpha_report
+from opentrans.finetune.spectral import (
+    _import_weightwatcher,
+    analyze_model,
+    analyze_opentrans,
+    analyze_spectrum,
+    analyze_weightwatcher,
+    esd,
+    fit_power_law,
+    layer_alphas,
+    spectral_layers,
+    write_alpha_report,
+    write_esd_plot,
+)
 from tests.conftest import TINY_VIT
 
 
@@ -134,15 +147,153 @@ def test_analyze_stage(tmp_path):
     from opentrans.finetune.stage import analyze_stage
 
     out = tmp_path / "analyze"
-    figures = analyze_stage(None, TINY_VIT, "none", out)
+    figures = analyze_stage(None, TINY_VIT, "none", out, estimator="both", towers=("image", "text"))
     manifest = load_manifest(out)
     assert manifest["weights"] == "random-init weights"
     assert manifest["figures"] == figures
-    assert figures["layers_analysed"] == 9 and figures["excluded"] == 4
-    assert {o["path"] for o in manifest["outputs"]} == {"alphas.csv", "alphas.json", "alphas.png"}
-    assert json.loads((out / "alphas.json").read_text())["median_alpha"] == pytest.approx(figures["median_alpha"], abs=1e-4)
+    # image: 3 blocks x (Q, K, V, out_proj, c_fc, c_proj); text: 2 blocks x 6; only the patch conv is left out
+    assert figures["layers_analysed"] == 18 + 12 and figures["excluded"] == 1
+    assert figures["estimator"] == "both"
+    assert {o["path"] for o in manifest["outputs"]} == {"alphas.csv", "alphas.json", "alphas.png", "esd.png"}
+    data = json.loads((out / "alphas.json").read_text())
+    assert data["median_alpha"] == pytest.approx(figures["median_alpha"], abs=1e-4)
+    assert data["estimator"] == "opentrans" and data["comparison"]["estimator"] == "weightwatcher"
+    assert data["comparison"]["layers_in_both"] == 30
+    rows = list(csv.DictReader((out / "alphas.csv").open()))
+    assert {"alpha", "alpha_weighted", "stable_rank", "xmin", "ks_distance", "alpha_weightwatcher"} <= set(rows[0])
+    assert any(r["name"].endswith("in_proj_weight[v]") and r["name"].startswith("clip.transformer.") for r in rows)
+    assert (out / "esd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(manifest["options"]["esd_layers"]) == 3
 
     bad = tmp_path / "bad"
     with pytest.raises(OpenTransError, match="unknown model"):
         analyze_stage(None, "no-such-model", "none", bad)
+    with pytest.raises(OpenTransError, match="--esd-layers"):
+        analyze_stage(None, TINY_VIT, "none", bad, esd_layers=["clip.visual.conv1"])
+    with pytest.raises(OpenTransError, match="unknown tower"):
+        analyze_stage(None, TINY_VIT, "none", bad, towers=("audio",))
     assert not bad.exists()
+
+
+# ----------------------------------------------------------------- the OpenTrans estimator (own implementation)
+
+def _pareto(n: int, alpha: float, seed: int, scale: float = 1.0) -> np.ndarray:
+    u = np.random.default_rng(seed).random(n)
+    return scale * (1.0 - u) ** (-1.0 / (alpha - 1.0))
+
+
+def _reference_fit(eigs: np.ndarray, low: float = 0.95, high: float = 1.5):
+    """A plain loop over the window, written independently of fit_power_law's vectorised sums."""
+    x = np.sort(eigs[eigs > 1e-5])
+    counts, edges = np.histogram(np.log10(x), bins=100)
+    peak = 10 ** edges[np.argmax(counts)]
+    best = None
+    for i in range(len(x) - 1):
+        if not low * peak <= x[i] <= high * peak:
+            continue
+        tail = x[i:]
+        alpha = 1 + len(tail) / np.log(tail / x[i]).sum()
+        d = np.abs(1 - (tail / x[i]) ** (1 - alpha) - np.arange(len(tail)) / len(tail)).max()
+        if best is None or d < best[0]:
+            best = (d, alpha, x[i])
+    return best
+
+
+@pytest.mark.parametrize("alpha", [2.0, 2.5, 3.5])
+def test_fit_power_law_recovers_pareto_exponent_and_matches_reference(alpha):
+    eigs = _pareto(4000, alpha, seed=int(alpha * 10), scale=0.3)
+    fit = fit_power_law(eigs)
+    assert abs(fit.alpha - alpha) < 0.15, fit
+    d, ref_alpha, ref_xmin = _reference_fit(eigs)
+    assert fit.alpha == pytest.approx(ref_alpha, rel=1e-9) and fit.xmin == ref_xmin
+    assert fit.ks_distance == pytest.approx(d, rel=1e-9)
+    assert 0.95 * fit.peak <= fit.xmin <= 1.5 * fit.peak
+    assert fit.num_tail == int((eigs >= fit.xmin).sum()) and fit.num_eigs == 4000
+    assert fit.alpha_weighted == pytest.approx(fit.alpha * math.log10(eigs.max()))
+    assert fit.stable_rank == pytest.approx(eigs.sum() / eigs.max())
+    assert fit_power_law(eigs * 7.0).alpha == pytest.approx(fit.alpha, rel=1e-9)  # scale-free
+
+
+def test_fit_power_law_rejects_too_few_or_flat_spectra():
+    with pytest.raises(OpenTransError, match="needs 8"):
+        fit_power_law(np.ones(5))
+    with pytest.raises(OpenTransError, match="no spread|no power-law"):
+        fit_power_law(np.ones(50))
+    with pytest.raises(OpenTransError, match="window"):
+        fit_power_law(_pareto(100, 2.0, 0), window=(1.2, 1.5))
+
+
+def test_esd_squares_singular_values_and_pools_conv_slices():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((40, 24), (24, 40)):
+        w = torch.randn(*shape, generator=g)
+        expect = np.sort(torch.linalg.svdvals(w.double()).numpy() ** 2)
+        assert np.allclose(esd(w), expect, rtol=1e-9, atol=1e-9)
+    conv = torch.randn(12, 8, 3, 3, generator=g)
+    pooled = np.sort(np.concatenate([torch.linalg.svdvals(conv[:, :, i, j].double()).numpy() ** 2
+                                     for i in range(3) for j in range(3)]))
+    got = esd(conv)
+    assert got.shape == (9 * 8,) and np.allclose(got, pooled, rtol=1e-9, atol=1e-9)
+    with pytest.raises(OpenTransError, match="3-D"):
+        esd(torch.zeros(2, 3, 4))
+
+
+def test_both_estimators_recover_known_tails_side_by_side():
+    mp = nn.Linear(256, 512, bias=False)
+    mp.weight.data = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(_linear_with_spectrum(512, 256, 2.0, 1), _linear_with_spectrum(512, 256, 3.0, 2),
+                          _linear_with_spectrum(512, 256, 4.0, 3), mp)
+    ours = analyze_opentrans(model, "m.").alphas()
+    theirs = analyze_weightwatcher(model, "m.").alphas()
+    assert list(ours) == list(theirs) == ["m.0", "m.1", "m.2", "m.3"]
+    for name, target in (("m.0", 2.0), ("m.1", 3.0), ("m.2", 4.0)):
+        assert abs(ours[name] - target) < 0.5, (name, ours[name])
+        assert abs(ours[name] - theirs[name]) < 0.25, (name, ours[name], theirs[name])  # the estimators agree
+    assert ours["m.0"] < ours["m.1"] < ours["m.2"]
+    # a Gaussian (Marchenko-Pastur) matrix: weightwatcher's global xmin lands on the sharp bulk edge (huge
+    # alpha); xmin_peak fits from near the bulk's mode, a moderate alpha above the Pareto(2) tail's
+    assert theirs["m.3"] > 6.0 and ours["m.0"] < ours["m.3"] < theirs["m.3"]
+
+
+def test_qkv_split_covers_both_towers(tiny_vit):
+    seg, _ = tiny_vit
+    reports = analyze_model(seg, ("image", "text"), "both")
+    assert list(reports) == ["opentrans", "weightwatcher"]
+    ours, theirs = reports["opentrans"], reports["weightwatcher"]
+    assert [la.name for la in ours.layers] == [la.name for la in theirs.layers]
+    names = [la.name for la in ours.layers]
+    for tower, blocks in (("clip.visual.transformer", 3), ("clip.transformer", 2)):
+        for b in range(blocks):
+            for tag in "qkv":
+                assert f"{tower}.resblocks.{b}.attn.in_proj_weight[{tag}]" in names
+    assert len(names) == 6 * 3 + 6 * 2 and dict(ours.excluded).keys() == {"clip.visual.conv1"}
+    layers = {lm.name: lm for lm in spectral_layers(seg.visual, "clip.visual.")[0]}
+    k = layers["clip.visual.transformer.resblocks.1.attn.in_proj_weight[k]"]
+    assert k.kind == "MHA-k" and torch.equal(k.weight, seg.visual.transformer.resblocks[1].attn.in_proj_weight[64:128])
+    assert all(la.kind.startswith("MHA-") == la.name.endswith("]") for la in ours.layers)
+    assert all(math.isfinite(la.ks_distance) and la.ks_distance < 1 for la in ours.layers + theirs.layers)
+    with pytest.raises(OpenTransError, match="estimator"):
+        analyze_model(seg, ("image",), "hill")
+
+
+def test_resnet_conv_layers_pooled_by_the_opentrans_estimator(tiny_rn):
+    seg, _ = tiny_rn
+    report = analyze_model(seg, ("image",), "opentrans")["opentrans"]
+    names = {la.name: la for la in report.layers}
+    assert names["clip.visual.conv2"].kind == "Conv2d" and names["clip.visual.conv2"].num_eigs == 4 * 9
+    assert "clip.visual.conv1" in dict(report.excluded)
+    assert "clip.visual.attnpool.q_proj" in names  # separate Q/K/V Linear modules of the attention pool
+
+
+def test_esd_plot_and_comparison_report(tmp_path, tiny_vit):
+    seg, _ = tiny_vit
+    reports = analyze_model(seg, ("image",), "both")
+    paths = write_alpha_report(reports["opentrans"], tmp_path, weights="random-init weights",
+                               compare=reports["weightwatcher"])
+    data = json.loads(paths[1].read_text())
+    diffs = [abs(r["alpha"] - r["alpha_weightwatcher"]) for r in data["layers"]]
+    assert data["comparison"]["max_abs_alpha_diff"] == pytest.approx(max(diffs))
+    mats = spectral_layers(seg.visual, "clip.visual.")[0][:2]
+    png = write_esd_plot(tmp_path / "esd.png", mats, weights="random-init weights")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alphas.csv", "alphas.json", "alphas.png", "esd.png"]

@@ -18,7 +18,7 @@ def measure_latency(runner: Runner, images: np.ndarray, text_embeds: np.ndarray,
         text_embeds: float32 ``(C, D)``.
 
     Returns:
-        ``median_ms``, ``p90_ms``, ``mean_ms`` (per call, ms), ``images_per_s`` (B / median), ``batch``,
+        ``median_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms`` (per call, ms), ``images_per_s`` (B / median), ``batch``,
         ``repeats``.
 
     Raises:
@@ -38,6 +38,7 @@ def measure_latency(runner: Runner, images: np.ndarray, text_embeds: np.ndarray,
     return {
         "median_ms": median,
         "p90_ms": float(np.percentile(times_arr, 90)),
+        "p99_ms": float(np.percentile(times_arr, 99)),
         "mean_ms": float(times_arr.mean()),
         "images_per_s": images.shape[0] * 1e3 / median,
         "batch": int(images.shape[0]),

@@ -24,31 +24,91 @@ def pareto_front(rows: list[dict]) -> list[str]:
 
 def markdown_table(rows: list[dict], header: dict) -> str:
     """The bench table as markdown, headed by the machine, input size and weights it was measured with."""
+    m = header["machine"]
+    peaks = header.get("roofline_gmac_per_s") or {}
     lines = [
         f"# Benchmark: {header['run']}",
         "",
         f"- Weights: **{header['weights']}**",
-        f"- Machine: {header['machine']['cpu']}, {header['machine']['logical_cores']} logical cores, "
-        f"torch threads {header['machine']['torch_threads']}, ISA {', '.join(header['machine']['isa']) or 'n/a'}",
-        f"- Input: {header['image_size'][0]}x{header['image_size'][1]} (HxW), batch {header['batch']}; "
-        f"{header['warmup']} warm-up + {header['repeats']} timed calls per build; all rows from one run",
+        f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}, "
+        f"ISA {', '.join(m['isa']) or 'n/a'}; load average at the end {_loads(header)}",
+        f"- Roofline (peak GEMM, OpenVINO, measured in this run): "
+        + (", ".join(f"{k} {v:.0f} GMAC/s" for k, v in peaks.items()) or "not measured"),
+        f"- Input: {header['image_size'][0]}x{header['image_size'][1]} (HxW); latency at batch {header['batch']} "
+        f"({header['warmup']} warm-up + {header['repeats']} timed calls; each build in its own process); "
+        f"all rows from one run",
         f"- mIoU: {header['dataset']} split {header['split']}, {header['images']} images, "
         f"{header['num_classes']} classes; agreement = pixel argmax agreement with {header['reference']}",
         "",
-        "| build | median ms | p90 ms | images/s | speed-up | mIoU % | pAcc % | agreement % | size MB | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| build | median ms | p90 ms | p99 ms | images/s | speed-up | GMACs | roofline % | peak RSS MB "
+        "| mIoU % | agreement % | size MB | Pareto |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
+        roof = "n/a" if r.get("roofline_fraction") is None else f"{100 * r['roofline_fraction']:.1f} ({r['roofline_precision']})"
         lines.append(
-            f"| {r['name']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['images_per_s']:.2f} | "
-            f"{r['speedup']:.2f}x | {_fmt(r['miou'])} | {_fmt(r['pixel_acc'])} | {_fmt(r['agreement'])} | "
-            f"{r['size_mb']:.1f} | {'*' if r['pareto'] else ''} |"
+            f"| {r['name']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['gmacs']:.2f} | {roof} | {r['peak_rss_mb']:.0f} | {_fmt(r['miou'])} | "
+            f"{_fmt(r['agreement'])} | {r['size_mb']:.1f} | {'*' if r['pareto'] else ''} |"
         )
+    larger = [b for b in header.get("batch_sizes", []) if b != header["batch"]]
+    if larger:
+        lines += ["", "Latency at larger batches (median ms per call / images/s):", "",
+                  "| build | " + " | ".join(f"batch {b}" for b in larger) + " |", "|---|" + "---:|" * len(larger)]
+        for r in rows:
+            cells = [f"{r['latency_by_batch'][str(b)]['median_ms']:.1f} / {r['latency_by_batch'][str(b)]['images_per_s']:.2f}"
+                     for b in larger]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _loads(header: dict) -> str:
+    return "/".join(f"{v:.1f}" for v in header.get("load_average", [])) or "n/a"
 
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+CSV_COLUMNS = ("name", "backend", "precision", "median_ms", "p90_ms", "p99_ms", "images_per_s", "speedup", "gmacs",
+               "params_m", "achieved_gmac_per_s", "roofline_fraction", "peak_rss_mb", "size_mb", "miou", "pixel_acc",
+               "agreement", "teacher_miou", "pareto", "weights", "path")
+
+
+def csv_table(rows: list[dict]) -> str:
+    """The rows as CSV with :data:`CSV_COLUMNS` (batch-1 latency)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def model_card(row: dict, header: dict) -> str:
+    """A markdown model card for one build: what it is, how it was made, its figures and its weights."""
+    roof = "n/a" if row.get("roofline_fraction") is None else f"{100 * row['roofline_fraction']:.1f} % of the {row['roofline_precision']} peak"
+    return "\n".join([
+        f"# Model card: {row['name']}",
+        "",
+        f"- **What**: open-vocabulary segmentor, back end `{row['backend']}`, precision {row['precision']}, "
+        f"artifact `{row['path']}` ({row['size_mb']:.1f} MB).",
+        f"- **Weights**: {row['weights']}.",
+        f"- **How it was made**: stages {' -> '.join(row['lineage']) or 'none (fresh model)'}"
+        + ("" if row["backend"].startswith("torch") else f", then `opentrans deploy` ({row['backend']})") + ".",
+        f"- **Image encoder**: {row['params_m']:.2f} M params, {row['gmacs']:.2f} GMACs at "
+        f"{header['image_size'][0]}x{header['image_size'][1]}.",
+        f"- **Latency** (batch {row['batch']}, {header['machine']['cpu']}, {header['machine']['logical_cores']} "
+        f"cores): median {row['median_ms']:.1f} ms, p90 {row['p90_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+        f"{row['images_per_s']:.2f} images/s; {row['achieved_gmac_per_s']:.1f} GMAC/s = {roof}; "
+        f"peak RSS {row['peak_rss_mb']:.0f} MB.",
+        f"- **Accuracy** on {header['dataset']} ({header['split']}, {header['images']} images): mIoU "
+        f"{_fmt(row['miou'])} %, pixel accuracy {_fmt(row['pixel_acc'])} %; agreement with {header['reference']}: "
+        f"{_fmt(row['agreement'])} % of pixels, teacher mIoU {_fmt(row['teacher_miou'])} %.",
+        "",
+    ])
 
 
 def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
@@ -78,9 +138,15 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
 
 
 def write_bench_report(rows: list[dict], header: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``bench.md``, ``bench.json`` and ``bench.png`` into ``out_dir``; return their paths."""
+    """Write ``bench.md``, ``bench.json``, ``bench.csv``, ``bench.png`` and ``cards/<build>.md``; return the paths."""
     out_dir = Path(out_dir)
-    md = write_text(out_dir / "bench.md", markdown_table(rows, header))
-    js = write_json(out_dir / "bench.json", {"header": header, "rows": rows})
-    png = plot_pareto(rows, out_dir / "bench.png", f"{header['run']} ({header['weights']})")
-    return [md, js, png]
+    paths = [
+        write_text(out_dir / "bench.md", markdown_table(rows, header)),
+        write_json(out_dir / "bench.json", {"header": header, "rows": rows}),
+        write_text(out_dir / "bench.csv", csv_table(rows)),
+        plot_pareto(rows, out_dir / "bench.png", f"{header['run']} ({header['weights']})"),
+    ]
+    for r in rows:
+        slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in r["name"]).strip("_")
+        paths.append(write_text(out_dir / "cards" / f"{slug}.md", model_card(r, header)))
+    return paths

@@ -1,4 +1,9 @@
-"""The ``bench`` stage: latency and mIoU of every model and build of a run, measured in one process."""
+"""The ``bench`` stage: latency, memory, roofline fraction and mIoU of every model and build of a run.
+
+Every figure comes from the artifact itself through its runner (:func:`opentrans.deploy.targets.load_runner`),
+each artifact measured in its own fresh process (:mod:`opentrans.bench.worker`), all in one run, so the rows
+are comparable with each other and only with each other.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from opentrans.artifacts import StageRecord, load_manifest, machine_description
-from opentrans.bench.latency import measure_latency
 from opentrans.bench.report import pareto_front, write_bench_report
+from opentrans.bench.roofline import measure_roofline
+from opentrans.bench.worker import Job, measure_isolated
 from opentrans.data import open_dataset
+from opentrans.deploy.targets import BUILD_FILE
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner, agreement, evaluate
-from opentrans.deploy.targets import BUILD_FILE, load_runner
+from opentrans.evaluate import label_agreement
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, load_segmentor
 
 
@@ -44,60 +48,84 @@ def _artifact_size_mb(path: Path) -> float:
     return float(load_manifest(path)["figures"]["size_mb"])
 
 
+def _display_name(path: Path) -> str:
+    return str(path.relative_to(path.parents[1])) if len(path.parents) > 1 else path.name
+
+
 def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data: str, split: str = "val",
-                limit: int | None = 24, warmup: int = 3, repeats: int = 20, batch_size: int = 1,
-                reference: str | os.PathLike | None = None) -> dict:
-    """Benchmark every artifact under ``paths``: latency (ms), images/s, mIoU and agreement with a reference.
+                limit: int | None = 24, warmup: int = 3, repeats: int = 20, batch_sizes: tuple[int, ...] = (1,),
+                reference: str | os.PathLike | None = None, roofline: bool = True) -> dict:
+    """Benchmark every artifact under ``paths``.
 
-    The reference (default: the first PyTorch model directory found) supplies the text embeddings, the
-    input size and the argmax that every build's pixel agreement is measured against. Every figure comes
-    from the artifact itself through its runner (:func:`opentrans.deploy.targets.load_runner`).
+    Per artifact: latency at each batch size (median, p90, p99 in ms; images/s), peak resident memory (MB),
+    size (MB), image-encoder params (M) and GMACs, achieved GMAC/s and its fraction of this machine's GEMM
+    roofline at the build's precision (:mod:`opentrans.bench.roofline`), mIoU and pixel accuracy on
+    ``data``, and agreement with the reference (pixel argmax agreement and teacher mIoU, in %).
 
-    Writes ``bench.md``, ``bench.json``, ``bench.png`` and ``manifest.json`` into ``out_dir``.
+    The reference (default: the first PyTorch model directory found) supplies the text embeddings and the
+    argmax that every build is compared with; speed-ups are relative to its batch-1 median.
+
+    Writes ``bench.md``, ``bench.json``, ``bench.csv``, ``bench.png``, ``cards/*.md`` and ``manifest.json``.
 
     Raises:
         OpenTransError: no artifacts, no PyTorch model to use as reference, bad data spec, bad counts.
     """
     started = time.perf_counter()
-    if repeats < 1 or warmup < 0 or batch_size < 1:
-        raise OpenTransError(f"need --repeats >= 1, --warmup >= 0, --batch-size >= 1 (got {repeats}, {warmup}, {batch_size})")
+    batch_sizes = tuple(dict.fromkeys(int(b) for b in batch_sizes))
+    if repeats < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise OpenTransError(f"need repeats >= 1, warmup >= 0 and batch sizes >= 1 (got {repeats}, {warmup}, {batch_sizes})")
     artifacts = discover_artifacts(paths)
     model_dirs = [a for a in artifacts if (a / SPEC_FILE).exists()]
     ref_dir = Path(reference) if reference else (model_dirs[0] if model_dirs else None)
     if ref_dir is None or not (ref_dir / SPEC_FILE).exists():
         raise OpenTransError("bench needs a PyTorch model directory (model.json) as reference; pass --reference DIR")
+    if ref_dir not in artifacts:
+        artifacts.insert(0, ref_dir)
     ref_seg, ref_spec = load_segmentor(ref_dir)
     dataset = open_dataset(data, split, ref_spec.image_size, ref_spec.mean, ref_spec.std, limit=limit)
     text = ref_seg.encode_classes(list(dataset.class_names), model_name=ref_spec.model).numpy()
-    ref_runner = TorchRunner(ref_seg)
-    images = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(batch_size)])
+    del ref_seg
     out_dir = Path(out_dir)
     options = {"paths": [str(p) for p in paths], "data": data, "split": split, "limit": limit, "warmup": warmup,
-               "repeats": repeats, "batch_size": batch_size, "reference": str(ref_dir)}
+               "repeats": repeats, "batch_sizes": list(batch_sizes), "reference": str(ref_dir), "roofline": roofline}
     with StageRecord("bench", out_dir, options, started=started) as rec:
-        rows = []
+        peaks = measure_roofline() if roofline else {}
+        results = {}
         for art in artifacts:
-            runner = ref_runner if art == ref_dir else load_runner(art)
             rec.add_input(art / (SPEC_FILE if (art / SPEC_FILE).exists() else BUILD_FILE))
-            name = f"{art.relative_to(art.parents[1]) if len(art.parents) > 1 else art.name} [{runner.name}]"
-            lat = measure_latency(runner, images, text, warmup=warmup, repeats=repeats)
-            metrics = evaluate(runner, dataset, text, desc=f"mIoU {name}")
-            agree = agreement(ref_runner, runner, dataset, text)
-            rows.append({"name": name, "path": str(art), "backend": runner.name, **lat,
-                         "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
-                         "agreement": round(agree["pixel_agreement"], 2), "size_mb": round(_artifact_size_mb(art), 2)})
-        base = next(r["median_ms"] for r in rows if r["path"] == str(ref_dir))
+            job = Job(str(art), data, split, limit, text, batch_sizes, warmup, repeats)
+            results[art] = measure_isolated(job)
+        ref_labels = results[ref_dir]["argmax"]
+        base = results[ref_dir]["latency"][batch_sizes[0]]["median_ms"]
+        rows = []
+        for art, res in results.items():
+            lat1 = res["latency"][batch_sizes[0]]
+            peak_key = "int8" if res["precision"] == "int8" else "fp32"
+            achieved = res["gmacs"] / (lat1["median_ms"] / 1e3 / lat1["batch"])
+            agree = label_agreement(ref_labels, res["argmax"], len(dataset.class_names))
+            rows.append({
+                "name": f"{_display_name(art)} [{res['backend']}]", "path": str(art), "backend": res["backend"],
+                "precision": res["precision"], **lat1, "speedup": base / lat1["median_ms"],
+                "latency_by_batch": {str(b): v for b, v in res["latency"].items()},
+                "miou": res["miou"], "pixel_acc": res["pixel_acc"], "agreement": agree["pixel_agreement"],
+                "teacher_miou": agree["teacher_miou"], "size_mb": _artifact_size_mb(art),
+                "peak_rss_mb": res["peak_rss_mb"], "params_m": res["params_m"], "gmacs": res["gmacs"],
+                "achieved_gmac_per_s": achieved, "roofline_precision": peak_key,
+                "roofline_fraction": achieved / peaks[peak_key] if peaks else None,
+                "weights": res["spec"].weights, "lineage": res["spec"].lineage,
+            })
         front = pareto_front(rows)
         for r in rows:
-            r["speedup"] = round(base / r["median_ms"], 3)
             r["pareto"] = r["name"] in front
         header = {"run": ", ".join(map(str, paths)), "weights": ref_spec.weights, "machine": machine_description(),
-                  "image_size": list(ref_spec.image_size), "batch": batch_size, "warmup": warmup, "repeats": repeats,
-                  "dataset": dataset.name, "split": split, "images": len(dataset),
-                  "num_classes": len(dataset.class_names), "reference": f"{ref_dir} [torch-fp32]"}
+                  "load_average": list(os.getloadavg()), "roofline_gmac_per_s": peaks,
+                  "image_size": list(ref_spec.image_size), "batch": batch_sizes[0], "batch_sizes": list(batch_sizes),
+                  "warmup": warmup, "repeats": repeats, "dataset": dataset.name, "split": split,
+                  "images": len(dataset), "num_classes": len(dataset.class_names),
+                  "reference": f"{ref_dir} [torch-fp32]"}
         for path in write_bench_report(rows, header, out_dir):
             rec.add_output(path)
         rec.weights = ref_spec.weights
-        rec.figures = {r["name"]: {k: r[k] for k in ("median_ms", "p90_ms", "images_per_s", "speedup", "miou", "agreement")}
-                       for r in rows}
+        rec.figures = {r["name"]: {k: r[k] for k in ("median_ms", "p90_ms", "images_per_s", "speedup", "miou",
+                                                    "agreement", "roofline_fraction")} for r in rows}
     return {"rows": rows, "header": header}

@@ -1,4 +1,31 @@
-"""Dataset readers.
+"""Dataset readers for the layouts users bring.
+
+Formats (``--data FORMAT:PATH``; label conventions as the usual toolboxes, e.g. mmsegmentation, read them):
+
+============== ========================================================================== ======= ==========
+format         layout under PATH                                                          classes ignore
+============== ========================================================================== ======= ==========
+camvid         SegNet CamVid: ``{split}.txt`` listing ``image mask`` pairs, ``classes.txt``      11      11
+folder         ``[split/]images/*``, ``[split/]masks/<stem>.png``, ``classes.txt``            file     255
+coco-object    ``images/*.jpg`` + ``masks/<stem>.png`` (the shared mini), or mmseg's              81     255
+               ``images/{split}2017/`` + ``annotations/{split}2017/<stem>_instanceTrainIds.png``;
+               0 = background, 1..80 = COCO things
+voc            PASCAL VOC 2012: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs),            21     255
+               ``ImageSets/Segmentation/{split}.txt``; 0 = background (PATH may also be the
+               folder holding ``VOCdevkit/VOC2012``)
+ade20k         ADEChallengeData2016: ``images/{training,validation}/*.jpg``,                     150     255
+               ``annotations/{training,validation}/*.png``; raw 0 = "other" -> ignored,
+               raw 1..150 -> 0..149 (``reduce_zero_label``)
+cityscapes     ``leftImg8bit/{split}/<city>/*_leftImg8bit.png``,                                  19     255
+               ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png`` (train ids, from
+               cityscapesscripts' ``createTrainIdLabelImgs``)
+pascal-context mmseg's PASCAL-Context 59: ``JPEGImages/``, ``SegmentationClassContext/*.png``,        59     255
+               ``ImageSets/SegmentationContext/{split}.txt`` (PATH = ``VOC2010`` or its
+               ``VOCdevkit`` parent); raw 0 = background -> ignored, 1..59 -> 0..58
+============== ========================================================================== ======= ==========
+
+``train``/``val`` map to each layout's own split names (``training``/``validation`` for ADE20K). A
+``classes.txt`` in PATH (one name per line, label-index order) overrides the built-in class names.
 
 Every dataset yields ``(image, mask)``: ``image`` float32 ``(3, H, W)`` resized to the model's input size
 and normalised with CLIP's mean/std, ``mask`` int64 ``(h0, w0)`` at the label's own resolution, with every
@@ -33,6 +60,10 @@ class SegDataset(torch.utils.data.Dataset):
             are mapped to it too.
         image_size: network input (H, W) in pixels.
         mean, std: RGB normalisation constants for images scaled to [0, 1].
+        reduce_zero_label: raw label 0 is unlabelled and every other label is shifted down by one (ADE20K,
+            PASCAL-Context 59).
+        background_index: the class index meaning "background" (0 for VOC and COCO-Object), or None when the
+            dataset has no background class.
     """
 
     name: str
@@ -42,6 +73,8 @@ class SegDataset(torch.utils.data.Dataset):
     image_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    reduce_zero_label: bool = False
+    background_index: int | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -62,7 +95,9 @@ class SegDataset(torch.utils.data.Dataset):
         """
         mask, _ = _read(self.pairs[idx][1], "L")
         mask = mask.astype(np.int64)
-        mask[mask >= len(self.class_names)] = self.ignore_index
+        if self.reduce_zero_label:
+            mask = np.where(mask == 0, self.ignore_index, mask - 1)
+        mask[(mask >= len(self.class_names)) | (mask < 0)] = self.ignore_index
         return mask
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
@@ -84,9 +119,14 @@ class SegDataset(torch.utils.data.Dataset):
 
 
 def _read(path: Path, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixels of an image file; for ``mode="L"`` (label maps) palette (``P``) and 16-bit images keep their raw
+    index values instead of being converted to grey levels (PASCAL VOC masks are palette PNGs)."""
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert(mode))
+            if mode == "L" and im.mode in ("P", "L", "I", "I;16"):
+                arr = np.asarray(im)
+            else:
+                arr = np.asarray(im.convert(mode))
     except FileNotFoundError:
         raise OpenTransError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError) as exc:
@@ -134,9 +174,149 @@ def _folder_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     return [(p, masks_dir / f"{p.stem}.png") for p in images]
 
 
+def _split_listing(listing: Path, image_dir: Path, mask_dir: Path, image_ext: str, what: str):
+    if not listing.exists():
+        raise OpenTransError(f"{listing}: file not found; is this a {what} folder?")
+    stems = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    return [(image_dir / f"{s}{image_ext}", mask_dir / f"{s}.png") for s in stems]
+
+
+def _descend(root: Path, marker: str, *candidates: str) -> Path:
+    """``root`` if it holds ``marker``, else the first ``root/candidate`` that does (e.g. ``VOCdevkit/VOC2012``)."""
+    if (root / marker).exists():
+        return root
+    for cand in candidates:
+        if (root / cand / marker).exists():
+            return root / cand
+    return root
+
+
+def _voc_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """PASCAL VOC 2012: ``ImageSets/Segmentation/{split}.txt`` stems, ``JPEGImages/<stem>.jpg``,
+    ``SegmentationClass/<stem>.png``."""
+    base = _descend(root, "JPEGImages", "VOC2012", "VOCdevkit/VOC2012")
+    return _split_listing(base / "ImageSets" / "Segmentation" / f"{split}.txt", base / "JPEGImages",
+                          base / "SegmentationClass", ".jpg", "PASCAL VOC 2012 (VOCdevkit/VOC2012)")
+
+
+def _context_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """mmseg PASCAL-Context: ``ImageSets/SegmentationContext/{split}.txt``, ``JPEGImages/``,
+    ``SegmentationClassContext/``."""
+    base = _descend(root, "JPEGImages", "VOC2010", "VOCdevkit/VOC2010")
+    return _split_listing(base / "ImageSets" / "SegmentationContext" / f"{split}.txt", base / "JPEGImages",
+                          base / "SegmentationClassContext", ".jpg", "PASCAL-Context (VOCdevkit/VOC2010)")
+
+
+def _ade_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """ADEChallengeData2016: ``images/{training,validation}/*.jpg`` and ``annotations/.../<stem>.png``."""
+    base = _descend(root, "images", "ADEChallengeData2016")
+    sub = {"train": "training", "val": "validation", "test": "testing"}[split]
+    images_dir = base / "images" / sub
+    if not images_dir.is_dir():
+        raise OpenTransError(f"{images_dir}: no such folder; is {root} ADEChallengeData2016?")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(p, base / "annotations" / sub / f"{p.stem}.png") for p in images]
+
+
+def _cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """Cityscapes: ``leftImg8bit/{split}/<city>/<name>_leftImg8bit.png`` with
+    ``gtFine/{split}/<city>/<name>_gtFine_labelTrainIds.png``."""
+    images_dir = root / "leftImg8bit" / split
+    if not images_dir.is_dir():
+        raise OpenTransError(f"{images_dir}: no such folder; is {root} a Cityscapes folder?")
+    pairs = []
+    for img in sorted(images_dir.glob("*/*_leftImg8bit.png")):
+        stem = img.name[: -len("_leftImg8bit.png")]
+        pairs.append((img, root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"))
+    return pairs
+
+
+def _coco_object_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """COCO-Object: the shared mini layout (``images/``, ``masks/<stem>.png``) or mmseg's converted layout
+    (``images/{split}2017/``, ``annotations/{split}2017/<stem>_instanceTrainIds.png``)."""
+    mm_images = root / "images" / f"{split}2017"
+    if mm_images.is_dir():
+        images = sorted(p for p in mm_images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [(p, root / "annotations" / f"{split}2017" / f"{p.stem}_instanceTrainIds.png") for p in images]
+    return _folder_pairs(root, split)
+
+
+COCO_OBJECT_CLASSES = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
+)
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+CONTEXT59_CLASSES = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+    "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog",
+    "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
+    "mountain", "mouse", "person", "plate", "platform", "potted plant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor", "wall",
+    "water", "window", "wood",
+)
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel",
+    "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool",
+    "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step",
+    "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
+    "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
+    "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """How one ``--data FORMAT:PATH`` layout is read.
+
+    Attributes:
+        pairs: ``(root, split) -> [(image path, mask path)]``.
+        ignore_index: label value excluded from metrics.
+        classes: built-in class names, or None when ``classes.txt`` in the root is required.
+        reduce_zero_label: see :attr:`SegDataset.reduce_zero_label`.
+        background_index: see :attr:`SegDataset.background_index`.
+    """
+
+    pairs: object
+    ignore_index: int
+    classes: tuple[str, ...] | None = None
+    reduce_zero_label: bool = False
+    background_index: int | None = None
+
+    def __iter__(self):  # backwards compatible ``pairs, ignore_index = DATA_FORMATS[fmt]``
+        return iter((self.pairs, self.ignore_index))
+
+
 DATA_FORMATS = {
-    "camvid": (_camvid_pairs, 11),
-    "folder": (_folder_pairs, 255),
+    "camvid": DataFormat(_camvid_pairs, 11),
+    "folder": DataFormat(_folder_pairs, 255),
+    "coco-object": DataFormat(_coco_object_pairs, 255, COCO_OBJECT_CLASSES, background_index=0),
+    "voc": DataFormat(_voc_pairs, 255, VOC_CLASSES, background_index=0),
+    "ade20k": DataFormat(_ade_pairs, 255, ADE20K_CLASSES, reduce_zero_label=True),
+    "cityscapes": DataFormat(_cityscapes_pairs, 255, CITYSCAPES_CLASSES),
+    "pascal-context": DataFormat(_context_pairs, 255, CONTEXT59_CLASSES, reduce_zero_label=True),
 }
 
 
@@ -168,13 +348,18 @@ def open_dataset(spec: str, split: str, image_size: tuple[int, int], mean, std, 
     if limit is not None and limit < 1:
         raise OpenTransError(f"--limit {limit}: must be at least 1")
     fmt, root = parse_data_spec(spec)
-    list_pairs, ignore_index = DATA_FORMATS[fmt]
-    pairs = list_pairs(root, split)[:limit]
+    layout = DATA_FORMATS[fmt]
+    pairs = layout.pairs(root, split)[:limit]
     if not pairs:
         raise OpenTransError(f"--data {spec}: no images in split '{split}'")
     for img, mask in pairs:
         for p in (img, mask):
             if not p.is_file():
                 raise OpenTransError(f"{p}: file not found")
-    return SegDataset(name=f"{fmt}:{os.fspath(root)}", pairs=tuple(pairs), class_names=_read_classes(root / "classes.txt"),
-                      ignore_index=ignore_index, image_size=tuple(image_size), mean=tuple(mean), std=tuple(std))
+    if layout.classes is None or (root / "classes.txt").is_file():
+        names = _read_classes(root / "classes.txt")
+    else:
+        names = layout.classes
+    return SegDataset(name=f"{fmt}:{os.fspath(root)}", pairs=tuple(pairs), class_names=names,
+                      ignore_index=layout.ignore_index, image_size=tuple(image_size), mean=tuple(mean), std=tuple(std),
+                      reduce_zero_label=layout.reduce_zero_label, background_index=layout.background_index)

@@ -48,6 +48,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
@@ -55,6 +56,13 @@ from torch import nn
 from opentrans.artifacts import atomic_path, write_json, write_text
 from opentrans.errors import OpenTransError
 
+#: ``alphas.json`` ``method`` of each estimator.
+METHODS = {
+    "weightwatcher": "weightwatcher power-law alpha of each layer's ESD (Hill MLE, KS-chosen xmin over all "
+                     "eigenvalues, pooled conv slices)",
+    "opentrans": "OpenTrans power-law alpha of each layer's ESD (Hill MLE, xmin with the smallest KS distance "
+                 "within [0.95, 1.5] x the ESD peak, 'xmin_peak'; pooled conv slices; Q/K/V split)",
+}
 #: Files written by :func:`write_alpha_report`.
 ALPHA_FILES = ("alphas.csv", "alphas.json", "alphas.png")
 
@@ -74,6 +82,8 @@ class LayerAlpha:
         num_eigs: number of eigenvalues in the ESD (``min(out, in) * kh * kw`` for a Conv2d).
         xmin: eigenvalue where the fitted power-law tail starts.
         warning: weightwatcher's verdict: ``""``, ``under-trained`` (alpha > 6) or ``over-trained`` (alpha < 2).
+        ks_distance: Kolmogorov-Smirnov distance of the chosen fit (weightwatcher's ``D`` column or
+            :attr:`PowerLawFit.ks_distance`); NaN where unknown.
     """
 
     name: str
@@ -85,6 +95,7 @@ class LayerAlpha:
     num_eigs: int
     xmin: float
     warning: str
+    ks_distance: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -95,12 +106,15 @@ class SpectralReport:
         layers: analysed layers in module order.
         excluded: ``(name, reason)`` for every Linear/Conv2d (or MultiheadAttention in-projection) that was
             not given an alpha.
-        seconds: wall time of the weightwatcher analysis, in seconds.
+        seconds: wall time of the analysis (SVDs and fits), in seconds.
+        estimator: ``weightwatcher`` (:func:`analyze_spectrum`, :func:`analyze_weightwatcher`) or
+            ``opentrans`` (:func:`analyze_opentrans`).
     """
 
     layers: tuple[LayerAlpha, ...]
     excluded: tuple[tuple[str, str], ...]
     seconds: float
+    estimator: str = "weightwatcher"
 
     @property
     def median_alpha(self) -> float:
@@ -234,6 +248,7 @@ def analyze_spectrum(module: nn.Module, prefix: str = "") -> SpectralReport:
             name=prefix + name, kind=kind, shape=tuple(weight.shape), alpha=alpha,
             alpha_weighted=float(row["alpha_weighted"]), stable_rank=float(row["stable_rank"]),
             num_eigs=int(row["num_evals"]), xmin=float(row["xmin"]), warning=str(row.get("warning") or ""),
+            ks_distance=float(row.get("D", float("nan"))),
         ))
     if rows:
         extra = ", ".join(str(r["longname"]) for r in rows.values())
@@ -258,18 +273,24 @@ def _short(name: str) -> str:
     return name
 
 
-def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weights: str | None = None) -> list[Path]:
+def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weights: str | None = None,
+                       compare: SpectralReport | None = None) -> list[Path]:
     """Write ``alphas.csv``, ``alphas.json`` and ``alphas.png`` into ``out_dir``, each atomically.
 
     * ``alphas.csv``: one row per analysed layer: name, kind, shape, alpha, alpha_weighted, stable_rank,
-      num_eigs, xmin, warning, below_median (the layers the median freeze policy keeps frozen).
+      num_eigs, xmin, warning, ks_distance, below_median (the layers the median freeze policy keeps
+      frozen) and, with ``compare``, ``alpha_<compare.estimator>`` (empty where that estimator has no alpha).
     * ``alphas.json``: the same rows plus ``excluded`` (name, reason), ``median_alpha``, ``seconds`` and
       ``weights`` (provenance, e.g. ``random-init weights``).
     * ``alphas.png``: bar chart of alpha per layer (module order) with the median as a dashed line;
-      bars below the median (heavy-tailed, frozen by the median policy) in a separate colour.
+      bars below the median (heavy-tailed, frozen by the median policy) in a separate colour; with
+      ``compare``, its alphas as black markers beside the bars.
+    * ``alphas.json`` with ``compare`` also holds ``comparison``: the other estimator, its seconds, its
+      median alpha, the layers both fitted, and the mean and max absolute alpha difference over them.
 
     Args:
-        report: from :func:`analyze_spectrum`.
+        report: from :func:`analyze_spectrum`, :func:`analyze_opentrans` or :func:`analyze_weightwatcher`.
+        compare: the same layers analysed by another estimator (side by side; the plan uses ``report``).
         out_dir: created if missing.
         weights: provenance of the analysed weights, written into the JSON and the plot title.
 
@@ -284,6 +305,18 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
     out_dir = Path(out_dir)
     median = report.median_alpha
     rows = [{**asdict(la), "shape": list(la.shape), "below_median": la.alpha < median} for la in report.layers]
+    other = compare.alphas() if compare is not None else {}
+    comparison = None
+    if compare is not None:
+        key = f"alpha_{compare.estimator}"
+        for row in rows:
+            row[key] = other.get(row["name"], float("nan"))
+        common = [(la.alpha, other[la.name]) for la in report.layers if la.name in other]
+        diffs = [abs(a - b) for a, b in common]
+        comparison = {"estimator": compare.estimator, "seconds": round(compare.seconds, 3),
+                      "median_alpha": compare.median_alpha, "layers_in_both": len(common),
+                      "mean_abs_alpha_diff": statistics.fmean(diffs) if diffs else None,
+                      "max_abs_alpha_diff": max(diffs) if diffs else None}
 
     columns = list(rows[0])
     lines = [",".join(columns)]
@@ -294,7 +327,7 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
             if c == "shape":
                 v = "x".join(str(s) for s in v)
             elif isinstance(v, float):
-                v = f"{v:.6g}"
+                v = "" if math.isnan(v) else f"{v:.6g}"
             cells.append(str(v))
         lines.append(",".join(cells))
     csv_path = write_text(out_dir / "alphas.csv", "\n".join(lines) + "\n")
@@ -303,9 +336,11 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
         "weights": weights,
         "median_alpha": median,
         "seconds": round(report.seconds, 3),
-        "method": "weightwatcher power-law alpha of each layer's ESD (Hill MLE, KS-chosen xmin, pooled conv slices)",
+        "estimator": report.estimator,
+        "method": METHODS[report.estimator],
         "layers": rows,
         "excluded": [{"name": n, "reason": r} for n, r in report.excluded],
+        "comparison": comparison,
     })
 
     n = len(report.layers)
@@ -313,7 +348,10 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
     ax = fig.add_subplot(1, 1, 1)
     alphas = [la.alpha for la in report.layers]
     colours = ["tab:blue" if a < median else "tab:orange" for a in alphas]
-    ax.bar(range(n), alphas, color=colours)
+    ax.bar(range(n), alphas, color=colours, label=f"{report.estimator} alpha")
+    if compare is not None:
+        ax.plot(range(n), [other.get(la.name, float("nan")) for la in report.layers], "k_", markersize=8,
+                label=f"{compare.estimator} alpha")
     ax.axhline(median, color="black", linestyle="--", linewidth=1, label=f"median alpha = {median:.2f}")
     ax.set_xticks(range(n))
     ax.set_xticklabels([_short(la.name) for la in report.layers], rotation=90, fontsize=6)
@@ -325,3 +363,373 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
     with atomic_path(out_dir / "alphas.png") as tmp:
         fig.savefig(tmp, dpi=120)
     return [csv_path, json_path, out_dir / "alphas.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The OpenTrans estimator (own implementation), both towers, Q/K/V split, and the side-by-side comparison.
+# ---------------------------------------------------------------------------------------------------------
+
+#: ``--estimator`` choices of :func:`analyze_model`.
+ESTIMATORS = ("opentrans", "weightwatcher", "both")
+#: ``--towers`` choices: module-name prefix of each CLIP tower inside the segmentor.
+TOWERS = {"image": "clip.visual.", "text": "clip.transformer."}
+#: Eigenvalues at or below this are dropped before the fit (the OpenTrans/TempBalance ``EVALS_THRESH``).
+EVALS_THRESH = 1e-5
+#: Histogram bins over ``log10(lambda)`` used to locate the ESD peak (as in weightwatcher and OpenTrans).
+PEAK_BINS = 100
+#: The xmin search window around the ESD peak, as multiples of the peak eigenvalue: ``[0.95, 1.5] * peak``.
+XMIN_WINDOW = (0.95, 1.5)
+#: Fewest eigenvalues a layer needs for a fit (weightwatcher's ``DEFAULT_MIN_EVALS`` is 8 as well).
+MIN_EIGS = 8
+#: Suffixes of the three row blocks of a fused ``in_proj_weight`` ``(3*E, E)``: query, key, value.
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """A Hill power-law fit of one ESD (see :func:`fit_power_law`).
+
+    Attributes:
+        alpha: tail exponent of ``p(lambda) ~ lambda^-alpha`` (dimensionless).
+        xmin: eigenvalue where the tail starts (units of ``W^T W``, i.e. squared weight units).
+        ks_distance: Kolmogorov-Smirnov distance between the empirical tail CDF and the fitted one.
+        num_tail: eigenvalues ``>= xmin``.
+        lambda_max: largest eigenvalue (squared spectral norm).
+        alpha_weighted: ``alpha * log10(lambda_max)`` (Martin, Peng & Mahoney 2021, the "alpha-hat" metric).
+        stable_rank: ``sum(lambda) / lambda_max`` = ``||W||_F^2 / ||W||_2^2`` (pooled for a conv).
+        num_eigs: eigenvalues in the ESD (after dropping those ``<= EVALS_THRESH``).
+        peak: left edge of the ESD peak bin (the centre of the xmin window).
+    """
+
+    alpha: float
+    xmin: float
+    ks_distance: float
+    num_tail: int
+    lambda_max: float
+    alpha_weighted: float
+    stable_rank: float
+    num_eigs: int
+    peak: float
+
+
+@dataclass(frozen=True)
+class LayerMatrix:
+    """One weight matrix (or pooled conv weight) to analyse.
+
+    Attributes:
+        name: module name with the prefix; a slice of a fused attention projection is named
+            ``<mha>.in_proj_weight[q|k|v]``.
+        kind: ``Linear``, ``Conv2d`` or ``MHA-q``/``MHA-k``/``MHA-v``.
+        weight: the tensor (a view, never copied): ``(out, in)`` or ``(out, in, kh, kw)``.
+    """
+
+    name: str
+    kind: str
+    weight: torch.Tensor
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the block with one torch intra-op thread and one BLAS thread, restoring both afterwards.
+
+    Measured on the shared 2-core machine (load average about 8): ``torch.linalg.svdvals`` of a
+    3072x768 float32 matrix took 35 s with 2 torch threads and 0.45 s with one (spinning worker threads
+    of a busy machine); the eigenvalue path of :func:`esd` took 0.17 s with one thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def esd(weight: torch.Tensor) -> np.ndarray:
+    """Eigenvalues of ``W^T W``, ascending, float64, negatives from rounding clipped to 0.
+
+    ``W`` ``(out, in)``: ``min(out, in)`` eigenvalues. ``W`` ``(out, in, kh, kw)`` (Conv2d): read as ``kh*kw``
+    matrices ``(out, in)`` (the OpenTrans/TempBalance reshape ``(k*k, out, in)``) whose eigenvalues are
+    pooled, ``kh*kw*min(out, in)`` values. They are the squared singular values of ``W``; they are computed
+    as ``torch.linalg.eigvalsh`` of the smaller Gram matrix (``W^T W`` or ``W W^T``, same non-zero spectrum)
+    in float64, which was 2.5x faster than float32 ``svdvals`` here and keeps the small eigenvalues to
+    about ``1e-16 * lambda_max``. Call inside :func:`single_thread` for speed on a busy machine.
+
+    Raises:
+        OpenTransError: a weight that is not 2-D or 4-D.
+    """
+    w = weight.detach()
+    if w.dim() == 4:
+        w = w.flatten(2).permute(2, 0, 1)  # (k*k, out, in)
+    elif w.dim() != 2:
+        raise OpenTransError(f"cannot take the ESD of a {w.dim()}-D weight {tuple(w.shape)}; expected 2-D or 4-D")
+    w = w.double()
+    gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
+    evals = torch.linalg.eigvalsh(gram).reshape(-1).clamp_min(0.0).numpy()
+    return np.sort(evals)
+
+
+def fit_power_law(eigs, bins: int = PEAK_BINS, window: tuple[float, float] = XMIN_WINDOW,
+                  thresh: float = EVALS_THRESH) -> PowerLawFit:
+    """The OpenTrans power-law fit of an ESD: Hill estimator with ``xmin`` chosen near the ESD peak.
+
+    Following the OpenTrans code (Xu et al., CVPR 2024; it reuses the ``net_esd_estimator`` of TempBalance,
+    Zhou et al., NeurIPS 2023, with ``fix_fingers='xmin_peak'``) and Martin & Mahoney (JMLR 2021, Sec. 4):
+
+    1. keep eigenvalues ``> thresh``, sorted ascending ``lambda_1 <= ... <= lambda_N``;
+    2. histogram ``log10(lambda)`` into ``bins`` equal bins; the peak ``p`` is ``10^(left edge)`` of the
+       fullest bin (the mode of the ESD on a log scale);
+    3. every ``lambda_i`` with ``window[0]*p <= lambda_i <= window[1]*p`` and at least one eigenvalue above it
+       is an ``xmin`` candidate (weightwatcher 0.7.7 means the same window, ``(0.95 p, 1.5 p)``, but takes
+       ``log10`` of its lower end by mistake; the lower end is used unlogged here);
+    4. for each candidate, with the ``n = N - i + 1`` eigenvalues ``x_j >= xmin``, the continuous Hill MLE
+       (Clauset, Shalizi & Newman, SIAM Review 2009, eq. 3.1) ``alpha = 1 + n / sum_j ln(x_j / xmin)``
+       and the KS distance ``D = max_j |1 - (x_j/xmin)^(1-alpha) - (j-1)/n|`` (the OpenTrans form);
+    5. the candidate with the smallest ``D`` wins. If the window holds no candidate (a peak spread over
+       very wide bins) the first eigenvalue ``>= window[0]*p`` is used.
+
+    Args:
+        eigs: 1-D array-like of eigenvalues (any order).
+        bins, window, thresh: see above.
+
+    Returns:
+        :class:`PowerLawFit`.
+
+    Raises:
+        OpenTransError: fewer than :data:`MIN_EIGS` eigenvalues above ``thresh``, or a bad ``window``.
+    """
+    if not (0 < window[0] <= 1 <= window[1]):
+        raise OpenTransError(f"xmin window {window}: need 0 < low <= 1 <= high (multiples of the ESD peak)")
+    x = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
+    x = x[x > thresh]
+    total = int(x.size)
+    if total < MIN_EIGS:
+        raise OpenTransError(f"only {total} eigenvalues above {thresh:g}; a power-law fit needs {MIN_EIGS}")
+    logs = np.log10(x)
+    counts, edges = np.histogram(logs, bins=bins)
+    peak = float(10.0 ** edges[int(np.argmax(counts))])
+    cand = np.flatnonzero((x >= window[0] * peak) & (x <= window[1] * peak))
+    cand = cand[cand < total - 1]
+    if cand.size == 0:
+        cand = np.flatnonzero(x >= window[0] * peak)[:1]
+        cand = cand[cand < total - 1] if cand.size else np.array([0])
+    lnx = np.log(x)
+    tail_sum = np.cumsum(lnx[::-1])[::-1]  # tail_sum[i] = sum_{j >= i} ln x_j
+    best = None
+    for i in cand:
+        n = total - i
+        s = tail_sum[i] - n * lnx[i]
+        if s <= 0:  # all tail eigenvalues equal xmin: no tail to fit
+            continue
+        alpha = 1.0 + n / s
+        model_cdf = 1.0 - (x[i:] / x[i]) ** (1.0 - alpha)
+        d = float(np.max(np.abs(model_cdf - np.arange(n) / n)))
+        if best is None or d < best[0]:
+            best = (d, alpha, int(i), n)
+    if best is None:
+        raise OpenTransError("the ESD has no spread above its peak: no power-law tail to fit")
+    d, alpha, i, n = best
+    lam_max = float(x[-1])
+    return PowerLawFit(alpha=float(alpha), xmin=float(x[i]), ks_distance=d, num_tail=n, lambda_max=lam_max,
+                       alpha_weighted=float(alpha * math.log10(lam_max)), stable_rank=float(x.sum() / lam_max),
+                       num_eigs=total, peak=peak)
+
+
+def spectral_layers(module: nn.Module, prefix: str = "", split_qkv: bool = True
+                    ) -> tuple[list[LayerMatrix], list[tuple[str, str]]]:
+    """The weight matrices of ``module`` that get an alpha, and the left-out ones with their reasons.
+
+    Analysed: every ``nn.Linear`` and ``nn.Conv2d`` weight, and (``split_qkv``) the three ``(E, E)`` row
+    blocks Q, K, V of each ``nn.MultiheadAttention.in_proj_weight`` ``(3E, E)`` (open_clip's fused
+    projection; separate Q/K/V matrices of a ModifiedResNet attention pool are Linear modules already).
+    Left out, with a reason: convolutions reading the 3 RGB channels (each ``kh x kw`` slice has rank
+    <= 3: no tail, a meaningless alpha), weights with fewer than :data:`MIN_EIGS` eigenvalues, and (without
+    ``split_qkv``) fused in-projections. Embeddings and bare parameters (``proj``, ``text_projection``,
+    positional embeddings) are lookup tables/projections outside OpenTrans's Linear/Conv2d scope and are
+    not listed.
+
+    Raises:
+        OpenTransError: nothing left to analyse.
+    """
+    layers: list[LayerMatrix] = []
+    excluded: list[tuple[str, str]] = []
+    for name, mod in module.named_modules():
+        full = prefix + name
+        if isinstance(mod, nn.MultiheadAttention):
+            w = mod.in_proj_weight
+            if w is None:
+                continue  # separate q/k/v_proj_weight (kdim != embed_dim): not used by CLIP
+            if not split_qkv:
+                excluded.append((full, "nn.MultiheadAttention fused in_proj_weight (Q,K,V) is not a Linear "
+                                       "module: not analysed (its out_proj is)"))
+                continue
+            for tag, block in zip(QKV, w.detach().chunk(3, dim=0)):
+                layers.append(LayerMatrix(f"{full}.in_proj_weight[{tag}]", f"MHA-{tag}", block))
+            continue
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if _is_rgb_input_conv(mod):
+            excluded.append((full, "convolution on the 3 RGB input channels (patch/stem conv): each "
+                                   f"{mod.kernel_size[0]}x{mod.kernel_size[1]} slice has rank <= 3, "
+                                   "so its spectrum has no tail and alpha is meaningless"))
+            continue
+        if _eig_count(mod.weight) < MIN_EIGS:
+            excluded.append((full, f"only {_eig_count(mod.weight)} eigenvalues; a fit needs {MIN_EIGS}"))
+            continue
+        layers.append(LayerMatrix(full, "Conv2d" if isinstance(mod, nn.Conv2d) else "Linear", mod.weight.detach()))
+    if not layers:
+        raise OpenTransError(f"{type(module).__name__}: no Linear or Conv2d layer to analyse")
+    return layers, excluded
+
+
+def _warning(alpha: float) -> str:
+    return "under-trained" if alpha > 6 else "over-trained" if alpha < 2 else ""
+
+
+def analyze_opentrans(module: nn.Module, prefix: str = "", split_qkv: bool = True) -> SpectralReport:
+    """Per-layer alpha with the OpenTrans estimator (:func:`esd` + :func:`fit_power_law`), no weightwatcher.
+
+    Layers as :func:`spectral_layers`; a layer whose fit fails is moved to ``excluded`` with the reason.
+    The eigenvalue computations run in :func:`single_thread`.
+
+    Raises:
+        OpenTransError: nothing to analyse, or no layer could be fitted.
+    """
+    mats, excluded = spectral_layers(module, prefix, split_qkv)
+    start = time.perf_counter()
+    layers = []
+    for lm in mats:
+        with single_thread():
+            eigs = esd(lm.weight)
+        try:
+            fit = fit_power_law(eigs)
+        except OpenTransError as exc:
+            excluded.append((lm.name, f"power-law fit failed: {exc}"))
+            continue
+        layers.append(LayerAlpha(name=lm.name, kind=lm.kind, shape=tuple(lm.weight.shape), alpha=fit.alpha,
+                                 alpha_weighted=fit.alpha_weighted, stable_rank=fit.stable_rank,
+                                 num_eigs=_eig_count(lm.weight), xmin=fit.xmin, warning=_warning(fit.alpha),
+                                 ks_distance=fit.ks_distance))
+    if not layers:
+        raise OpenTransError(f"{type(module).__name__}: no layer could be analysed")
+    return SpectralReport(layers=tuple(layers), excluded=tuple(excluded), seconds=time.perf_counter() - start,
+                          estimator="opentrans")
+
+
+class _MatrixBag(nn.Module):
+    """Linear/Conv2d stand-ins sharing the storage of given weights (so weightwatcher sees Q/K/V slices)."""
+
+    def __init__(self, mats: list[LayerMatrix]):
+        super().__init__()
+        for i, lm in enumerate(mats):
+            w = lm.weight
+            if w.dim() == 4:
+                mod = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False, device="meta")
+            else:
+                mod = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            mod.weight = nn.Parameter(w, requires_grad=False)
+            self.add_module(str(i), mod)
+
+
+def analyze_weightwatcher(module: nn.Module, prefix: str = "", split_qkv: bool = True) -> SpectralReport:
+    """Per-layer alpha with weightwatcher (:func:`analyze_spectrum`) over the same layers as
+    :func:`analyze_opentrans`, Q/K/V slices included (wrapped as bias-free Linear stand-ins that share the
+    weights' storage). weightwatcher's fit is its default (KS-chosen ``xmin`` over all eigenvalues, see the
+    module notes); ``ks_distance`` is its ``D``.
+
+    Raises:
+        OpenTransError: as :func:`analyze_spectrum`.
+    """
+    mats, excluded = spectral_layers(module, prefix, split_qkv)
+    report = analyze_spectrum(_MatrixBag(mats))
+    by_id = {str(i): lm for i, lm in enumerate(mats)}
+    layers = tuple(LayerAlpha(**{**asdict(la), "name": by_id[la.name].name, "kind": by_id[la.name].kind,
+                                 "shape": tuple(by_id[la.name].weight.shape)}) for la in report.layers)
+    excluded += [(by_id[n].name, r) for n, r in report.excluded]
+    return SpectralReport(layers=layers, excluded=tuple(excluded), seconds=report.seconds, estimator="weightwatcher")
+
+
+def analyze_model(seg: nn.Module, towers: tuple[str, ...] | list[str] = ("image",), estimator: str = "opentrans",
+                  split_qkv: bool = True) -> dict[str, SpectralReport]:
+    """Analyse the chosen CLIP towers of a segmentor with one or both estimators.
+
+    Args:
+        seg: an :class:`~opentrans.models.segmentor.OpenVocabSegmentor` (names are ``seg.named_modules()``
+            names, ``clip.visual.*`` for the image tower, ``clip.transformer.*`` for the text tower).
+        towers: any of :data:`TOWERS` (``image``, ``text``).
+        estimator: ``opentrans``, ``weightwatcher`` or ``both``.
+        split_qkv: analyse Q, K, V of fused attention projections separately.
+
+    Returns:
+        ``{estimator: SpectralReport}`` with one or two entries (``opentrans`` first); each report holds
+        the layers of all towers in tower order.
+
+    Raises:
+        OpenTransError: an unknown tower or estimator, a tower the model lacks, or nothing to analyse.
+    """
+    if estimator not in ESTIMATORS:
+        raise OpenTransError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
+    towers = list(towers)
+    bad = [t for t in towers if t not in TOWERS]
+    if bad or not towers:
+        raise OpenTransError(f"unknown tower '{bad[0] if bad else ''}'; choose from {', '.join(TOWERS)}")
+    roots = []
+    for t in towers:
+        try:
+            roots.append((TOWERS[t], seg.get_submodule(TOWERS[t].rstrip("."))))
+        except AttributeError:
+            raise OpenTransError(f"this model has no {t} tower ({TOWERS[t].rstrip('.')})") from None
+    names = ["opentrans", "weightwatcher"] if estimator == "both" else [estimator]
+    out = {}
+    for est in names:
+        fn = analyze_opentrans if est == "opentrans" else analyze_weightwatcher
+        parts = [fn(mod, prefix, split_qkv) for prefix, mod in roots]
+        out[est] = SpectralReport(layers=tuple(la for p in parts for la in p.layers),
+                                  excluded=tuple(e for p in parts for e in p.excluded),
+                                  seconds=sum(p.seconds for p in parts), estimator=est)
+    return out
+
+
+def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: str | None = None) -> Path:
+    """Log-log ESD plots with the fitted power law, one panel per layer, written atomically (PNG).
+
+    Each panel: the empirical complementary CDF ``P(lambda >= x)`` of the layer's eigenvalues (points),
+    the fitted tail ``(n/N) (x/xmin)^(1-alpha)`` from ``xmin`` on (line), and ``xmin``/the ESD peak as
+    vertical lines. (A CCDF is used rather than a density histogram: it needs no binning and a power-law
+    tail is a straight line of slope ``1 - alpha``.)
+
+    Raises:
+        OpenTransError: no layers given, or a layer that cannot be fitted.
+    """
+    from matplotlib.figure import Figure
+
+    if not layers:
+        raise OpenTransError("no layers to plot")
+    cols = min(3, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    for k, lm in enumerate(layers):
+        with single_thread():
+            eigs = esd(lm.weight)
+        eigs = eigs[eigs > EVALS_THRESH]
+        fit = fit_power_law(eigs)
+        ax = fig.add_subplot(rows, cols, k + 1)
+        n_all = eigs.size
+        ccdf = 1.0 - np.arange(n_all) / n_all
+        ax.loglog(eigs, ccdf, ".", markersize=3, color="tab:blue", label="ESD (CCDF)")
+        xs = np.geomspace(fit.xmin, fit.lambda_max, 50)
+        ax.loglog(xs, fit.num_tail / n_all * (xs / fit.xmin) ** (1.0 - fit.alpha), "-", color="tab:red",
+                  label=f"fit alpha={fit.alpha:.2f}, KS={fit.ks_distance:.3f}")
+        ax.axvline(fit.xmin, color="tab:red", linestyle=":", linewidth=1)
+        ax.axvline(fit.peak, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(_short(lm.name), fontsize=8)
+        ax.set_xlabel("eigenvalue of W^T W", fontsize=7)
+        ax.set_ylabel("P(lambda >= x)", fontsize=7)
+        ax.legend(fontsize=6)
+    title = "ESD with OpenTrans power-law fit (red: xmin, grey: ESD peak)"
+    fig.suptitle(f"{title}\n{weights}" if weights else title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    return path

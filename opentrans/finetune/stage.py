@@ -28,9 +28,23 @@ from opentrans.artifacts import StageRecord, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner, evaluate
-from opentrans.finetune.freeze import apply_freeze_plan, freeze_plan, gradient_free_parameters, head_only_plan
-from opentrans.finetune.spectral import analyze_spectrum, write_alpha_report
-from opentrans.finetune.trainer import check_train_options, train_segmentor
+from opentrans.finetune.freeze import (
+    POLICIES,
+    apply_freeze_plan,
+    freeze_plan,
+    gradient_free_parameters,
+    head_only_plan,
+    trainable_param_count,
+)
+from opentrans.finetune.spectral import (
+    TOWERS,
+    analyze_model,
+    analyze_spectrum,
+    spectral_layers,
+    write_alpha_report,
+    write_esd_plot,
+)
+from opentrans.finetune.trainer import check_train_options, resolve_amp, train_segmentor
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
 
 #: Module-name prefix of the image encoder inside :class:`~opentrans.models.segmentor.OpenVocabSegmentor`.
@@ -45,7 +59,9 @@ def _check_out_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str,
-                  out_dir: str | os.PathLike, image_size: tuple[int, int] | None = None) -> dict:
+                  out_dir: str | os.PathLike, image_size: tuple[int, int] | None = None,
+                  estimator: str = "opentrans", towers: tuple[str, ...] | list[str] = ("image",),
+                  esd_layers: list[str] | None = None) -> dict:
     """Heavy-tail spectral analysis of a model's image encoder (``opentrans analyze``).
 
     Layer names are those of ``seg.named_modules()`` (``clip.visual.…``), so ``alphas.json`` applies
@@ -54,36 +70,70 @@ def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrai
     Args:
         from_dir: output directory of an earlier stage (``--from``), or None.
         model, pretrained: open_clip architecture and weights (``--model``/``--pretrained``), if no ``from_dir``.
-        out_dir: where ``alphas.csv``, ``alphas.json``, ``alphas.png`` and ``manifest.json`` go.
+        out_dir: where ``alphas.csv``, ``alphas.json``, ``alphas.png``, ``esd.png`` and ``manifest.json`` go.
         image_size: network input (H, W) for a fresh model (does not change the alphas).
+        estimator: ``opentrans`` (default), ``weightwatcher`` or ``both`` (the table and plan use the
+            OpenTrans alphas, weightwatcher's are written beside them).
+        towers: ``image`` and/or ``text`` (see :data:`~opentrans.finetune.spectral.TOWERS`).
+        esd_layers: layer names for ``esd.png`` (ESD log-log plot with the fit); default: the layers
+            with the smallest, the median and the largest alpha.
 
     Returns:
-        The manifest figures: ``layers_analysed``, ``excluded``, ``median_alpha`` (dimensionless) and
-        ``seconds`` (weightwatcher wall time).
+        The manifest figures: ``layers_analysed``, ``excluded``, ``median_alpha`` (dimensionless),
+        ``seconds`` (wall time of the analysis, all estimators) and ``estimator``.
 
     Raises:
         OpenTransError: bad model arguments (see :func:`~opentrans.models.artifact.resolve_model`), an
-            ``out_dir`` that is a file, or an encoder without analysable layers.
+            ``out_dir`` that is a file, an unknown estimator/tower/ESD layer, or an encoder without
+            analysable layers.
     """
     started = time.perf_counter()
     out_dir = _check_out_dir(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
-    report = analyze_spectrum(seg.visual, prefix=VISUAL_PREFIX)
+    reports = analyze_model(seg, towers, estimator)
+    report = next(iter(reports.values()))
+    compare = reports.get("weightwatcher") if len(reports) == 2 else None
+    mats = {lm.name: lm for t in towers for lm in spectral_layers(seg.get_submodule(TOWERS[t].rstrip(".")),
+                                                                    TOWERS[t])[0]}
+    if esd_layers:
+        unknown = [n for n in esd_layers if n not in report.alphas()]
+        if unknown:
+            raise OpenTransError(f"--esd-layers: '{unknown[0]}' is not an analysed layer (see alphas.csv names)")
+        chosen = list(dict.fromkeys(esd_layers))
+    else:
+        ordered = sorted(report.layers, key=lambda la: la.alpha)
+        chosen = list(dict.fromkeys(la.name for la in (ordered[0], ordered[len(ordered) // 2], ordered[-1])))
     options = {"from": None if from_dir is None else str(from_dir), "model": spec.model,
-               "pretrained": spec.pretrained, "image_size": list(spec.image_size)}
+               "pretrained": spec.pretrained, "image_size": list(spec.image_size), "estimator": estimator,
+               "towers": list(towers), "esd_layers": chosen}
     with StageRecord("analyze", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
-        for path in write_alpha_report(report, out_dir, weights=spec.weights):
+        for path in write_alpha_report(report, out_dir, weights=spec.weights, compare=compare):
             rec.add_output(path)
+        rec.add_output(write_esd_plot(out_dir / "esd.png", [mats[n] for n in chosen], weights=spec.weights))
         rec.weights = spec.weights
         rec.figures = {
             "layers_analysed": len(report.layers),
             "excluded": len(report.excluded),
             "median_alpha": round(report.median_alpha, 4),
-            "seconds": round(report.seconds, 2),
+            "seconds": round(sum(r.seconds for r in reports.values()), 2),
+            "estimator": estimator,
         }
     return rec.figures
+
+
+def _layer_params(seg, names) -> dict[str, int]:
+    """``{layer: parameter elements}`` (weight + bias; a Q/K/V slice counts its rows of in_proj weight + bias)."""
+    out = {}
+    for name in names:
+        if name.endswith("]"):
+            mha = seg.get_submodule(name[: name.rindex(".in_proj_weight[")])
+            out[name] = (mha.in_proj_weight.numel() + (0 if mha.in_proj_bias is None else mha.in_proj_bias.numel())) // 3
+        else:
+            mod = seg.get_submodule(name)
+            out[name] = sum(p.numel() for p in (mod.weight, mod.bias) if p is not None)
+    return out
 
 
 def _loss_summary(losses: list[float]) -> dict:
@@ -103,6 +153,16 @@ def _fmt(v, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+_POLICY_TEXT = {
+    "median": " (OpenTrans heavy-tail criterion, {estimator} alphas: layers with alpha < median {median:.3f} "
+              "stay frozen)",
+    "fraction": " ({estimator} alphas: the {fraction:.0%} of layers with the smallest alpha stay frozen)",
+    "inverse": " (OpenTrans ablation, {estimator} alphas: layers with alpha > median {median:.3f} stay frozen)",
+    "random": " (control: as many layers as the median policy freezes, drawn at random with seed {seed})",
+    "head-only": " (every CLIP layer frozen; only the head trains)",
+}
+
+
 def _report_md(r: dict) -> str:
     w = r["weights"]
     loss = r["loss"]
@@ -112,9 +172,9 @@ def _report_md(r: dict) -> str:
         f"Weights: **{w}**. Lineage: {' -> '.join(r['lineage'])}. Data: `{r['data']}` "
         f"({r['train_images']} train / {r['val_images']} val images).",
         "",
-        f"Freeze policy: **{r['policy']}**"
-        + (f" (OpenTrans heavy-tail criterion: layers with alpha < median {r['median_alpha']:.3f} stay frozen)"
-           if r["median_alpha"] is not None else " (every CLIP layer frozen; only the head trains)"),
+        f"Freeze policy: **{r['policy']}**" + _POLICY_TEXT.get(r["policy"], "").format(
+            median=r["median_alpha"] or 0.0, fraction=r.get("freeze_fraction") or 0.0, seed=r["seed"],
+            estimator=r.get("estimator")),
         "",
         "| figure | value | weights |",
         "|---|---|---|",
@@ -132,11 +192,12 @@ def _report_md(r: dict) -> str:
         "",
     ]
     if r["frozen_layers"]:
-        lines += ["## Frozen layers (heavy-tailed, alpha < median)", "", "| layer | alpha |", "|---|---|"]
-        lines += [f"| `{n}` | {r['alphas'][n]:.3f} |" for n in r["frozen_layers"]] + [""]
+        lines += [f"## Frozen layers ({r['policy']} policy)", "", "| layer | alpha | params |", "|---|---|---|"]
+        lines += [f"| `{n}` | {r['alphas'][n]:.3f} | {r['frozen_layer_params'][n]} |" for n in r["frozen_layers"]] + [""]
     if r["trainable_layers"]:
-        lines += ["## Trained layers (alpha >= median)", "", "| layer | alpha |", "|---|---|"]
-        lines += [f"| `{n}` | {r['alphas'][n]:.3f} |" for n in r["trainable_layers"]] + [""]
+        lines += [f"## Trained layers ({r['policy']} policy)", "", "| layer | alpha | params |", "|---|---|---|"]
+        lines += [f"| `{n}` | {r['alphas'][n]:.3f} | {r['trainable_layer_params'][n]} |"
+                  for n in r["trainable_layers"]] + [""]
     if r["excluded"]:
         lines += ["## Excluded from the analysis (stay frozen)", ""]
         lines += [f"- `{e['name']}`: {e['reason']}" for e in r["excluded"]] + [""]
@@ -149,7 +210,9 @@ def _report_md(r: dict) -> str:
 def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str,
                    out_dir: str | os.PathLike, data: str, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
                    freeze_heavy_tail: bool = True, train_limit: int | None = None, val_limit: int | None = None,
-                   image_size: tuple[int, int] | None = None, seed: int = 0, progress: bool = True) -> dict:
+                   image_size: tuple[int, int] | None = None, seed: int = 0, progress: bool = True,
+                   freeze_policy: str = "median", freeze_fraction: float = 0.5, estimator: str = "opentrans",
+                   grad_accum: int = 1, amp: str = "off", checkpoint_every: int = 0) -> dict:
     """Finetune a segmentor on a dataset's train split (``opentrans finetune``).
 
     Steps: resolve the model; open the ``train`` and ``val`` splits at the model's input size; encode the
@@ -167,7 +230,13 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
         out_dir: stage output directory.
         data: ``FORMAT:PATH`` dataset spec (e.g. ``camvid:/data/camvid``) with ``train`` and ``val`` splits.
         steps, batch_size, lr, seed: training settings (AdamW, poly schedule).
-        freeze_heavy_tail: use OpenTrans's heavy-tail freeze plan; otherwise train only the head.
+        freeze_heavy_tail: use a heavy-tail freeze plan; otherwise train only the head.
+        freeze_policy, freeze_fraction: the plan's policy (``median``, ``fraction``, ``inverse``, ``random``;
+            see :func:`~opentrans.finetune.freeze.freeze_plan`; ``random`` is seeded with ``seed``).
+        estimator: ``opentrans`` or ``weightwatcher`` alphas for the plan (image tower, Q/K/V split).
+        grad_accum, amp: see :func:`~opentrans.finetune.trainer.train_segmentor`.
+        checkpoint_every: save the training state to ``out_dir/checkpoints`` every N steps (0: never); a
+            rerun of the same command after a kill resumes from there.
         train_limit, val_limit: use only the first N images of each split.
         progress: show progress bars.
 
@@ -183,7 +252,14 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             heavy-tail plan), or a loss that diverged.
     """
     started = time.perf_counter()
-    check_train_options(steps, batch_size, lr)
+    check_train_options(steps, batch_size, lr, grad_accum, checkpoint_every)
+    resolve_amp(amp)
+    if freeze_policy not in POLICIES:
+        raise OpenTransError(f"--freeze-policy {freeze_policy}: choose one of {', '.join(POLICIES)}")
+    if not 0.0 <= freeze_fraction <= 1.0:
+        raise OpenTransError(f"--freeze-fraction {freeze_fraction}: must be between 0 and 1")
+    if estimator not in ("opentrans", "weightwatcher"):
+        raise OpenTransError(f"--estimator {estimator}: finetune plans with 'opentrans' or 'weightwatcher'")
     out_dir = _check_out_dir(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
     train_ds = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, train_limit)
@@ -194,8 +270,8 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
     excluded: list[dict] = []
     analysis_seconds = 0.0
     if freeze_heavy_tail:
-        spectrum = analyze_spectrum(seg.visual, prefix=VISUAL_PREFIX)
-        plan = freeze_plan(spectrum.layers, "median")
+        spectrum = analyze_model(seg, ("image",), estimator)[estimator]
+        plan = freeze_plan(spectrum.layers, freeze_policy, fraction=freeze_fraction, seed=seed)
         excluded = [{"name": n, "reason": r} for n, r in spectrum.excluded]
         analysis_seconds = spectrum.seconds
     else:
@@ -207,12 +283,14 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
     gradient_free = gradient_free_parameters(seg)
     for name in gradient_free:
         params[name].requires_grad_(False)
-    trainable_params = sum(p.numel() for p in seg.parameters() if p.requires_grad)
+    trainable_params = trainable_param_count(seg)
 
     options = {"from": None if from_dir is None else str(from_dir), "model": spec.model, "pretrained": spec.pretrained,
                "data": data, "steps": steps, "batch_size": batch_size, "lr": lr,
                "freeze_heavy_tail": freeze_heavy_tail, "train_limit": train_limit, "val_limit": val_limit,
-               "image_size": list(spec.image_size), "seed": seed}
+               "image_size": list(spec.image_size), "seed": seed, "freeze_policy": freeze_policy,
+               "freeze_fraction": freeze_fraction, "estimator": estimator, "grad_accum": grad_accum, "amp": amp,
+               "checkpoint_every": checkpoint_every}
     with StageRecord("finetune", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
@@ -222,7 +300,9 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
         before = evaluate(TorchRunner(seg), val_ds, text_embeds.numpy(), desc=desc)
         start = time.perf_counter()
         losses = train_segmentor(seg, train_ds, text_embeds, steps=steps, batch_size=batch_size, lr=lr,
-                                 seed=seed, progress=progress)
+                                 seed=seed, progress=progress, grad_accum=grad_accum, amp=amp,
+                                 checkpoint_dir=out_dir / "checkpoints" if checkpoint_every else None,
+                                 checkpoint_every=checkpoint_every)
         train_seconds = time.perf_counter() - start
         after = evaluate(TorchRunner(seg), val_ds, text_embeds.numpy(), desc=desc)
         for p in seg.parameters():
@@ -249,7 +329,10 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             "total_params": counts["total_params"],
             "head_params": counts["head_params"], "image_encoder_params": counts["image_encoder_params"],
             "trainable_pct": 100.0 * trainable_params / counts["total_params"],
-            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "grad_accum": grad_accum,
+            "amp": amp, "bf16": resolve_amp(amp), "estimator": estimator if freeze_heavy_tail else None,
+            "freeze_fraction": plan.fraction, "frozen_layer_params": _layer_params(seg, plan.frozen),
+            "trainable_layer_params": _layer_params(seg, plan.trainable),
             "loss": {**loss, "curve": losses},
             "miou_before": before["miou"], "miou_after": after["miou"],
             "pixel_acc_before": before["pixel_acc"], "pixel_acc_after": after["pixel_acc"],

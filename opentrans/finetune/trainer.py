@@ -5,21 +5,39 @@ cosine of each patch feature with each class text embedding, upsampled to the in
 masks, resized with nearest-neighbour interpolation to the network input size ``(H, W)``. AdamW over the
 parameters with ``requires_grad`` (set them with :func:`opentrans.finetune.freeze.apply_freeze_plan`), with
 the "poly" learning-rate schedule of DeepLab (Chen et al., TPAMI 2018): ``lr_t = lr * (1 - t/steps)^0.9``.
+
+Also: gradient accumulation (``grad_accum`` micro-batches per optimizer step), bf16 autocast on CPUs with
+native bf16 (``amp``), and checkpoints every N steps with resume after a kill (:func:`save_checkpoint`,
+:func:`load_checkpoint`). Checkpoints hold tensors in safetensors (trainable parameters and AdamW moments,
+no pickle) and the step, losses, optimizer hyper-parameters and scheduler state in JSON. The data order is
+replayed from ``seed`` on resume (the sampler is the only random source: the segmentor runs in eval mode),
+so a resumed run ends bit-for-bit equal to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from opentrans.artifacts import atomic_path, read_json, write_json
 from opentrans.data import SegDataset, collate
 from opentrans.errors import OpenTransError
 from opentrans.models.segmentor import OpenVocabSegmentor
 
 POLY_POWER = 0.9
+#: ``amp`` choices of :func:`train_segmentor`.
+AMP_MODES = ("off", "bf16", "auto")
+#: Checkpoint files in ``checkpoint_dir``: tensors, then the JSON that commits them.
+CKPT_TENSORS = "trainer_state.safetensors"
+CKPT_JSON = "trainer_state.json"
 
 
 def resize_masks(masks: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -42,12 +60,42 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield batch
 
 
-def check_train_options(steps: int, batch_size: int, lr: float) -> None:
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        return False
+    flags = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_amp(amp: str) -> bool:
+    """Whether to autocast to bf16: ``off`` no, ``bf16`` yes, ``auto`` when :func:`cpu_supports_bf16`.
+
+    Raises:
+        OpenTransError: an unknown mode.
+    """
+    if amp not in AMP_MODES:
+        raise OpenTransError(f"--amp {amp}: choose one of {', '.join(AMP_MODES)}")
+    return amp == "bf16" or (amp == "auto" and cpu_supports_bf16())
+
+
+def check_train_options(steps: int, batch_size: int, lr: float, grad_accum: int = 1,
+                        checkpoint_every: int = 0) -> None:
     """Validate the training budget.
 
     Raises:
-        OpenTransError: ``steps`` or ``batch_size`` below 1, or ``lr`` not a positive finite number.
+        OpenTransError: ``steps``, ``batch_size`` or ``grad_accum`` below 1, ``lr`` not a positive finite
+            number, or a negative ``checkpoint_every``.
     """
+    if grad_accum < 1:
+        raise OpenTransError(f"--grad-accum {grad_accum}: must be at least 1")
+    if checkpoint_every < 0:
+        raise OpenTransError(f"--checkpoint-every {checkpoint_every}: must be 0 (off) or more")
     if steps < 1:
         raise OpenTransError(f"--steps {steps}: must be at least 1")
     if batch_size < 1:
@@ -56,16 +104,109 @@ def check_train_options(steps: int, batch_size: int, lr: float) -> None:
         raise OpenTransError(f"--lr {lr}: must be a positive number")
 
 
+def _fingerprint(names: list[str], **settings) -> str:
+    """sha256 of the run settings and the trainable parameter names: a checkpoint resumes only its own run."""
+    return hashlib.sha256(json.dumps({"names": names, **settings}, sort_keys=True).encode()).hexdigest()
+
+
+def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, losses: list[float], fingerprint: str,
+                    named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                    scheduler) -> Path:
+    """Write the training state after ``step`` optimizer steps, atomically (tensors first, then the JSON).
+
+    ``trainer_state.safetensors``: ``param.<name>`` (trainable parameters) and ``adam.<name>.<key>`` (AdamW
+    state: ``step``, ``exp_avg``, ``exp_avg_sq``), with the step in its metadata. ``trainer_state.json``:
+    ``step``, ``losses``, ``fingerprint``, the optimizer's param groups and the scheduler's state. A kill
+    between the two writes leaves the JSON of the previous checkpoint, whose step no longer matches the
+    tensors' metadata: :func:`load_checkpoint` refuses that pair.
+
+    Returns:
+        the JSON path.
+    """
+    from safetensors.torch import save_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
+    state = optimizer.state_dict()
+    tensors = {}
+    for name, p in named_params:
+        tensors[f"param.{name}"] = p.detach().contiguous().clone()
+        for key, value in state["state"].get(index[id(p)], {}).items():
+            tensors[f"adam.{name}.{key}"] = value.detach().contiguous().clone()
+    with atomic_path(checkpoint_dir / CKPT_TENSORS) as tmp:
+        save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": fingerprint})
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    return write_json(checkpoint_dir / CKPT_JSON, {
+        "step": step, "losses": [None if not math.isfinite(v) else v for v in losses],
+        "fingerprint": fingerprint, "param_groups": groups, "scheduler": scheduler.state_dict()})
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike, fingerprint: str,
+                    named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                    scheduler) -> tuple[int, list[float]] | None:
+    """Restore a state written by :func:`save_checkpoint`; None when ``checkpoint_dir`` holds none.
+
+    Returns:
+        ``(step, losses)``: optimizer steps already done and their losses (NaN for skipped steps).
+
+    Raises:
+        OpenTransError: the checkpoint belongs to another run (settings or trainable parameters differ),
+            or its two files do not belong together (killed between writes; delete the folder).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / CKPT_JSON).exists():
+        return None
+    meta = read_json(checkpoint_dir / CKPT_JSON)
+    if meta.get("fingerprint") != fingerprint:
+        raise OpenTransError(f"{checkpoint_dir}: checkpoint of another run (different settings, data order or "
+                             "trainable layers); use another --checkpoint-dir or delete it")
+    tensor_path = checkpoint_dir / CKPT_TENSORS
+    if not tensor_path.exists():
+        raise OpenTransError(f"{tensor_path}: missing; delete {checkpoint_dir} and start again")
+    with safe_open(str(tensor_path), framework="pt") as fh:
+        tensor_step = (fh.metadata() or {}).get("step")
+    if tensor_step != str(meta["step"]):
+        raise OpenTransError(f"{checkpoint_dir}: tensors are from step {tensor_step} but the JSON says step "
+                             f"{meta['step']}; delete it and start again")
+    tensors = load_file(str(tensor_path))
+    state = {}
+    with torch.no_grad():
+        for i, (name, p) in enumerate(named_params):
+            p.copy_(tensors[f"param.{name}"])
+            entry = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")
+                     and k.count(".") == name.count(".") + 2}
+            if entry:
+                state[i] = entry
+    groups = [{**g, "params": list(range(len(named_params)))} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"]), [float("nan") if v is None else float(v) for v in meta["losses"]]
+
+
 def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: torch.Tensor, steps: int,
                     batch_size: int, lr: float, seed: int = 0, weight_decay: float = 0.01,
-                    progress: bool = True) -> list[float]:
+                    progress: bool = True, grad_accum: int = 1, amp: str = "off",
+                    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                    on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Finetune the trainable parameters of ``seg`` on ``dataset`` for ``steps`` optimizer steps.
 
     The segmentor stays in eval mode (BatchNorm statistics of a ModifiedResNet are not updated, there is
     no dropout), so only parameters with ``requires_grad`` change. Batches are drawn without replacement
     from shuffled epochs of ``dataset`` with a ``torch.Generator`` seeded with ``seed``, so two runs with the
-    same seed give identical losses. A batch whose pixels are all the ignore index is skipped (its loss is
-    recorded as NaN); the learning-rate schedule still advances.
+    same seed give identical losses. Each optimizer step accumulates the gradients of ``grad_accum``
+    micro-batches of ``batch_size`` images (each micro-batch loss divided by ``grad_accum``). A micro-batch
+    whose pixels are all the ignore index contributes nothing; a step with no labelled pixel at all is
+    skipped (its loss recorded as NaN) while the learning-rate schedule still advances. Rows of a partly
+    trainable fused in-projection (:func:`~opentrans.finetune.freeze.row_masked_parameters`) are written
+    back after every step so that weight decay does not move them.
+
+    With ``checkpoint_dir`` and ``checkpoint_every = N > 0`` the state is saved every N steps and after
+    the last one (:func:`save_checkpoint`); a call with the same ``checkpoint_dir``, the same settings and
+    a model rebuilt from the same starting weights resumes from the last checkpoint and ends bit-for-bit
+    where an uninterrupted run would.
 
     Args:
         seg: the segmentor, parameters already frozen/unfrozen.
@@ -73,55 +214,98 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
             ``dataset.ignore_index`` for unlabelled pixels; class i of the masks is row i of ``text_embeds``.
         text_embeds: float32 ``(C, D)`` class embeddings (fixed; the text tower is not trained).
         steps: optimizer steps (>= 1).
-        batch_size: images per step (>= 1; capped at ``len(dataset)``).
+        batch_size: images per micro-batch (>= 1; capped at ``len(dataset)``).
         lr: peak AdamW learning rate, decayed with the poly schedule.
         seed: seeds the sampling order.
         weight_decay: AdamW decoupled weight decay.
         progress: show a tqdm bar with the loss and learning rate.
+        grad_accum: micro-batches per optimizer step (>= 1).
+        amp: ``off``, ``bf16`` (``torch.autocast('cpu', torch.bfloat16)`` around the forward pass; the loss
+            is computed in float32) or ``auto`` (bf16 where the CPU has native bf16, :func:`cpu_supports_bf16`).
+        checkpoint_dir, checkpoint_every: see above (``checkpoint_every = 0``: no checkpoints).
+        on_step: called as ``on_step(step, loss)`` after each optimizer step (1-based), after any checkpoint
+            of that step; an exception it raises stops training (tests use it to simulate a kill).
 
     Returns:
-        The training loss (mean pixel cross-entropy, nats) of every step.
+        The training loss (mean pixel cross-entropy over the step's labelled micro-batches, nats) of every
+        step, resumed steps included.
 
     Raises:
-        OpenTransError: ``steps``/``batch_size`` < 1, ``lr`` not positive, an image size other than
-            ``seg.image_size``, a class count other than ``len(text_embeds)``, no trainable parameter, or a
-            loss that became NaN/inf (lower the learning rate).
+        OpenTransError: bad options (see :func:`check_train_options`, :func:`resolve_amp`), an image size
+            other than ``seg.image_size``, a class count other than ``len(text_embeds)``, no trainable
+            parameter, a checkpoint of another run, or a loss that became NaN/inf (lower the learning rate).
     """
-    check_train_options(steps, batch_size, lr)
+    from opentrans.finetune.freeze import row_masked_parameters
+
+    check_train_options(steps, batch_size, lr, grad_accum, checkpoint_every)
+    use_bf16 = resolve_amp(amp)
     if tuple(dataset.image_size) != tuple(seg.image_size):
         raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
     if len(dataset.class_names) != text_embeds.shape[0]:
         raise OpenTransError(f"{len(dataset.class_names)} classes in the dataset but {text_embeds.shape[0]} text embeddings")
-    params = [p for p in seg.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in seg.named_parameters() if p.requires_grad]
+    if not named:
         raise OpenTransError("nothing to train: no parameter of the model requires a gradient")
+    params = [p for _, p in named]
 
     seg.eval()
     text_embeds = text_embeds.detach().float()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=POLY_POWER)
     generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    bar = tqdm(_batches(len(dataset), batch_size, steps, generator), total=steps, desc="finetune",
+    masked = [(p, ~mask, p.detach()[~mask].clone()) for p, mask in row_masked_parameters(seg)]
+    fingerprint = _fingerprint([n for n, _ in named], steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                               weight_decay=weight_decay, grad_accum=grad_accum, amp=use_bf16,
+                               data=len(dataset), classes=list(dataset.class_names))
+    start_step, losses = 0, []
+    if checkpoint_dir is not None:
+        # the starting weights are part of the run: a checkpoint must not resume onto another model
+        digest = hashlib.sha256()
+        for name, value in seg.state_dict().items():
+            digest.update(name.encode())
+            digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+        fingerprint = _fingerprint([fingerprint], start_weights=digest.hexdigest())
+        resumed = load_checkpoint(checkpoint_dir, fingerprint, named, optimizer, scheduler)
+        if resumed is not None:
+            start_step, losses = resumed
+    batches = _batches(len(dataset), batch_size, steps * grad_accum, generator)
+    for _ in range(start_step * grad_accum):  # replay the sampler: same data order as an uninterrupted run
+        next(batches)
+    bar = tqdm(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
                disable=not progress, leave=False)
     with torch.enable_grad():
-        for step, idx in enumerate(bar):
-            images, masks = collate([dataset[i] for i in idx])
-            target = resize_masks(masks, seg.image_size)
+        for step in bar:
             current_lr = optimizer.param_groups[0]["lr"]
-            if bool((target == dataset.ignore_index).all()):
-                losses.append(float("nan"))
-                scheduler.step()
-                continue
-            logits = seg(images, text_embeds)
-            loss = F.cross_entropy(logits, target, ignore_index=dataset.ignore_index)
-            if not torch.isfinite(loss):
-                raise OpenTransError(f"training loss became {loss.item()} at step {step + 1}; lower --lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step_loss, labelled = 0.0, 0
+            for _ in range(grad_accum):
+                idx = next(batches)
+                images, masks = collate([dataset[i] for i in idx])
+                target = resize_masks(masks, seg.image_size)
+                if bool((target == dataset.ignore_index).all()):
+                    continue
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = seg(images, text_embeds)
+                loss = F.cross_entropy(logits.float(), target, ignore_index=dataset.ignore_index)
+                if not torch.isfinite(loss):
+                    raise OpenTransError(f"training loss became {loss.item()} at step {step + 1}; lower --lr (now {lr})")
+                (loss / grad_accum).backward()
+                step_loss += float(loss.detach())
+                labelled += 1
+            if labelled:
+                optimizer.step()
+                with torch.no_grad():
+                    for p, frozen_rows, values in masked:
+                        p[frozen_rows] = values
+                losses.append(step_loss / labelled)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{current_lr:.2e}")
+            else:
+                losses.append(float("nan"))
             scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{current_lr:.2e}")
+            done = step + 1
+            if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                save_checkpoint(checkpoint_dir, done, losses, fingerprint, named, optimizer, scheduler)
+            if on_step is not None:
+                on_step(done, losses[-1])
     optimizer.zero_grad(set_to_none=True)
     return losses

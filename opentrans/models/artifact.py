@@ -7,6 +7,7 @@ from the fresh architecture (structured pruning), so :func:`load_segmentor` rebu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,11 +162,37 @@ def load_segmentor(model_dir: str | os.PathLike) -> tuple[OpenVocabSegmentor, Se
     return seg.eval(), spec
 
 
+_DENSE_MODE_OVERRIDE: list[str] = []
+
+
+@contextlib.contextmanager
+def dense_mode_override(dense_mode: str | None):
+    """Within the block, :func:`resolve_model` uses ``dense_mode`` when its caller gives none (how the CLI's
+    ``--dense-mode`` reaches every stage). ``None``: no override."""
+    if dense_mode is None:
+        yield
+        return
+    _DENSE_MODE_OVERRIDE.append(dense_mode)
+    try:
+        yield
+    finally:
+        _DENSE_MODE_OVERRIDE.pop()
+
+
+def current_dense_mode_override() -> str | None:
+    """The mode of the innermost :func:`dense_mode_override`, or None."""
+    return _DENSE_MODE_OVERRIDE[-1] if _DENSE_MODE_OVERRIDE else None
+
+
 def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrained: str = "none",
-                  image_size: tuple[int, int] | None = None, head: str = "linear",
+                  image_size: tuple[int, int] | None = None, head: str = "linear", dense_mode: str | None = None,
                   ) -> tuple[OpenVocabSegmentor, SegmentorSpec, list[Path]]:
     """The segmentor a stage starts from: the model of an earlier stage (``--from DIR``) or a fresh one
     (``--model NAME --pretrained TAG|PATH|none``).
+
+    ``dense_mode`` (or, when None, the innermost :func:`dense_mode_override`): with ``--model`` the mode the
+    segmentor is built with (default ``maskclip``); with ``--from`` it replaces the mode stored in the
+    artifact's spec (default: keep the stored mode). Every mode shares the same weights.
 
     Returns:
         ``(segmentor, spec, input files)``; the input files are what the stage's manifest should hash.
@@ -175,13 +202,19 @@ def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrai
     """
     if from_dir is not None and model is not None:
         raise OpenTransError("give either --from RUN_DIR or --model NAME, not both")
+    if dense_mode is None and _DENSE_MODE_OVERRIDE:
+        dense_mode = _DENSE_MODE_OVERRIDE[-1]
     if from_dir is not None:
         from_dir = Path(from_dir)
         if not (from_dir / SPEC_FILE).exists():
             raise OpenTransError(f"--from {from_dir}: no {SPEC_FILE} there; point it at the output of prune or finetune")
         seg, spec = load_segmentor(from_dir)
+        if dense_mode is not None and dense_mode != spec.dense_mode:
+            seg.set_dense_mode(dense_mode)
+            spec.dense_mode = dense_mode
         return seg, spec, [from_dir / SPEC_FILE, from_dir / WEIGHTS_FILE]
     if model is None:
         raise OpenTransError("no model: give --model NAME (an open_clip architecture) or --from RUN_DIR")
-    seg, spec = build_segmentor(model, pretrained, image_size=image_size, head=head)
+    seg, spec = build_segmentor(model, pretrained, image_size=image_size, head=head,
+                                dense_mode=dense_mode or "maskclip")
     return seg, spec, []

@@ -17,8 +17,12 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from opentrans.errors import OpenTransError
+from opentrans.models import dense as _dense
 
-DENSE_MODES = ("maskclip",)
+#: Training-free dense modes (see :mod:`opentrans.models.dense`); a ModifiedResNet supports only ``maskclip``.
+DENSE_MODES = _dense.VIT_MODES
+#: Floor of CLIPer's fused scores before the log that turns them into logits.
+CLIPER_EPS = 1e-6
 HEADS = ("linear", "none")
 #: Prompt templates averaged per class (a subset of CLIP's ImageNet ensemble).
 TEMPLATES = (
@@ -48,20 +52,16 @@ class LinearHead(nn.Module):
         return feats + self.proj(feats)
 
 
-def _interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubically resize a ViT positional embedding ``(1 + gh*gw, W)`` to another patch grid."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    width = pos.shape[-1]
-    patch_pos = patch_pos.reshape(1, old_grid[0], old_grid[1], width).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=new_grid, mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width)
-    return torch.cat([cls_pos, patch_pos], dim=0)
+_interpolate_pos_embed = _dense._interpolate_pos_embed
 
 
-def _linear_rows(weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int):
-    return weight[start:stop], None if bias is None else bias[start:stop]
+def check_dense_mode(dense_mode: str, visual: nn.Module) -> None:
+    """Raise :class:`OpenTransError` unless ``dense_mode`` is one of :data:`DENSE_MODES` and, for a
+    ModifiedResNet image tower, ``maskclip``."""
+    if dense_mode not in DENSE_MODES:
+        raise OpenTransError(f"unknown dense mode '{dense_mode}'; choose one of {', '.join(DENSE_MODES)}")
+    if dense_mode != "maskclip" and not isinstance(visual, VisionTransformer):
+        raise OpenTransError(f"dense mode '{dense_mode}' needs a ViT image tower; a ResNet supports only maskclip")
 
 
 class OpenVocabSegmentor(nn.Module):
@@ -70,22 +70,32 @@ class OpenVocabSegmentor(nn.Module):
     Args:
         clip: an ``open_clip.CLIP`` model (ViT or ModifiedResNet image tower); its image tower may be pruned.
         image_size: network input ``(H, W)`` in pixels; for a ViT both must be multiples of the patch size.
-        dense_mode: how dense features are read from the last block. ``maskclip``: MaskCLIP's value path
-            (Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022, Sec. 3.2): the last block's
-            query-key attention, residual and FFN are dropped, each token keeps ``out_proj(W_v ln_1(x))``,
-            followed by ``ln_post`` and ``proj``. For ModifiedResNet the attention pool's ``v_proj`` and
-            ``c_proj`` are applied to every spatial position.
+        dense_mode: how dense features are read from the last block (papers and equations in
+            :mod:`opentrans.models.dense`):
+
+            * ``maskclip`` (default): MaskCLIP's value path; the last block's query-key attention, residual and
+              FFN are dropped, each token keeps ``out_proj(W_v ln_1(x))``, then ``ln_post`` and ``proj``. For
+              ModifiedResNet the attention pool's ``v_proj`` and ``c_proj`` are applied to every position.
+            * ``sclip``: correlative self-attention ``softmax(qq^T)+softmax(kk^T)``, residual and FFN kept.
+            * ``clearclip``: q-q attention, no residual, no FFN.
+            * ``naclip``: k-k attention plus a Gaussian neighbourhood bias, no residual, no FFN.
+            * ``cliper``: CLIPer's early-layer fusion: summed early-layer attention maps and early-layer
+              embeddings pushed through the last block; the logits are ``log`` of CLIPer's fused class scores
+              (floored at :data:`CLIPER_EPS`), so their argmax and softmax are those of the fused scores.
+              CLIPer's diffusion-based fine-grained compensation is not part of the graph (see
+              :mod:`opentrans.models.diffusion_refine`).
+
+            Only ``maskclip`` exists for a ModifiedResNet image tower.
         head: ``linear`` (:class:`LinearHead`) or ``none``.
 
     Raises:
-        OpenTransError: an unsupported image tower, dense mode or head, or an input size that is not a
-            multiple of the patch size.
+        OpenTransError: an unsupported image tower, dense mode (any mode but ``maskclip`` on a ResNet) or head,
+            or an input size that is not a multiple of the patch size.
     """
 
     def __init__(self, clip: nn.Module, image_size: tuple[int, int], dense_mode: str = "maskclip", head: str = "linear"):
         super().__init__()
-        if dense_mode not in DENSE_MODES:
-            raise OpenTransError(f"unknown dense mode '{dense_mode}'; choose one of {', '.join(DENSE_MODES)}")
+        check_dense_mode(dense_mode, clip.visual)
         if head not in HEADS:
             raise OpenTransError(f"unknown head '{head}'; choose one of {', '.join(HEADS)}")
         if not isinstance(clip.visual, (VisionTransformer, ModifiedResNet)):
@@ -98,6 +108,15 @@ class OpenVocabSegmentor(nn.Module):
         if self.image_size[0] % stride or self.image_size[1] % stride:
             raise OpenTransError(f"input size {self.image_size} must be a multiple of the stride {stride}")
         self.head = LinearHead(self.embed_dim) if head == "linear" else nn.Identity()
+
+    def set_dense_mode(self, dense_mode: str) -> None:
+        """Switch the training-free mode in place (the weights are shared by every mode).
+
+        Raises:
+            OpenTransError: an unknown mode, or a mode other than ``maskclip`` on a ResNet image tower.
+        """
+        check_dense_mode(dense_mode, self.visual)
+        self.dense_mode = dense_mode
 
     @property
     def visual(self) -> nn.Module:
@@ -126,25 +145,7 @@ class OpenVocabSegmentor(nn.Module):
         return self.image_size[0] // self.stride, self.image_size[1] // self.stride
 
     def _vit_dense(self, images: torch.Tensor) -> torch.Tensor:
-        v = self.visual
-        x = v.conv1(images)  # (B, W, h, w)
-        grid = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
-        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1)
-        x = x + _interpolate_pos_embed(v.positional_embedding, v.grid_size, tuple(grid)).to(x.dtype)
-        x = v.ln_pre(x)
-        blocks = v.transformer.resblocks
-        for block in blocks[:-1]:
-            x = block(x)
-        last = blocks[-1]
-        attn: nn.MultiheadAttention = last.attn
-        width = attn.embed_dim
-        w_v, b_v = _linear_rows(attn.in_proj_weight, attn.in_proj_bias, 2 * width, 3 * width)
-        x = F.linear(last.ln_1(x), w_v, b_v)
-        x = last.ls_1(attn.out_proj(x))
-        x = v.ln_post(x[:, 1:]) @ v.proj  # (B, h*w, D)
-        return x
+        return _dense.vit_dense(self.dense_mode, self.visual, images)  # (B, h*w, D)
 
     def _resnet_dense(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
@@ -155,13 +156,23 @@ class OpenVocabSegmentor(nn.Module):
         return x
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Head-adapted dense features ``(B, h*w, D)``, not normalised, for images ``(B, 3, H, W)``."""
+        """Head-adapted dense features ``(B, h*w, D)``, not normalised, for images ``(B, 3, H, W)``.
+
+        For ``cliper`` these are the features of the last-layer embedding under the fused attention map (the
+        score fusion over all layers happens in :meth:`forward`)."""
         feats = self._vit_dense(images) if self.is_vit else self._resnet_dense(images)
         return self.head(feats)
 
     def forward(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, H, W)``: CLIP's logit scale times the cosine of each patch with each class embedding,
-        bilinearly upsampled to the input size."""
+        bilinearly upsampled to the input size (for ``cliper``: ``log`` of the fused class scores, see the class
+        docstring)."""
+        if self.dense_mode == "cliper":
+            feats, attn_map = _dense.cliper_features(self.visual, images)  # (L, B, h*w, D), (B, h*w, h*w)
+            scores = _dense.cliper_scores(self.head(feats), attn_map, text_embeds, self.clip.logit_scale.exp())
+            grid = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
+            scores = _dense.grid_logits_to_image(scores, grid, images.shape[-2:])
+            return torch.log(torch.clamp(scores, min=CLIPER_EPS))
         feats = F.normalize(self.dense_features(images), dim=-1)
         text = F.normalize(text_embeds, dim=-1)
         logits = self.clip.logit_scale.exp() * feats @ text.t()  # (B, h*w, C)
@@ -181,12 +192,12 @@ class OpenVocabSegmentor(nn.Module):
         if not class_names:
             raise OpenTransError("no class names given")
         tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.tokenize
-        embeds = []
-        for name in class_names:
-            tokens = tokenizer([t.format(name) for t in templates])
-            e = F.normalize(self.clip.encode_text(tokens), dim=-1).mean(0)
-            embeds.append(F.normalize(e, dim=-1))
-        return torch.stack(embeds)
+        prompts = [t.format(name) for name in class_names for t in templates]
+        chunk = 256  # prompts per text-tower call: batching is several times faster than one call per class
+        encoded = [F.normalize(self.clip.encode_text(tokenizer(prompts[i:i + chunk])), dim=-1)
+                   for i in range(0, len(prompts), chunk)]
+        per_class = torch.cat(encoded).view(len(class_names), len(templates), -1).mean(1)
+        return F.normalize(per_class, dim=-1)
 
 
 def default_image_size(clip: nn.Module, source_hw: tuple[int, int]) -> tuple[int, int]:

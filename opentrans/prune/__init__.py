@@ -1,10 +1,17 @@
-"""Structured pruning of the CLIP image encoder (torch-pruning) and the ``prune`` stage.
+"""Pruning of the CLIP image encoder: structured (torch-pruning) and OpenTrans IMP (unstructured), and the
+``prune`` stage.
 
 :func:`prune_structured` removes MLP hidden channels of a ViT or Bottleneck-internal channels of a
 ModifiedResNet in place; :func:`count_encoder_cost` gives the encoder's GMACs and M params;
 :func:`prune_stage` runs the whole stage into an output directory (model, reports, manifest).
+
+:func:`imp_stage` runs OpenTrans iterative magnitude pruning (global L1, ``rate`` of the remaining weights per
+round, label-free distillation recovery, resumable, masks after every round); :func:`apply_masks` transfers
+its masks to a fresh model of the same architecture.
 """
 
+from opentrans.prune.imp import apply_masks, imp_targets, read_masks, save_masks
+from opentrans.prune.imp_stage import imp_stage
 from opentrans.prune.stage import prune_stage
 from opentrans.prune.structured import (
     IMPORTANCES,
@@ -18,6 +25,11 @@ from opentrans.prune.structured import (
 
 __all__ = [
     "IMPORTANCES",
+    "apply_masks",
+    "imp_stage",
+    "imp_targets",
+    "read_masks",
+    "save_masks",
     "count_encoder_cost",
     "current_sparsity",
     "original_widths",

@@ -1,0 +1,85 @@
+"""Measures one artifact in a fresh process, so peak memory is its own and no back end's thread pool
+(OpenVINO, ONNX Runtime, torch) lingers into the next build's timings."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to measure: an artifact, the data, the class embeddings and the timing protocol."""
+
+    artifact: str
+    data: str
+    split: str
+    limit: int | None
+    text_embeds: np.ndarray  # float32 (C, D)
+    batch_sizes: tuple[int, ...]
+    warmup: int
+    repeats: int
+
+
+def encoder_cost(spec) -> dict:
+    """Image-encoder ``gmacs`` and ``params_m`` of a :class:`SegmentorSpec` (pruned shapes included), counted
+    on the architecture alone (no weights needed)."""
+    from opentrans.models.artifact import apply_shapes
+    from opentrans.models.clip import create_architecture
+    from opentrans.models.segmentor import OpenVocabSegmentor
+    from opentrans.prune import count_encoder_cost
+
+    seg = OpenVocabSegmentor(create_architecture(spec.model), spec.image_size, spec.dense_mode, spec.head)
+    apply_shapes(seg, spec.shapes)
+    return count_encoder_cost(seg)
+
+
+def _artifact_spec(path: Path):
+    from opentrans.deploy.targets import read_build
+    from opentrans.models.artifact import SPEC_FILE, SegmentorSpec, read_spec
+
+    if (path / SPEC_FILE).exists():
+        return read_spec(path), "fp32"
+    build = read_build(path)
+    raw = dict(build["spec"])
+    raw.update(image_size=tuple(raw["image_size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]))
+    return SegmentorSpec(**raw), build["precision"]
+
+
+def measure(job: Job) -> dict:
+    """Latency per batch size, mIoU, argmax labels, peak RSS and encoder cost of ``job.artifact``.
+
+    Returns:
+        ``{"backend", "precision", "latency": {batch: measure_latency(...)}, "miou", "pixel_acc",
+        "argmax" (uint8 (N,H,W)), "peak_rss_mb", "gmacs", "params_m", "spec"}``.
+    """
+    from opentrans.bench.latency import measure_latency
+    from opentrans.data import open_dataset
+    from opentrans.deploy.targets import load_runner
+    from opentrans.evaluate import evaluate
+
+    path = Path(job.artifact)
+    spec, precision = _artifact_spec(path)
+    runner = load_runner(path)
+    dataset = open_dataset(job.data, job.split, spec.image_size, spec.mean, spec.std, limit=job.limit)
+    latency = {}
+    for b in job.batch_sizes:
+        images = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(b)])
+        latency[b] = measure_latency(runner, images, job.text_embeds, warmup=job.warmup, repeats=job.repeats)
+    metrics = evaluate(runner, dataset, job.text_embeds, keep_argmax=True)
+    cost = encoder_cost(spec)
+    return {"backend": runner.name, "precision": precision, "latency": latency, "miou": metrics["miou"],
+            "pixel_acc": metrics["pixel_acc"], "argmax": metrics["argmax"], "spec": spec, **cost,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_isolated(job: Job) -> dict:
+    """:func:`measure` in a freshly spawned process; its exceptions (e.g. OpenTransError) propagate."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(measure, job).result()

@@ -1,0 +1,25 @@
+"""Parameter-efficient adapters on CLIP weights, as ``torch.nn.utils.parametrize`` parametrizations.
+
+Each adapter replaces a weight ``W0`` by ``f(W0; theta)`` with a small trainable ``theta`` and a frozen ``W0``:
+
+* :mod:`~opentrans.finetune.adapters.lora`: LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
+  Models", ICLR 2022, eq. 3): ``W = W0 + (alpha / r) B A``;
+* :mod:`~opentrans.finetune.adapters.oft`: OFT (Qiu et al., "Controlling Text-to-Image Diffusion by
+  Orthogonal Finetuning", NeurIPS 2023, eqs. 2-4): ``W = W0 R^T`` with a block-diagonal orthogonal ``R``
+  from the Cayley transform, which keeps the angles between neurons (the hyperspherical energy).
+
+Targets are named like the spectral analysis names layers (:func:`~opentrans.finetune.spectral.spectral_layers`):
+a Linear module (``clip.visual.transformer.resblocks.0.mlp.c_fc``) or one Q/K/V row block of a fused
+attention projection (``...attn.in_proj_weight[q]``), so a freeze plan's ``trainable`` list can be adapted
+directly. Because they are parametrizations, the adapted model runs unchanged code (open_clip's
+``nn.MultiheadAttention`` reads the adapted ``in_proj_weight``), and :func:`merge_adapters` folds every
+adapter into plain weights (exactly, both adapters are linear in the weight) so an adapted model exports
+like any other.
+"""
+
+from opentrans.finetune.adapters.common import AdapterReport, adapter_parameters, merge_adapters
+from opentrans.finetune.adapters.lora import LoRA, add_lora
+from opentrans.finetune.adapters.oft import OFT, add_oft, hyperspherical_energy
+
+__all__ = ["OFT", "AdapterReport", "LoRA", "adapter_parameters", "add_lora", "add_oft", "hyperspherical_energy",
+           "merge_adapters"]

@@ -1,0 +1,94 @@
+"""Target resolution, registration, counting and merging shared by the adapters."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from opentrans.errors import OpenTransError
+
+_SLICE = re.compile(r"^(?P<mha>.+)\.in_proj_weight\[(?P<tag>[qkv])\]$")
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    """What :func:`~opentrans.finetune.adapters.add_lora` / :func:`~opentrans.finetune.adapters.add_oft` did.
+
+    Attributes:
+        kind: ``lora`` or ``oft``.
+        targets: adapted layer names, in the order given.
+        trainable_params: elements of the adapter parameters (what training updates).
+        adapted_params: elements of the frozen weights they adapt (rows of a Q/K/V slice only).
+    """
+
+    kind: str
+    targets: tuple[str, ...]
+    trainable_params: int
+    adapted_params: int
+
+
+def resolve_target(model: nn.Module, name: str) -> tuple[nn.Module, str, tuple[int, int]]:
+    """``(module, parameter name, (row start, row stop))`` of an adapter target.
+
+    Raises:
+        OpenTransError: ``name`` is neither a Linear module nor a Q/K/V slice of a fused in-projection.
+    """
+    m = _SLICE.match(name)
+    path = m["mha"] if m else name
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if m and isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        e = module.embed_dim
+        i = "qkv".index(m["tag"])
+        return module, "in_proj_weight", (i * e, (i + 1) * e)
+    if not m and isinstance(module, nn.Linear):
+        return module, "weight", (0, module.out_features)
+    raise OpenTransError(f"adapter target '{name}' is not a Linear module or a Q/K/V slice "
+                         "(<mha>.in_proj_weight[q|k|v]) of this model")
+
+
+def register(model: nn.Module, names: list[str], make) -> list[nn.Module]:
+    """Resolve every name first (nothing changes on a bad name), then register ``make(weight, rows)`` on each.
+
+    The adapted original weight is frozen (``requires_grad=False``); the adapter's own parameters train.
+
+    Raises:
+        OpenTransError: no targets, duplicates, or a bad target (see :func:`resolve_target`).
+    """
+    if not names:
+        raise OpenTransError("no adapter targets given")
+    if len(set(names)) != len(names):
+        raise OpenTransError("adapter targets contain duplicates")
+    resolved = [resolve_target(model, n) for n in names]
+    adapters = [make(getattr(module, pname).detach(), rows) for module, pname, rows in resolved]
+    for (module, pname, _), adapter in zip(resolved, adapters):
+        parametrize.register_parametrization(module, pname, adapter)
+        module.parametrizations[pname].original.requires_grad_(False)
+    return adapters
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of every adapter registered on ``model`` (not the frozen originals)."""
+    from opentrans.finetune.adapters.lora import LoRA
+    from opentrans.finetune.adapters.oft import OFT
+
+    return [p for m in model.modules() if isinstance(m, (LoRA, OFT)) for p in m.parameters()]
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Fold every parametrization on ``model`` into a plain weight (``W <- f(W0; theta)``); returns how many
+    weights were merged. Afterwards the state dict has its original keys again."""
+    merged = 0
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for pname in list(module.parametrizations.keys()):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+                merged += 1
+    return merged

@@ -1,0 +1,329 @@
+"""The ``prune --method imp`` stage: OpenTrans iterative magnitude pruning with distillation recovery, resumable.
+
+Output directory::
+
+    model.safetensors, model.json   the pruned segmentor, zeros baked in (lineage gains "prune-imp")
+    masks.safetensors               the final masks (bool, True = kept), for :func:`~opentrans.prune.imp.apply_masks`
+    masks/round_K.safetensors       the masks after every finished round K (1-based)
+    checkpoint/visual.safetensors   the image tower after the last finished round (what a resume starts from)
+    imp_state.json                  options, inputs and per-round history; ``rounds_done`` = last finished round
+    prune_report.json, .md          per-layer sparsity, params, GMACs, sizes, fidelity to the unpruned model
+    manifest.json                   written last, status "complete"
+
+An interrupted run, started again with the same options and ``--out``, resumes after the last finished round
+(a round is finished once its masks, checkpoint and state are written, in that order, each atomically) and
+ends with the same weights and masks as an uninterrupted run: each round's recovery uses a fresh optimizer
+and a data order seeded by ``(seed, round)``.
+
+Unstructured sparsity makes the weights compressible (smaller zlib size, sparse storage) but does **not** make
+dense kernels faster: the model keeps its shapes, so its GMACs and dense CPU/GPU latency are unchanged. Use
+structured pruning (``--method structured``) for speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from opentrans.artifacts import StageRecord, atomic_path, read_json, sha256, write_json, write_text
+from opentrans.errors import OpenTransError
+from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
+from opentrans.prune.distill import check_recovery_options, evaluate_distill_loss, open_images, recover
+from opentrans.prune.imp import (
+    DEFAULT_RATE,
+    apply_masks,
+    attach_masks,
+    bake_masks,
+    check_masks,
+    current_masks,
+    global_magnitude_round,
+    layer_sparsity,
+    mask_sparsity,
+    read_masks,
+    save_masks,
+    sparsity_schedule,
+)
+from opentrans.prune.structured import count_encoder_cost
+
+STATE_FILE = "imp_state.json"
+STATE_FORMAT = "opentrans.imp-state/1"
+MASKS_FILE = "masks.safetensors"
+CHECKPOINT = Path("checkpoint") / "visual.safetensors"
+REPORT_JSON = "prune_report.json"
+REPORT_MD = "prune_report.md"
+LATENCY_NOTE = ("Unstructured sparsity shrinks the compressed size of the weights but not dense-kernel latency: "
+                "the pruned model keeps every shape, so its GMACs and its dense CPU/GPU latency are unchanged. "
+                "Use `--method structured` to make the model faster.")
+
+
+def _check_fraction(value, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise OpenTransError(f"{flag} {value}: must be a fraction strictly between 0 and 1 (e.g. 0.5)")
+
+
+def compressed_mb(state: dict[str, torch.Tensor]) -> float:
+    """zlib (level 6) size in MB (10^6 bytes) of the raw bytes of every tensor of ``state``."""
+    comp = zlib.compressobj(6)
+    size = 0
+    for t in state.values():
+        size += len(comp.compress(t.detach().contiguous().numpy().tobytes()))
+    return (size + len(comp.flush())) / 1e6
+
+
+@torch.no_grad()
+def fidelity(student, teacher, dataset, text: torch.Tensor) -> dict:
+    """How closely ``student`` reproduces ``teacher`` on ``dataset`` (e.g. CamVid val).
+
+    Returns:
+        ``teacher_miou`` (%: mIoU of the student against the teacher's argmax as labels), ``pixel_agreement``
+        (%), ``logit_cosine`` (min over images), ``feature_cosine`` (mean over images and patches of the cosine
+        of the dense features ``(B, h*w, D)``) and ``images``.
+    """
+    from opentrans.evaluate import TorchRunner, agreement, batches
+
+    agree = agreement(TorchRunner(teacher), TorchRunner(student), dataset, text.numpy())
+    cos, n = 0.0, 0
+    for images, _ in batches(dataset):
+        c = F.cosine_similarity(student.dense_features(images), teacher.dense_features(images), dim=-1)
+        cos, n = cos + float(c.sum()), n + c.numel()
+    return {"teacher_miou": agree["teacher_miou"], "pixel_agreement": agree["pixel_agreement"],
+            "logit_cosine": agree["cosine"], "feature_cosine": cos / n, "images": len(dataset)}
+
+
+def render_markdown(report: dict) -> str:
+    """Markdown for people: summary, fidelity, latency note, rounds and the per-layer sparsity table."""
+    w = report["weights"]
+    lines = [
+        f"# Prune report (OpenTrans IMP): {report['model']}",
+        "",
+        f"Weights: **{w}**. Global unstructured L1 magnitude pruning of the image encoder's Conv2d/Linear weights "
+        f"(patch/stem conv excluded), {report['rate']:.0%} of the remaining weights per round, "
+        f"{report['recovery_steps']} distillation recovery steps per round"
+        + (f" on `{report['distill_data']}`" if report.get("distill_data") else "") + ".",
+        f"Sparsity of the pruned weights: {report['sparsity_before']:.2%} -> **{report['sparsity']:.2%}** "
+        f"(target {report['sparsity_target']:.2%}) in {len(report['rounds'])} rounds.",
+        "",
+        f"**{LATENCY_NOTE}**",
+        "",
+        f"| Image encoder ({w}) | before | after |",
+        "|---|---:|---:|",
+        f"| Params (M) | {report['params_m']:.4g} | {report['params_m']:.4g} |",
+        f"| Non-zero params (M) | {report['nonzero_params_m_before']:.4g} | {report['nonzero_params_m_after']:.4g} |",
+        f"| GMACs (dense path, {report['image_size'][0]}x{report['image_size'][1]}) | {report['gmacs']:.4g} | "
+        f"{report['gmacs']:.4g} |",
+        f"| zlib-compressed weights (MB) | {report['compressed_mb_before']:.4g} | {report['compressed_mb_after']:.4g} |",
+        f"| model.safetensors (MB, dense) | {report['file_mb']:.4g} | {report['file_mb']:.4g} |",
+        "",
+    ]
+    fid = report.get("fidelity")
+    if fid:
+        lines += [
+            f"Fidelity to the unpruned model on `{report['eval_data']}` val ({fid['images']} images, {w}): "
+            f"teacher-agreement mIoU **{fid['teacher_miou']:.2f} %**, pixel agreement {fid['pixel_agreement']:.2f} %, "
+            f"dense feature cosine {fid['feature_cosine']:.4f}, logit cosine (min) {fid['logit_cosine']:.4f}.",
+            "",
+        ]
+    if report["rounds"]:
+        lines += ["| Round | sparsity % | distill loss after pruning | after recovery |", "|---:|---:|---:|---:|"]
+        for r in report["rounds"]:
+            pruned, recovered = r.get("loss_pruned"), r.get("loss_recovered")
+            lines.append(f"| {r['round']} | {100 * r['sparsity']:.2f} | "
+                         f"{'n/a' if pruned is None else f'{pruned:.5f}'} | "
+                         f"{'n/a' if recovered is None else f'{recovered:.5f}'} |")
+        lines.append("")
+    lines += ["| Layer | shape | params | zeros | sparsity % |", "|---|---|---:|---:|---:|"]
+    lines += [f"| `{r['layer']}` | {'x'.join(map(str, r['shape']))} | {r['params']} | {r['zeros']} | {r['sparsity']:.2f} |"
+              for r in report["layers"]]
+    return "\n".join(lines) + "\n"
+
+
+def _save_state(out_dir: Path, state: dict) -> None:
+    write_json(out_dir / STATE_FILE, state)
+
+
+def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str, out_dir: str | os.PathLike,
+              sparsity: float | None, rate: float = DEFAULT_RATE, recovery_steps: int = 0,
+              distill_data: str | None = None, distill_limit: int | None = None, batch_size: int = 4,
+              lr: float = 1e-5, seed: int = 0, eval_data: str | None = None, eval_limit: int | None = 8,
+              masks: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
+              pooled_weight: float = 1.0) -> dict:
+    """Run OpenTrans IMP (or re-apply saved masks) on a model's image encoder and write it into ``out_dir``.
+
+    Args:
+        from_dir, model, pretrained, image_size: the model to prune (see :func:`~opentrans.models.artifact.
+            resolve_model`); it is also the frozen distillation teacher and the fidelity reference.
+        out_dir: stage directory (see module docs); holding a run with the same options and inputs, it resumes.
+        sparsity: target fraction in (0, 1) of the IMP target weights that are zero at the end (absolute, so
+            an already pruned model composes: rounds continue from its current sparsity). Ignored with ``masks``.
+        rate: fraction in (0, 1) of the *remaining* weights removed per round (paper: 0.1, so sparsity follows
+            ``1 - 0.9^k``).
+        recovery_steps: distillation steps after every round (0: none); needs ``distill_data``.
+        distill_data: ``FORMAT:PATH`` (train split, images only), ``images:PATH`` or a folder of images.
+        distill_limit, batch_size, lr, seed, pooled_weight: recovery data size, images per step, Adam learning
+            rate, data-order seed, weight of the pooled-embedding term (see :mod:`opentrans.prune.distill`).
+        eval_data, eval_limit: dataset (``FORMAT:PATH``, val split, first ``eval_limit`` images) for fidelity
+            to the unpruned model; None skips it.
+        masks: a masks file (``masks.safetensors`` of an earlier IMP run) to transfer instead of running rounds;
+            recovery, if asked for, keeps its zeros.
+
+    Returns:
+        The manifest's figures: ``sparsity``, ``sparsity_before``, ``sparsity_target``, ``rounds``,
+        ``params_m``, ``nonzero_params_m_after``, ``gmacs``, ``compressed_mb_before/after``, ``file_mb`` and,
+        with ``eval_data``, ``teacher_miou`` (%) and ``feature_cosine``.
+
+    Raises:
+        OpenTransError: a sparsity or rate outside (0, 1); a target below the model's current sparsity; bad
+            recovery options; recovery steps without distillation data; an empty or missing image folder or
+            dataset; a masks file that is unreadable or for another architecture; ``out_dir`` equal to
+            ``from_dir``; ``out_dir`` holding an IMP run with other options. All checked before anything is
+            written.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if masks is None:
+        _check_fraction(sparsity, "--sparsity")
+    _check_fraction(rate, "--rate")
+    check_recovery_options(recovery_steps, batch_size, lr)
+    if recovery_steps > 0 and distill_data is None:
+        raise OpenTransError(f"--recovery-steps {recovery_steps} needs --distill-data (a folder of images); "
+                             f"or pass --recovery-steps 0")
+    if from_dir is not None and image_size is not None:
+        raise OpenTransError("--image-size applies to a fresh --model only; a --from model keeps its input size")
+    if from_dir is not None and Path(from_dir).resolve() == out_dir.resolve():
+        raise OpenTransError(f"--out {out_dir} is the --from directory; write the pruned model somewhere else")
+
+    seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
+    teacher = copy.deepcopy(seg).eval().requires_grad_(False)
+    start_masks = current_masks(seg.visual)
+    already = mask_sparsity(start_masks)
+    transfer = None
+    if masks is not None:
+        transfer, _ = read_masks(masks)
+        check_masks(seg.visual, transfer, f"--masks {masks}")
+        sparsity = mask_sparsity(transfer)
+    elif sparsity < already - 1e-9:
+        raise OpenTransError(f"model is already at {already:.1%} sparsity of its IMP weights; ask for at least "
+                             f"that much (got {sparsity:.1%})")
+    distill = None
+    if recovery_steps > 0:
+        distill = open_images(distill_data, spec.image_size, spec.mean, spec.std, limit=distill_limit)
+    evalset = None
+    if eval_data is not None:
+        from opentrans.data import open_dataset
+
+        evalset = open_dataset(eval_data, "val", spec.image_size, spec.mean, spec.std, limit=eval_limit)
+
+    options = {
+        "method": "imp", "from": None if from_dir is None else str(from_dir), "model": spec.model,
+        "pretrained": spec.pretrained, "sparsity": sparsity, "rate": rate, "recovery_steps": recovery_steps,
+        "distill_data": distill_data, "distill_limit": distill_limit, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "pooled_weight": pooled_weight, "masks": None if masks is None else str(masks),
+        "image_size": list(spec.image_size),
+    }
+    key = {"format": STATE_FORMAT, "options": options,
+           "inputs": {str(p): sha256(p) for p in inputs} | ({str(masks): sha256(masks)} if masks else {})}
+    state_path = out_dir / STATE_FILE
+    resume = None
+    if state_path.exists():
+        resume = read_json(state_path)
+        if {k: resume.get(k) for k in key} != key:
+            raise OpenTransError(f"--out {out_dir} holds an IMP run with other options or inputs; "
+                                 f"use another --out or delete it")
+        if resume["rounds_done"] and not (out_dir / CHECKPOINT).is_file():
+            raise OpenTransError(f"--out {out_dir}: {CHECKPOINT} is missing, cannot resume; delete {out_dir}")
+
+    total = sum(m.numel() for m in start_masks.values())
+    probe = torch.stack([distill[i] for i in range(min(len(distill), batch_size))]) if distill is not None else None
+
+    with StageRecord("prune", out_dir, options, started=started) as rec:
+        for path in inputs:
+            rec.add_input(path)
+        history: list[dict] = []
+        if transfer is not None:
+            apply_masks(seg, transfer)
+            current = transfer
+            schedule = []
+            if recovery_steps > 0:
+                targets = attach_masks(seg.visual, current)
+                loss_pruned = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
+                losses = recover(seg, teacher, distill, recovery_steps, targets, batch_size, lr, seed, pooled_weight)
+                loss_recovered = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
+                current = bake_masks(targets)
+                history.append({"round": 0, "sparsity": mask_sparsity(current), "loss_pruned": loss_pruned,
+                                "loss_recovered": loss_recovered, "train_losses": losses})
+        else:
+            schedule = sparsity_schedule(already, sparsity, rate, total)
+            current, done = start_masks, 0
+            if resume is not None and resume["rounds_done"]:
+                done = resume["rounds_done"]
+                seg.visual.load_state_dict(load_file(str(out_dir / CHECKPOINT)), strict=True)
+                current, _ = read_masks(out_dir / "masks" / f"round_{done}.safetensors")
+                history = resume["history"][:done]
+            for k in range(done + 1, len(schedule) + 1):
+                targets = attach_masks(seg.visual, current)
+                pruned_now = total - sum(int(m.sum()) for m in current.values())
+                global_magnitude_round(targets, schedule[k - 1] - pruned_now)
+                row = {"round": k}
+                if recovery_steps > 0:
+                    row["loss_pruned"] = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
+                    row["train_losses"] = recover(seg, teacher, distill, recovery_steps, targets, batch_size, lr,
+                                                  seed * 100003 + k, pooled_weight)
+                    row["loss_recovered"] = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
+                current = bake_masks(targets)
+                row["sparsity"] = mask_sparsity(current)
+                history.append(row)
+                # A round is finished when all three are written, in this order.
+                save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", spec.model)
+                with atomic_path(out_dir / CHECKPOINT) as tmp:
+                    save_file({n: t.detach().contiguous() for n, t in seg.visual.state_dict().items()}, str(tmp))
+                _save_state(out_dir, {**key, "rounds_done": k, "rounds_total": len(schedule), "history": history})
+
+        spec.lineage.append("prune-imp")
+        rec.add_output(save_segmentor(seg, spec, out_dir))
+        rec.add_output(out_dir / SPEC_FILE)
+        rec.add_output(save_masks(current, out_dir / MASKS_FILE, spec.model))
+        for k in range(1, len(schedule) + 1):
+            rec.add_output(out_dir / "masks" / f"round_{k}.safetensors")
+
+        cost = count_encoder_cost(seg)
+        params = cost["params_m"]
+        zeros_before = total - sum(int(m.sum()) for m in start_masks.values())
+        zeros_after = total - sum(int(m.sum()) for m in current.values())
+        report = {
+            "model": spec.model, "weights": spec.weights, "method": "imp", "rate": rate,
+            "recovery_steps": recovery_steps, "distill_data": distill_data,
+            "masks_from": None if masks is None else str(masks),
+            "sparsity_target": float(sparsity), "sparsity_before": already, "sparsity": mask_sparsity(current),
+            "pruned_weights_total": total, "image_size": list(spec.image_size),
+            "params_m": params, "nonzero_params_m_before": params - zeros_before / 1e6,
+            "nonzero_params_m_after": params - zeros_after / 1e6, "gmacs": cost["gmacs"],
+            "compressed_mb_before": compressed_mb(teacher.visual.state_dict()),
+            "compressed_mb_after": compressed_mb(seg.visual.state_dict()),
+            "file_mb": (out_dir / WEIGHTS_FILE).stat().st_size / 1e6,
+            "latency_note": LATENCY_NOTE,
+            "rounds": [{k: v for k, v in r.items() if k != "train_losses"} for r in history],
+            "train_losses": {str(r["round"]): r.get("train_losses", []) for r in history},
+            "layers": layer_sparsity(current),
+        }
+        if evalset is not None:
+            text = teacher.encode_classes(list(evalset.class_names), model_name=spec.model)
+            report["eval_data"] = eval_data
+            report["fidelity"] = fidelity(seg, teacher, evalset, text)
+        rec.add_output(write_json(out_dir / REPORT_JSON, report))
+        rec.add_output(write_text(out_dir / REPORT_MD, render_markdown(report)))
+        rec.weights = spec.weights
+        rec.figures = {k: report[k] for k in ("sparsity", "sparsity_before", "sparsity_target", "params_m",
+                                              "nonzero_params_m_after", "gmacs", "compressed_mb_before",
+                                              "compressed_mb_after", "file_mb")}
+        rec.figures["rounds"] = len(history)
+        if evalset is not None:
+            rec.figures["teacher_miou"] = report["fidelity"]["teacher_miou"]
+            rec.figures["feature_cosine"] = report["fidelity"]["feature_cosine"]
+    return rec.figures

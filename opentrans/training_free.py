@@ -1,0 +1,230 @@
+"""Training-free evaluation across dense modes: mIoU and latency per mode, as a table and a plot.
+
+:func:`open_inference` assembles what ``opentrans eval`` runs (dataset, short-side resize, sliding windows,
+prompt sets and background threshold around a runner); :func:`evaluate_modes` runs it for several modes of
+one set of weights and :func:`write_modes_report` writes ``<stem>.json``, ``<stem>.md`` and ``<stem>.png``.
+Latency is the median wall time of one runner call on one image (batch 1), sliding windows included, so it
+is what a user of that configuration waits per image on the machine the report names.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from opentrans.artifacts import atomic_path, machine_description, write_json, write_text
+from opentrans.data import open_dataset
+from opentrans.errors import OpenTransError
+from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.models.inference import (
+    PromptSetRunner,
+    ShortSideDataset,
+    SlidingWindowRunner,
+    cached_text_embeddings,
+    encode_prompt_sets,
+    read_prompt_sets,
+    read_templates,
+)
+from opentrans.models.segmentor import DENSE_MODES
+
+
+def parse_modes(value: str | None) -> list[str] | None:
+    """``--dense-mode`` value -> list of modes: ``all``, one mode or a comma-separated list; None stays None.
+
+    Raises:
+        OpenTransError: an unknown mode or an empty list.
+    """
+    if value is None:
+        return None
+    modes = list(DENSE_MODES) if value.strip() == "all" else [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in DENSE_MODES]
+    if unknown or not modes:
+        raise OpenTransError(f"--dense-mode {value}: choose from {', '.join(DENSE_MODES)}, a comma-separated list, or all")
+    return list(dict.fromkeys(modes))
+
+
+@dataclass
+class InferenceOptions:
+    """How eval turns a runner into per-image predictions (all optional; defaults reproduce plain eval).
+
+    Attributes:
+        short_side: resize images to this short side (pixels, aspect kept) instead of the model's input size;
+            needs ``window`` unless the runner accepts any size (a PyTorch model does).
+        window, stride: sliding-window crop and step ``(h, w)`` in pixels (default stride: half the window).
+        prompt_sets: file with one line per class, comma-separated prompts (e.g. a background set).
+        bg_threshold: probability below which a pixel goes to the dataset's background class.
+        templates: file of prompt templates (default: the six of :data:`~opentrans.models.segmentor.TEMPLATES`).
+        cache_dir: text-embedding cache folder (default ``~/.cache/opentrans/text``).
+    """
+
+    short_side: int | None = None
+    window: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    prompt_sets: str | os.PathLike | None = None
+    bg_threshold: float | None = None
+    templates: str | os.PathLike | None = None
+    cache_dir: str | os.PathLike | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.short_side:
+            parts.append(f"short side {self.short_side} px")
+        if self.window:
+            s = self.stride or (self.window[0] // 2, self.window[1] // 2)
+            parts.append(f"sliding window {self.window[0]}x{self.window[1]} stride {s[0]}x{s[1]}")
+        if self.prompt_sets:
+            parts.append(f"prompt sets {Path(self.prompt_sets).name}")
+        if self.bg_threshold is not None:
+            parts.append(f"background below p={self.bg_threshold:g}")
+        if self.templates:
+            parts.append(f"templates {Path(self.templates).name}")
+        return ", ".join(parts) or "whole image at the model's input size"
+
+
+def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, options: InferenceOptions,
+                   fixed_size: bool = False):
+    """``(runner, dataset, text embeddings, batch size)`` for evaluation with ``options``.
+
+    Args:
+        runner: the base runner (PyTorch model or a deploy build).
+        seg, spec: the segmentor whose text tower encodes the classes, and its spec.
+        fixed_size: the runner takes only ``spec.image_size`` (an ONNX/OpenVINO build): ``short_side`` then
+            needs a window of exactly that size.
+
+    Raises:
+        OpenTransError: inconsistent options (a threshold on a dataset without background class, a stride
+            without window, a window that a fixed-size build cannot run, prompt sets of the wrong length).
+    """
+    if options.stride and not options.window:
+        raise OpenTransError("--stride needs --window")
+    if fixed_size and options.window and tuple(options.window) != tuple(spec.image_size):
+        raise OpenTransError(f"--window {options.window[0]}x{options.window[1]}: this build runs only at its input "
+                             f"size {spec.image_size[0]}x{spec.image_size[1]}")
+    if fixed_size and options.short_side and not options.window:
+        raise OpenTransError("--short-side with a deploy build needs --window (the build's input size)")
+    templates = read_templates(options.templates) if options.templates else None
+    dataset = open_dataset(data, split, spec.image_size, spec.mean, spec.std, limit=limit)
+    batch_size = 4
+    if options.short_side:
+        dataset = ShortSideDataset.wrap(dataset, options.short_side)
+        batch_size = 1
+    if options.window:
+        stride = options.stride or (max(1, options.window[0] // 2), max(1, options.window[1] // 2))
+        runner = SlidingWindowRunner(runner, options.window, stride)
+        batch_size = 1
+    if options.prompt_sets or options.bg_threshold is not None:
+        if options.bg_threshold is not None and dataset.background_index is None:
+            raise OpenTransError(f"--bg-threshold: {dataset.name} has no background class")
+        sets = read_prompt_sets(options.prompt_sets) if options.prompt_sets else [[n] for n in dataset.class_names]
+        if len(sets) != len(dataset.class_names):
+            raise OpenTransError(f"--prompt-sets {options.prompt_sets}: {len(sets)} lines for "
+                                 f"{len(dataset.class_names)} classes (one line per class, in label order)")
+        text, index = encode_prompt_sets(seg, sets, spec.model, options.cache_dir, templates)
+        runner = PromptSetRunner(runner, index, len(dataset.class_names), options.bg_threshold,
+                                 dataset.background_index or 0)
+    else:
+        text = cached_text_embeddings(seg, list(dataset.class_names), spec.model, options.cache_dir, templates)
+    return runner, dataset, text, batch_size
+
+
+class _Timed:
+    """A runner that records the wall time of each call, in ms per image."""
+
+    def __init__(self, runner):
+        self.runner, self.name, self.ms = runner, runner.name, []
+
+    def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.runner(images, text_embeds)
+        self.ms.append(1000.0 * (time.perf_counter() - t0) / len(images))
+        return out
+
+
+def evaluate_modes(seg, spec, modes: list[str], data: str, split: str = "val", limit: int | None = None,
+                   options: InferenceOptions | None = None, warmup: int = 1, desc: bool = False) -> dict:
+    """mIoU (%) and latency (median ms per image, batch 1) of each dense mode of one PyTorch segmentor.
+
+    The segmentor's mode is switched in place (every mode shares the weights) and restored afterwards.
+    ``warmup`` untimed calls on the first image precede each mode's timed evaluation.
+
+    Returns:
+        ``{"header": {...}, "rows": [{"mode", "miou", "pixel_acc", "median_ms", "p90_ms", "images"}, ...]}``.
+    """
+    options = options or InferenceOptions()
+    original = seg.dense_mode
+    rows = []
+    try:
+        for mode in modes:
+            seg.set_dense_mode(mode)
+            runner, dataset, text, batch_size = open_inference(TorchRunner(seg, name=f"torch-fp32 {mode}"), seg, spec,
+                                                               data, split, limit, options)
+            first = dataset[0][0][None].numpy()
+            for _ in range(warmup):
+                runner(first, text)
+            timed = _Timed(runner)
+            metrics = evaluate(timed, dataset, text, batch_size=1,
+                               desc=f"eval {mode}" if desc else None)
+            rows.append({"mode": mode, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+                         "median_ms": statistics.median(timed.ms), "p90_ms": float(np.percentile(timed.ms, 90)),
+                         "images": metrics["images"]})
+    finally:
+        seg.set_dense_mode(original)
+    header = {"model": spec.model, "weights": spec.weights, "dataset": dataset.name, "split": split,
+              "images": len(dataset), "input": options.describe(),
+              "image_size": list(spec.image_size), "machine": machine_description()}
+    return {"header": header, "rows": rows}
+
+
+def markdown_modes(report: dict) -> str:
+    """The report as a markdown table, with model, weights, data and machine above it."""
+    h = report["header"]
+    machine = h.get("machine", {})
+    lines = [f"**{h['model']}, {h['weights']}** on {h['dataset']} ({h['split']}, {h['images']} images); "
+             f"input: {h['input']}; model input {h['image_size'][0]}x{h['image_size'][1]}.",
+             f"Latency: median (p90) ms per image, batch 1, PyTorch fp32 on {machine.get('cpu', 'this CPU')}, "
+             f"{machine.get('logical_cores', '?')} logical cores.", "",
+             "| mode | mIoU % | pixel acc. % | median ms | p90 ms |", "|---|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['mode']} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_modes(reports: list[dict], path: str | os.PathLike) -> Path:
+    """One panel per report: mIoU bars per mode, with median latency (ms) written on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4), squeeze=False)
+    for ax, rep in zip(axes[0], reports):
+        rows, h = rep["rows"], rep["header"]
+        xs = range(len(rows))
+        bars = ax.bar(xs, [r["miou"] for r in rows], color="tab:blue")
+        for bar, r in zip(bars, rows):
+            ax.annotate(f"{r['median_ms']:.0f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_xticks(list(xs), [r["mode"] for r in rows])
+        ax.set_ylabel("mIoU %")
+        ax.set_title(f"{h['model']} ({h['weights']})\n{Path(h['dataset'].split(':', 1)[-1]).name}, "
+                     f"{h['images']} images", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_modes_report(report: dict, json_path: str | os.PathLike) -> list[Path]:
+    """Write ``json_path`` and, beside it, ``.md`` and ``.png`` with the same stem; return the three paths."""
+    json_path = Path(json_path)
+    js = write_json(json_path, report)
+    md = write_text(json_path.with_suffix(".md"), markdown_modes(report))
+    png = plot_modes([report], json_path.with_suffix(".png"))
+    return [js, md, png]
