@@ -135,6 +135,10 @@ def main() -> None:
             targets = attach_masks(seg.visual, masks)
             pruned = total - sum(int(m.sum()) for m in masks.values())
             goal = min(round(level * total), pruned + max(1, round(args.rate * (total - pruned))))
+            if not args.recovery_steps:
+                # Without recovery the weights do not change between rounds, so iterative global magnitude
+                # pruning selects exactly the weights one-shot pruning to the same sparsity does: one round.
+                goal = round(level * total)
             global_magnitude_round(targets, goal - pruned)
             if args.recovery_steps:
                 recover(seg, teacher, distill, args.recovery_steps, targets, seed=rnd)
@@ -144,7 +148,7 @@ def main() -> None:
         if args.openvino:
             fns |= {"openvino_ms_unpruned": ov_teacher, "openvino_ms": _openvino(seg, x)}
         lat = _alternating_ms(fns, args.rounds, args.iters)
-        row = {"sparsity": mask_sparsity(masks), "rounds": rnd, **{k: fid[k] for k in ("teacher_miou", "feature_cosine",
+        row = {"sparsity": mask_sparsity(masks), "rounds": rnd if args.recovery_steps else "one-shot", **{k: fid[k] for k in ("teacher_miou", "feature_cosine",
                "pixel_agreement")}, "compressed_mb": compressed_mb(seg.visual.state_dict()), **lat,
                "load_average": os.getloadavg()[0]}
         rows.append(row)

@@ -205,6 +205,12 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
               help="bf16 autocast (auto: where the CPU has native bf16).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save the training state every N steps into OUT/checkpoints; rerun to resume after a kill.")
+@click.option("--loss", type=click.Choice(["ce", "focal", "dice", "focal-dice"]), default="ce", show_default=True)
+@click.option("--adapter", type=click.Choice(["none", "lora", "oft"]), default="none", show_default=True,
+              help="Train LoRA/OFT adapters on the plan's trainable layers instead of the layers themselves "
+              "(merged into plain weights before saving).")
+@click.option("--adapter-rank", type=click.IntRange(min=1), default=4, show_default=True, help="LoRA rank.")
+@click.option("--oft-block", type=click.IntRange(min=2), default=16, show_default=True, help="OFT block size.")
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -212,7 +218,8 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
 @click.option("--seed", type=int, default=0, show_default=True)
 @_out_option()
 def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze_heavy_tail, freeze_policy,
-             freeze_fraction, estimator, grad_accum, amp, checkpoint_every, steps, batch_size, lr, val_limit, seed, out):
+             freeze_fraction, estimator, grad_accum, amp, checkpoint_every, loss, adapter, adapter_rank, oft_block, steps,
+             batch_size, lr, val_limit, seed, out):
     """Selective finetuning on a labelled dataset, with heavy-tail freezing; reports val mIoU before/after."""
     from opentrans.finetune.stage import finetune_stage
 
@@ -222,7 +229,8 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
                              steps=steps, batch_size=batch_size, lr=lr, freeze_heavy_tail=freeze_heavy_tail,
                              train_limit=limit, val_limit=val_limit, image_size=image_size, seed=seed,
                              freeze_policy=freeze_policy, freeze_fraction=freeze_fraction, estimator=estimator,
-                             grad_accum=grad_accum, amp=amp, checkpoint_every=checkpoint_every)
+                             grad_accum=grad_accum, amp=amp, checkpoint_every=checkpoint_every, loss=loss,
+                             adapter=adapter, adapter_rank=adapter_rank, oft_block=oft_block)
     _print_figures("finetune", figures, out)
 
 

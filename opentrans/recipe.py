@@ -58,6 +58,10 @@ class FinetuneOptions:
     grad_accum: int = 1
     amp: str = "off"
     checkpoint_every: int = 0
+    loss: str = "ce"
+    adapter: str = "none"
+    adapter_rank: int = 4
+    oft_block: int = 16
 
 
 @dataclass

@@ -212,7 +212,7 @@ def plot_modes(reports: list[dict], path: str | os.PathLike) -> Path:
         ax.set_xticks(list(xs), [r["mode"] for r in rows])
         ax.set_ylabel("mIoU %")
         ax.set_title(f"{h['model']} ({h['weights']})\n{Path(h['dataset'].split(':', 1)[-1]).name}, "
-                     f"{h['images']} images", fontsize=9)
+                     f"{h['images']} images\n{h['input']}", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

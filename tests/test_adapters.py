@@ -57,7 +57,7 @@ def test_lora_counts_rows_and_merge(tiny_vit):
     assert torch.equal(w[64:128], w0[64:128])  # K untouched
     assert not torch.equal(w[:64], w0[:64]) and not torch.equal(w[128:], w0[128:])
     delta = (w - w0)[:64]
-    assert torch.linalg.matrix_rank(delta.double()) <= 4  # a rank-r update
+    assert torch.linalg.matrix_rank(delta.double(), atol=1e-5) <= 4  # a rank-r update (up to float32 rounding)
     with torch.no_grad():
         adapted = seg(images, text)
     assert not torch.allclose(adapted, base)
@@ -106,7 +106,7 @@ def test_oft_is_orthogonal_keeps_hyperspherical_energy_and_merges(tiny_vit):
 
     # an unconstrained update of the same layer changes the energy (the check above can fail)
     fc.weight.data += 0.05 * torch.randn_like(fc.weight)
-    assert hyperspherical_energy(fc.weight) != pytest.approx(he0, rel=1e-3)
+    assert hyperspherical_energy(fc.weight) != pytest.approx(he0, rel=1e-5)
 
 
 def test_bad_targets_register_nothing(tiny_vit):
@@ -120,3 +120,34 @@ def test_bad_targets_register_nothing(tiny_vit):
     with pytest.raises(OpenTransError, match="duplicates"):
         add_oft(seg, [f"{BLOCK1}.mlp.c_fc", f"{BLOCK1}.mlp.c_fc"])
     assert not any(parametrize.is_parametrized(m) for m in seg.modules())
+
+
+@pytest.mark.parametrize("adapter", ["lora", "oft"])
+def test_finetune_stage_with_adapter_saves_merged_plain_weights(tmp_path, adapter):
+    import json
+
+    from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.artifact import build_segmentor, load_segmentor
+    from tests.conftest import CAMVID_SPEC, TINY_VIT
+
+    out = tmp_path / adapter
+    figures = finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=2, batch_size=1, lr=1e-2,
+                             train_limit=1, val_limit=1, progress=False, adapter=adapter, adapter_rank=2)
+    report = json.loads((out / "finetune_report.json").read_text())
+    info = report["adapter"]
+    assert info["kind"] == adapter and info["merged"] == len(info["targets"]) > 0
+    assert set(info["targets"]) <= set(report["trainable_layers"])
+    # trainable = adapter parameters (less any outside the dense path) + the head, far fewer than the layers
+    assert figures["trainable_params"] == info["trainable_params"] + report["head_params"] - report["gradient_free_params"]
+    assert figures["trainable_params"] < sum(report["trainable_layer_params"].values())
+    seg, _ = load_segmentor(out)  # plain keys: the adapters were merged
+    fresh, _ = build_segmentor(TINY_VIT, "none")
+    state, fresh_state = seg.state_dict(), fresh.state_dict()
+    assert state.keys() == fresh_state.keys()
+    changed = {k for k in state if not torch.equal(state[k], fresh_state[k])}
+    adapted = {t[: t.index("[")] if t.endswith("]") else f"{t}.weight" for t in info["targets"]}
+    assert changed - {"head.proj.weight", "head.proj.bias"} <= adapted and changed & adapted
+    if adapter == "oft":  # merged OFT layers keep their neurons' norms
+        for k in changed & adapted:
+            if k.endswith(".weight"):
+                assert torch.allclose(state[k].norm(dim=1), fresh_state[k].norm(dim=1), rtol=1e-4)

@@ -152,7 +152,9 @@ def test_modes_differ_and_resnet_supports_only_maskclip(tiny_vit):
 
 
 def test_every_vit_mode_exports_to_onnx_with_parity_on_a_camvid_image(tmp_path):
-    """torch.onnx.export(dynamo=False) of each mode, ONNX Runtime vs PyTorch on a real CamVid val image."""
+    """torch.onnx.export(dynamo=False) of each mode, ONNX Runtime and OpenVINO vs PyTorch on a real CamVid image."""
+    import openvino as ov
+
     for mode in VIT_MODES:
         seg, spec = build_segmentor(TINY_VIT, "none", dense_mode=mode)
         ds = open_dataset(CAMVID_SPEC, "val", spec.image_size, spec.mean, spec.std, limit=1)
@@ -165,6 +167,9 @@ def test_every_vit_mode_exports_to_onnx_with_parity_on_a_camvid_image(tmp_path):
         assert out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=mode)
         assert (out.argmax(1) == ref.argmax(1)).mean() > 0.999, mode
+        # and OpenVINO converts the same file (f32 inference precision, see docs/pitfalls)
+        compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        np.testing.assert_allclose(compiled([image, text])[0], ref, rtol=1e-4, atol=1e-4, err_msg=f"openvino {mode}")
 
 
 def test_modes_run_on_a_structurally_pruned_vit():

@@ -229,7 +229,8 @@ def test_qkv_slice_trains_alone_and_frozen_rows_stay_exact(tiny_vit):
     assert counts["trainable_params"] == e * e + e + counts["head_params"]
     w0, b0 = attn.in_proj_weight.detach().clone(), attn.in_proj_bias.detach().clone()
     train_segmentor(seg, ds, text, steps=2, batch_size=2, lr=1e-2, seed=0, progress=False)
-    assert torch.equal(attn.in_proj_weight[: 2 * e], w0[: 2 * e]) and torch.equal(attn.in_proj_bias[: 2 * e], b0[: 2 * e])
+    assert torch.equal(attn.in_proj_weight[: 2 * e], w0[: 2 * e])
+    assert torch.equal(attn.in_proj_bias[: 2 * e], b0[: 2 * e])
     assert not torch.equal(attn.in_proj_weight[2 * e:], w0[2 * e:])
     # re-planning removes the hook and mask of the earlier plan
     apply_freeze_plan(seg, head_only_plan())
@@ -306,3 +307,24 @@ def test_bf16_autocast_and_gradient_accumulation(tiny_vit):
         resolve_amp("fp8")
     with pytest.raises(OpenTransError, match="--grad-accum 0"):
         train_segmentor(seg, ds, text, steps=1, batch_size=1, lr=1e-3, grad_accum=0)
+
+
+def test_focal_and_dice_losses():
+    from opentrans.finetune.losses import dice_loss, focal_loss, segmentation_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, generator=g)
+    target = torch.randint(0, 4, (2, 5, 6), generator=g)
+    target[0, 0] = 255
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert focal_loss(logits, target, 255, gamma=0.0) == pytest.approx(float(ce), rel=1e-6)
+    assert focal_loss(logits, target, 255) < ce  # (1 - p_t)^2 < 1 down-weights every pixel
+    perfect = torch.nn.functional.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float() * 50
+    assert float(dice_loss(perfect, target, 255)) == pytest.approx(0.0, abs=1e-4)
+    assert 0.3 < float(dice_loss(logits, target, 255)) < 1.0
+    # ignored pixels do not count: changing their logits changes nothing
+    other = logits.clone()
+    other[0, :, 0] = 100.0
+    assert segmentation_loss(other, target, 255, "focal-dice") == segmentation_loss(logits, target, 255, "focal-dice")
+    with pytest.raises(OpenTransError, match="--loss"):
+        segmentation_loss(logits, target, 255, "ssim")

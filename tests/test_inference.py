@@ -179,3 +179,19 @@ def test_dense_mode_option_reaches_stages_and_overrides_from(tmp_path, tiny_vit)
     assert resolve_model(tmp_path, None)[1].dense_mode == "maskclip"
     with pytest.raises(OpenTransError, match="ResNet supports only maskclip"):
         resolve_model(None, "opentrans-tiny-rn", dense_mode="sclip")
+
+
+def test_templates_file(tmp_path, tiny_vit):
+    from opentrans.models.inference import read_templates
+
+    good = tmp_path / "t.txt"
+    good.write_text("a photo of a {}.\n\nitap of a {}.\n")
+    assert read_templates(good) == ("a photo of a {}.", "itap of a {}.")
+    seg, spec = tiny_vit
+    embeds = cached_text_embeddings(seg, ["car"], spec.model, tmp_path / "c", read_templates(good))
+    np.testing.assert_allclose(embeds, seg.encode_classes(["car"], ("a photo of a {}.", "itap of a {}."),
+                                                          model_name=spec.model).numpy(), atol=1e-6)
+    bad = tmp_path / "b.txt"
+    bad.write_text("a photo\n")
+    with pytest.raises(OpenTransError, match="exactly one"):
+        read_templates(bad)

@@ -6,10 +6,17 @@ power-law exponent alpha of its weight matrix's eigenvalue spectrum (Martin & Ma
 self-regularisation, computed with weightwatcher). Heavy-tailed layers (alpha below the median) count as
 well trained and stay frozen; the rest are finetuned with the segmentation head.
 
-* :mod:`~opentrans.finetune.spectral`: :func:`analyze_spectrum`, :func:`layer_alphas`, :func:`write_alpha_report`.
-* :mod:`~opentrans.finetune.freeze`: :func:`freeze_plan`, :func:`head_only_plan`, :func:`apply_freeze_plan`,
-  :func:`gradient_free_parameters`.
-* :mod:`~opentrans.finetune.trainer`: :func:`train_segmentor`.
+* :mod:`~opentrans.finetune.spectral`: :func:`analyze_model` (OpenTrans and/or weightwatcher estimator,
+  image/text towers, Q/K/V split), :func:`analyze_opentrans`, :func:`analyze_weightwatcher`, :func:`esd`,
+  :func:`fit_power_law`, :func:`analyze_spectrum`, :func:`layer_alphas`, :func:`write_alpha_report`,
+  :func:`write_esd_plot`.
+* :mod:`~opentrans.finetune.freeze`: :func:`freeze_plan` (median, fraction, inverse, random),
+  :func:`head_only_plan`, :func:`apply_freeze_plan` (Q/K/V slices via row-masked gradients),
+  :func:`gradient_free_parameters`, :func:`trainable_param_count`.
+* :mod:`~opentrans.finetune.trainer`: :func:`train_segmentor` (AdamW + poly, gradient accumulation, bf16
+  autocast, checkpoint/resume).
+* :mod:`~opentrans.finetune.losses`: cross-entropy, focal, Dice, focal + Dice.
+* :mod:`~opentrans.finetune.adapters`: LoRA and OFT, mergeable into plain weights.
 * :mod:`~opentrans.finetune.stage`: :func:`analyze_stage`, :func:`finetune_stage`.
 """
 
@@ -20,15 +27,37 @@ from opentrans.finetune.freeze import (
     gradient_free_parameters,
     head_only_plan,
 )
-from opentrans.finetune.spectral import LayerAlpha, SpectralReport, analyze_spectrum, layer_alphas, write_alpha_report
+from opentrans.finetune.freeze import trainable_param_count
+from opentrans.finetune.spectral import (
+    LayerAlpha,
+    PowerLawFit,
+    SpectralReport,
+    analyze_model,
+    analyze_opentrans,
+    analyze_spectrum,
+    analyze_weightwatcher,
+    esd,
+    fit_power_law,
+    layer_alphas,
+    write_alpha_report,
+    write_esd_plot,
+)
 from opentrans.finetune.stage import analyze_stage, finetune_stage
 from opentrans.finetune.trainer import train_segmentor
 
 __all__ = [
     "FreezePlan",
     "LayerAlpha",
+    "PowerLawFit",
     "SpectralReport",
+    "analyze_model",
+    "analyze_opentrans",
     "analyze_spectrum",
+    "analyze_weightwatcher",
+    "esd",
+    "fit_power_law",
+    "trainable_param_count",
+    "write_esd_plot",
     "analyze_stage",
     "apply_freeze_plan",
     "finetune_stage",

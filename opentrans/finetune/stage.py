@@ -1,12 +1,15 @@
 """The ``analyze`` and ``finetune`` pipeline stages.
 
-``analyze``: per-layer heavy-tail alpha of the image encoder (:mod:`opentrans.finetune.spectral`), written
-as ``alphas.csv``, ``alphas.json`` and ``alphas.png``.
+``analyze``: per-layer heavy-tail alpha of the chosen towers (:mod:`opentrans.finetune.spectral`; OpenTrans
+estimator, weightwatcher or both side by side), written as ``alphas.csv``, ``alphas.json``, ``alphas.png``
+(bar chart) and ``esd.png`` (ESD log-log plots with the fit of chosen layers).
 
 ``finetune``: OpenTrans's layer-wise finetuning (Xu et al., "Transferable and Principled Efficiency for
 Open-Vocabulary Segmentation", CVPR 2024): with ``freeze_heavy_tail`` the alphas of the *current* image
-encoder (possibly pruned) are measured, layers below the median alpha stay frozen and the others are
-trained together with the head; without it only the head trains. Writes the finetuned model
+encoder (possibly pruned; Q/K/V analysed separately) are measured and a freeze policy picks the frozen
+layers (default ``median``: alpha below the median stays frozen); the others are trained together with
+the head; without it only the head trains. With ``checkpoint_every`` the training state goes to
+``out_dir/checkpoints`` and a rerun after a kill resumes from it. Writes the finetuned model
 (``model.safetensors`` + ``model.json``), ``freeze_plan.json``, ``finetune_report.json`` and
 ``finetune_report.md``.
 
@@ -23,11 +26,13 @@ import statistics
 import time
 from pathlib import Path
 
+from torch import nn
 
 from opentrans.artifacts import StageRecord, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.finetune.adapters import add_lora, add_oft, merge_adapters
 from opentrans.finetune.freeze import (
     POLICIES,
     apply_freeze_plan,
@@ -39,14 +44,16 @@ from opentrans.finetune.freeze import (
 from opentrans.finetune.spectral import (
     TOWERS,
     analyze_model,
-    analyze_spectrum,
     spectral_layers,
     write_alpha_report,
     write_esd_plot,
 )
+from opentrans.finetune.losses import LOSSES
 from opentrans.finetune.trainer import check_train_options, resolve_amp, train_segmentor
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
 
+#: ``--adapter`` choices of :func:`finetune_stage`.
+ADAPTERS = ("none", "lora", "oft")
 #: Module-name prefix of the image encoder inside :class:`~opentrans.models.segmentor.OpenVocabSegmentor`.
 VISUAL_PREFIX = "clip.visual."
 
@@ -181,6 +188,9 @@ def _report_md(r: dict) -> str:
         f"| val mIoU before | {_fmt(r['miou_before'])} % | {w} |",
         f"| val mIoU after | {_fmt(r['miou_after'])} % | {w} |",
         f"| trainable params | {r['trainable_params']:,} ({r['trainable_pct']:.2f} % of {r['total_params']:,}) | {w} |",
+        *([f"| adapter | {r['adapter']['kind']} on {len(r['adapter']['targets'])} layers: "
+           f"{r['adapter']['trainable_params']:,} trainable params, merged into plain weights | {w} |"]
+          if r.get("adapter") else []),
         f"| planned trainable but outside the dense forward path (kept frozen) | {r['gradient_free_params']:,} params "
         f"| {w} |",
         f"| trainable / frozen / excluded encoder layers | {len(r['trainable_layers'])} / "
@@ -212,7 +222,8 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
                    freeze_heavy_tail: bool = True, train_limit: int | None = None, val_limit: int | None = None,
                    image_size: tuple[int, int] | None = None, seed: int = 0, progress: bool = True,
                    freeze_policy: str = "median", freeze_fraction: float = 0.5, estimator: str = "opentrans",
-                   grad_accum: int = 1, amp: str = "off", checkpoint_every: int = 0) -> dict:
+                   grad_accum: int = 1, amp: str = "off", checkpoint_every: int = 0, loss: str = "ce",
+                   adapter: str = "none", adapter_rank: int = 4, oft_block: int = 16) -> dict:
     """Finetune a segmentor on a dataset's train split (``opentrans finetune``).
 
     Steps: resolve the model; open the ``train`` and ``val`` splits at the model's input size; encode the
@@ -234,7 +245,11 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
         freeze_policy, freeze_fraction: the plan's policy (``median``, ``fraction``, ``inverse``, ``random``;
             see :func:`~opentrans.finetune.freeze.freeze_plan`; ``random`` is seeded with ``seed``).
         estimator: ``opentrans`` or ``weightwatcher`` alphas for the plan (image tower, Q/K/V split).
-        grad_accum, amp: see :func:`~opentrans.finetune.trainer.train_segmentor`.
+        grad_accum, amp, loss: see :func:`~opentrans.finetune.trainer.train_segmentor`.
+        adapter: ``none`` (train the plan's layers directly), ``lora`` or ``oft``: keep every CLIP weight
+            frozen and train an adapter on each Linear / Q/K/V layer the plan marks trainable
+            (:mod:`opentrans.finetune.adapters`); adapters are merged into plain weights before saving.
+        adapter_rank: LoRA rank. oft_block: OFT block size (must divide the adapted layers' input widths).
         checkpoint_every: save the training state to ``out_dir/checkpoints`` every N steps (0: never); a
             rerun of the same command after a kill resumes from there.
         train_limit, val_limit: use only the first N images of each split.
@@ -254,10 +269,17 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
     started = time.perf_counter()
     check_train_options(steps, batch_size, lr, grad_accum, checkpoint_every)
     resolve_amp(amp)
+    if loss not in LOSSES:
+        raise OpenTransError(f"--loss {loss}: choose one of {', '.join(LOSSES)}")
     if freeze_policy not in POLICIES:
         raise OpenTransError(f"--freeze-policy {freeze_policy}: choose one of {', '.join(POLICIES)}")
     if not 0.0 <= freeze_fraction <= 1.0:
         raise OpenTransError(f"--freeze-fraction {freeze_fraction}: must be between 0 and 1")
+    if adapter not in ADAPTERS:
+        raise OpenTransError(f"--adapter {adapter}: choose one of {', '.join(ADAPTERS)}")
+    if adapter != "none" and not freeze_heavy_tail:
+        raise OpenTransError(f"--adapter {adapter} adapts the layers a heavy-tail plan marks trainable; "
+                             "drop --no-freeze-heavy-tail")
     if estimator not in ("opentrans", "weightwatcher"):
         raise OpenTransError(f"--estimator {estimator}: finetune plans with 'opentrans' or 'weightwatcher'")
     out_dir = _check_out_dir(out_dir)
@@ -277,6 +299,15 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
     else:
         plan = head_only_plan()
     counts = apply_freeze_plan(seg, plan)
+    adapter_report = None
+    if adapter != "none":
+        targets = [n for n in plan.trainable if n.endswith("]") or isinstance(seg.get_submodule(n), nn.Linear)]
+        if not targets:
+            raise OpenTransError(f"--adapter {adapter}: the plan marks no Linear or Q/K/V layer trainable")
+        apply_freeze_plan(seg, head_only_plan())  # CLIP frozen, head trainable; the adapters add the rest
+        adapter_report = (add_lora(seg, targets, rank=adapter_rank, seed=seed) if adapter == "lora"
+                          else add_oft(seg, targets, block_size=oft_block))
+        counts["trainable_params"] = trainable_param_count(seg)
     # layers the dense forward path never reaches would stay unchanged anyway: freeze them, so that
     # trainable_params counts what training really updates
     params = dict(seg.named_parameters())
@@ -290,7 +321,8 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
                "freeze_heavy_tail": freeze_heavy_tail, "train_limit": train_limit, "val_limit": val_limit,
                "image_size": list(spec.image_size), "seed": seed, "freeze_policy": freeze_policy,
                "freeze_fraction": freeze_fraction, "estimator": estimator, "grad_accum": grad_accum, "amp": amp,
-               "checkpoint_every": checkpoint_every}
+               "checkpoint_every": checkpoint_every, "loss": loss, "adapter": adapter, "adapter_rank": adapter_rank,
+               "oft_block": oft_block}
     with StageRecord("finetune", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
@@ -302,9 +334,10 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
         losses = train_segmentor(seg, train_ds, text_embeds, steps=steps, batch_size=batch_size, lr=lr,
                                  seed=seed, progress=progress, grad_accum=grad_accum, amp=amp,
                                  checkpoint_dir=out_dir / "checkpoints" if checkpoint_every else None,
-                                 checkpoint_every=checkpoint_every)
+                                 checkpoint_every=checkpoint_every, loss=loss)
         train_seconds = time.perf_counter() - start
         after = evaluate(TorchRunner(seg), val_ds, text_embeds.numpy(), desc=desc)
+        merged = merge_adapters(seg) if adapter_report is not None else 0
         for p in seg.parameters():
             p.requires_grad_(False)
 
@@ -330,7 +363,12 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             "head_params": counts["head_params"], "image_encoder_params": counts["image_encoder_params"],
             "trainable_pct": 100.0 * trainable_params / counts["total_params"],
             "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "grad_accum": grad_accum,
-            "amp": amp, "bf16": resolve_amp(amp), "estimator": estimator if freeze_heavy_tail else None,
+            "amp": amp, "bf16": resolve_amp(amp), "loss_fn": loss,
+            "adapter": None if adapter_report is None else {
+                "kind": adapter_report.kind, "targets": list(adapter_report.targets),
+                "trainable_params": adapter_report.trainable_params,
+                "adapted_params": adapter_report.adapted_params, "merged": merged,
+                "rank": adapter_rank if adapter == "lora" else None, "block": oft_block if adapter == "oft" else None}, "estimator": estimator if freeze_heavy_tail else None,
             "freeze_fraction": plan.fraction, "frozen_layer_params": _layer_params(seg, plan.frozen),
             "trainable_layer_params": _layer_params(seg, plan.trainable),
             "loss": {**loss, "curve": losses},

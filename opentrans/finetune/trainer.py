@@ -30,6 +30,7 @@ from tqdm import tqdm
 from opentrans.artifacts import atomic_path, read_json, write_json
 from opentrans.data import SegDataset, collate
 from opentrans.errors import OpenTransError
+from opentrans.finetune.losses import LOSSES, segmentation_loss
 from opentrans.models.segmentor import OpenVocabSegmentor
 
 POLY_POWER = 0.9
@@ -190,7 +191,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
                     batch_size: int, lr: float, seed: int = 0, weight_decay: float = 0.01,
                     progress: bool = True, grad_accum: int = 1, amp: str = "off",
                     checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                    on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                    on_step: Callable[[int, float], None] | None = None, loss: str = "ce") -> list[float]:
     """Finetune the trainable parameters of ``seg`` on ``dataset`` for ``steps`` optimizer steps.
 
     The segmentor stays in eval mode (BatchNorm statistics of a ModifiedResNet are not updated, there is
@@ -223,12 +224,13 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
         amp: ``off``, ``bf16`` (``torch.autocast('cpu', torch.bfloat16)`` around the forward pass; the loss
             is computed in float32) or ``auto`` (bf16 where the CPU has native bf16, :func:`cpu_supports_bf16`).
         checkpoint_dir, checkpoint_every: see above (``checkpoint_every = 0``: no checkpoints).
+        loss: ``ce`` (default), ``focal``, ``dice`` or ``focal-dice`` (:mod:`opentrans.finetune.losses`).
         on_step: called as ``on_step(step, loss)`` after each optimizer step (1-based), after any checkpoint
             of that step; an exception it raises stops training (tests use it to simulate a kill).
 
     Returns:
-        The training loss (mean pixel cross-entropy over the step's labelled micro-batches, nats) of every
-        step, resumed steps included.
+        The training loss (``loss`` averaged over the step's labelled micro-batches; the cross-entropy in
+        nats by default) of every step, resumed steps included.
 
     Raises:
         OpenTransError: bad options (see :func:`check_train_options`, :func:`resolve_amp`), an image size
@@ -239,6 +241,8 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
 
     check_train_options(steps, batch_size, lr, grad_accum, checkpoint_every)
     use_bf16 = resolve_amp(amp)
+    if loss not in LOSSES:
+        raise OpenTransError(f"--loss {loss}: choose one of {', '.join(LOSSES)}")
     if tuple(dataset.image_size) != tuple(seg.image_size):
         raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
     if len(dataset.class_names) != text_embeds.shape[0]:
@@ -255,7 +259,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
     generator = torch.Generator().manual_seed(seed)
     masked = [(p, ~mask, p.detach()[~mask].clone()) for p, mask in row_masked_parameters(seg)]
     fingerprint = _fingerprint([n for n, _ in named], steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                               weight_decay=weight_decay, grad_accum=grad_accum, amp=use_bf16,
+                               weight_decay=weight_decay, grad_accum=grad_accum, amp=use_bf16, loss=loss,
                                data=len(dataset), classes=list(dataset.class_names))
     start_step, losses = 0, []
     if checkpoint_dir is not None:
@@ -286,11 +290,12 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
                     continue
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     logits = seg(images, text_embeds)
-                loss = F.cross_entropy(logits.float(), target, ignore_index=dataset.ignore_index)
-                if not torch.isfinite(loss):
-                    raise OpenTransError(f"training loss became {loss.item()} at step {step + 1}; lower --lr (now {lr})")
-                (loss / grad_accum).backward()
-                step_loss += float(loss.detach())
+                value = segmentation_loss(logits, target, dataset.ignore_index, loss)
+                if not torch.isfinite(value):
+                    raise OpenTransError(f"training loss became {value.item()} at step {step + 1}; "
+                                         f"lower --lr (now {lr})")
+                (value / grad_accum).backward()
+                step_loss += float(value.detach())
                 labelled += 1
             if labelled:
                 optimizer.step()

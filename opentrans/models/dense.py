@@ -239,7 +239,7 @@ def cliper_features(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tens
         fused = fused / fused.sum(dim=-1, keepdim=True)
         a = (fused + fused.transpose(-2, -1)) / 2
         a = torch.clamp(a - a.mean(dim=-2, keepdim=True), min=0)
-        a = a / a.sum(dim=-1, keepdim=True)
+        a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # the floor only guards an all-zero row
         _, _, v = qkv(last.attn, last.ln_1(e))
         feats.append(_head(visual, last.ls_1(attend(last.attn, a, v))))
         attn_map = a

@@ -198,7 +198,7 @@ def recover(student: OpenVocabSegmentor, teacher: OpenVocabSegmentor, dataset, s
         p.requires_grad_(True)
     model = _Student(student, targets)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     try:

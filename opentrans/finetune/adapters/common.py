@@ -82,13 +82,14 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Fold every parametrization on ``model`` into a plain weight (``W <- f(W0; theta)``); returns how many
-    weights were merged. Afterwards the state dict has its original keys again."""
+    """Fold every parametrization on ``model`` into a plain weight (``W <- f(W0; theta)``, chained adapters on
+    one weight, e.g. LoRA on Q and on V of one in-projection, applied in registration order); returns how
+    many adapters were folded. Afterwards the state dict has its original keys again."""
     merged = 0
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
             for pname in list(module.parametrizations.keys()):
+                merged += len(module.parametrizations[pname])
                 with torch.no_grad():
                     parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
-                merged += 1
     return merged
