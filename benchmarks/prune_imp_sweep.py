@@ -130,10 +130,9 @@ def main() -> None:
     total = sum(m.numel() for m in masks.values())
     rows, rnd = [], 0
     for level in levels:
-        while mask_sparsity(masks) < level - 1e-9:
+        while (pruned := total - sum(int(m.sum()) for m in masks.values())) < round(level * total):
             rnd += 1
             targets = attach_masks(seg.visual, masks)
-            pruned = total - sum(int(m.sum()) for m in masks.values())
             goal = min(round(level * total), pruned + max(1, round(args.rate * (total - pruned))))
             if not args.recovery_steps:
                 # Without recovery the weights do not change between rounds, so iterative global magnitude

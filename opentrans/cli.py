@@ -300,9 +300,10 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
             raise OpenTransError(f"--dense-mode {asked}: {from_dir} was exported with dense mode {baked}, which is part "
                                  f"of its graph; re-run deploy with --dense-mode {asked}")
         if build.get("source", {}).get("from_dir"):
-            seg, spec, _ = resolve_model(source_model_dir(from_dir), None)
+            seg, spec, _ = resolve_model(source_model_dir(from_dir), None, dense_mode=baked)
         else:
-            seg, spec, _ = resolve_model(None, build["model"], build["pretrained"], image_size=tuple(build["image_size"]))
+            seg, spec, _ = resolve_model(None, build["model"], build["pretrained"], image_size=tuple(build["image_size"]),
+                                         dense_mode=baked)
         return runner, seg, spec
     seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
     return TorchRunner(seg), seg, spec

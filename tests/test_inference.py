@@ -195,3 +195,19 @@ def test_templates_file(tmp_path, tiny_vit):
     bad.write_text("a photo\n")
     with pytest.raises(OpenTransError, match="exactly one"):
         read_templates(bad)
+
+
+def test_deploy_bakes_the_dense_mode_and_eval_refuses_another(tmp_path):
+    runner = CliRunner()
+    build = tmp_path / "onnx"
+    res = runner.invoke(cli, ["deploy", "--model", TINY_VIT, "--dense-mode", "naclip", "--target", "onnx",
+                              "--data", CAMVID_SPEC, "--parity-limit", "1", "--out", str(build)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((build / "build.json").read_text())["spec"]["dense_mode"] == "naclip"
+    out = tmp_path / "m.json"
+    res = runner.invoke(cli, ["eval", "--from", str(build), "--data", CAMVID_SPEC, "--limit", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["dense_mode"] == "naclip"
+    res = runner.invoke(cli, ["eval", "--from", str(build), "--dense-mode", "clearclip", "--data", CAMVID_SPEC,
+                              "--limit", "1"])
+    assert res.exit_code == 1 and "exported with dense mode naclip" in res.output
