@@ -9,6 +9,8 @@ is stopped at every ``--sparsities`` level; at each level the script measures, a
 * latency of the dense path, batch 1, fp32: torch eager (unpruned and pruned measured in alternation in this
   process) and, with ``--openvino``, OpenVINO CPU at f32 inference precision (same process, alternating).
 
+With ``--recovery-steps 0`` each level is reached in one global round: without recovery the weights do not
+change between rounds, so iterative and one-shot global magnitude pruning select the same weights.
 Unstructured zeros do not change any shape, so dense-kernel latency is expected to stay flat: the sweep shows it.
 Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``--out`` and prints the machine's load average.
 
