@@ -85,3 +85,19 @@ def test_roofline_gemm_is_really_quantized_and_measured():
         assert 0 < peak < 1e5  # GMAC/s: positive and below any CPU's reach
     with pytest.raises(ValueError, match="unknown precision"):
         gemm_peak("int4", shape)
+
+
+def test_peak_rss_is_the_workers_own():
+    """A spawned worker reports its own peak memory, not its parent's (ru_maxrss would carry the parent's over)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from opentrans.bench.worker import peak_rss_mb
+
+    ballast = np.ones(300 * 2**20 // 8)  # ~300 MB resident in this process
+    parent = peak_rss_mb()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        child = pool.submit(peak_rss_mb).result()
+    assert parent > 300 and child < parent - 200, (parent, child)
+    del ballast

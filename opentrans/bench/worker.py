@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,26 @@ def _artifact_spec(path: Path):
     return SegmentorSpec(**raw), build["precision"]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (2^20 bytes).
+
+    Reads ``VmHWM`` from ``/proc/self/status``: unlike ``getrusage``'s ``ru_maxrss``, which Linux carries across
+    ``exec`` (so a spawned worker would report its parent's peak), it belongs to this process alone.
+
+    Raises:
+        OpenTransError: not on Linux (no ``/proc/self/status``).
+    """
+    from opentrans.errors import OpenTransError
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        raise OpenTransError("peak memory is read from /proc/self/status, which this OS does not have")
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB -> MB
+    raise OpenTransError("/proc/self/status has no VmHWM line")
+
+
 def measure(job: Job) -> dict:
     """Latency per batch size, mIoU, argmax labels, peak RSS and encoder cost of ``job.artifact``.
 
@@ -75,7 +94,7 @@ def measure(job: Job) -> dict:
     cost = encoder_cost(spec)
     return {"backend": runner.name, "precision": precision, "latency": latency, "miou": metrics["miou"],
             "pixel_acc": metrics["pixel_acc"], "argmax": metrics["argmax"], "spec": spec, **cost,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_isolated(job: Job) -> dict:
