@@ -1,5 +1,9 @@
 """``opentrans run``: every stage of a recipe in order, into ``runs/NAME/STAGE/``, resumable.
 
+With a ``bench`` stage the run first saves the unpruned starting model as ``runs/NAME/base/``: bench
+measures it beside the pruned and finetuned models and every deploy build, as the reference for speed-ups
+and teacher agreement.
+
 A stage whose directory already holds a complete manifest with the same options is skipped, so a rerun
 after an interruption continues where it stopped. Changing a stage's options reruns it and every stage
 after it.
@@ -14,8 +18,23 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from opentrans.artifacts import is_complete, read_json, write_json, write_text
+from opentrans.artifacts import StageRecord, is_complete, read_json, write_json, write_text
+from opentrans.models.artifact import SPEC_FILE, resolve_model, save_segmentor
 from opentrans.recipe import Recipe
+
+
+def base_stage(out_dir: Path, model: str, pretrained: str, image_size: tuple[int, int] | None) -> dict:
+    """Save the unpruned, untrained starting model as an artifact, so ``bench`` measures every variant
+    (unpruned, pruned, finetuned) and holds each against the unpruned model (teacher agreement)."""
+    started = time.perf_counter()
+    seg, spec, _ = resolve_model(None, model, pretrained, image_size=image_size)
+    with StageRecord("base", out_dir, {"model": model, "pretrained": pretrained, "image_size": image_size},
+                     started=started) as rec:
+        rec.add_output(save_segmentor(seg, spec, out_dir))
+        rec.add_output(out_dir / SPEC_FILE)
+        rec.weights = spec.weights
+        rec.figures = {"params_m": sum(p.numel() for p in seg.visual.parameters()) / 1e6}
+    return rec.figures
 
 
 def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Callable[[], dict]]]:
@@ -29,6 +48,10 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     plan: list[tuple[str, Path, dict, Callable[[], dict]]] = []
     source: dict = {"from_dir": None, "model": recipe.model, "pretrained": recipe.pretrained,
                     "image_size": recipe.image_size}
+    if recipe.bench is not None:
+        out = root / "base"
+        plan.append(("base", out, {**base}, lambda out=out: base_stage(out, recipe.model, recipe.pretrained,
+                                                                      recipe.image_size)))
     if recipe.analyze is not None:
         out = root / "analyze"
         plan.append(("analyze", out, {**base}, lambda out=out, src=dict(source): analyze_stage(out_dir=out, **src)))
@@ -52,9 +75,10 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
                          lambda out=out, src=dict(source), o=opts: deploy_stage(out_dir=out, data=recipe.data, **src, **o)))
     if recipe.bench is not None:
         out, opts = root / "bench", asdict(recipe.bench)
-        targets = [root / s for s in ("finetune", "prune") if getattr(recipe, s) is not None][:1] + [root / "deploy"]
+        targets = [root / s for s in ("base", "prune", "finetune", "deploy")]
         plan.append(("bench", out, {**base, **opts, "data": recipe.data},
-                     lambda out=out, o=opts, t=targets: bench_stage([p for p in t if p.exists()], out, recipe.data, **o)))
+                     lambda out=out, o=opts, t=targets: bench_stage([p for p in t if p.exists()], out, recipe.data,
+                                                                   reference=root / "base", **o)))
     return plan
 
 

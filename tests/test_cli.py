@@ -48,7 +48,7 @@ def tiny_run(tmp_path_factory):
 
 def test_run_writes_every_stage(tiny_run):
     run_dir, _, output = tiny_run
-    for stage in ("analyze", "prune", "finetune", "deploy/onnx-fp32", "deploy/openvino-int8", "deploy/jetson-fp16",
+    for stage in ("base", "analyze", "prune", "finetune", "deploy/onnx-fp32", "deploy/openvino-int8", "deploy/jetson-fp16",
                   "bench"):
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete", stage
@@ -64,6 +64,9 @@ def test_run_writes_every_stage(tiny_run):
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
     backends = {r["backend"] for r in bench["rows"]}
     assert {"torch-fp32", "onnxruntime-fp32"} <= backends and any("int8" in b for b in backends)
+    names = [r["name"] for r in bench["rows"]]
+    assert any(n.startswith("tiny/base") for n in names) and any(n.startswith("tiny/prune") for n in names)
+    assert bench["header"]["reference"].startswith(str(run_dir / "base"))
     assert all(r["median_ms"] > 0 and 0 <= r["miou"] <= 100 for r in bench["rows"])
 
 
@@ -72,7 +75,7 @@ def test_rerun_skips_finished_stages(tiny_run):
     before = (run_dir / "prune" / "model.safetensors").stat().st_mtime_ns
     result = invoke("run", recipe, "--runs-root", run_dir.parent)
     assert result.exit_code == 0, result.output
-    assert result.output.count("[skip]") == 7 and "[run ]" not in result.output
+    assert result.output.count("[skip]") == 8 and "[run ]" not in result.output
     assert (run_dir / "prune" / "model.safetensors").stat().st_mtime_ns == before
 
 
