@@ -62,6 +62,7 @@ def test_report_files(tmp_path):
     md, js, csv_path, png, *cards = write_bench_report(rows, header, tmp_path)
     text = md.read_text()
     assert "random-init weights" in text and "| ov-int8 | 30.0 | 33.0 | 36.0 |" in text and "3.33x" in text
+    assert "| 99.00 | n/a | 1.0 |" in text  # no parity figure for a row without one
     assert "133.3 (fp32)" in text  # 4 GMACs in 30 ms = 133 GMAC/s against a 100 GMAC/s peak
     assert "| ov-int8 | 90.0 / 44.44 |" in text  # the batch-4 table
     assert json.loads(js.read_text())["rows"][2]["pareto"] is True

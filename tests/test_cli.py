@@ -67,6 +67,10 @@ def test_run_writes_every_stage(tiny_run):
     names = [r["name"] for r in bench["rows"]]
     assert any(n.startswith("tiny/base") for n in names) and any(n.startswith("tiny/prune") for n in names)
     assert bench["header"]["reference"].startswith(str(run_dir / "base"))
+    int8 = next(r for r in bench["rows"] if "int8" in r["backend"])
+    parity = json.loads((run_dir / "deploy" / "openvino-int8" / "parity.json").read_text())
+    assert int8["parity_agreement"] == pytest.approx(parity["figures"]["pixel_agreement"])
+    assert next(r for r in bench["rows"] if r["name"].startswith("tiny/base"))["parity_agreement"] is None
     assert all(r["median_ms"] > 0 and 0 <= r["miou"] <= 100 for r in bench["rows"])
 
 

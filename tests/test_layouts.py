@@ -50,6 +50,19 @@ def test_voc_layout_palette_masks(tmp_path):
     _check(ds, RAW.astype(np.int64))  # palette indices, not grey levels; 255 stays ignore
 
 
+def test_voc20_ignores_background_and_shifts_labels(tmp_path):
+    base = tmp_path / "VOC2012"
+    _image(base / "JPEGImages" / "a.jpg")
+    _mask(base / "SegmentationClass" / "a.png", palette=True)
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
+    ds = open_dataset(f"voc20:{base}", "val", SIZE, MEAN, STD)
+    assert ds.class_names == VOC_CLASSES[1:] and len(ds.class_names) == 20 and ds.background_index is None
+    expected = np.where(RAW == 0, 255, RAW.astype(np.int64) - 1)
+    expected[RAW == 255] = 255
+    _check(ds, expected)  # background -> ignore, aeroplane (1) -> 0, ..., 255 stays ignore
+
+
 def test_ade20k_layout_reduces_zero_label(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
     _image(root / "images" / "validation" / "ADE_val_00000001.jpg")

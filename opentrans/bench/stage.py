@@ -48,6 +48,14 @@ def _artifact_size_mb(path: Path) -> float:
     return float(load_manifest(path)["figures"]["size_mb"])
 
 
+def _parity_agreement(path: Path) -> float | None:
+    """A deploy build's pixel agreement (%) with the model it was exported from, as its parity check measured
+    it; None for a PyTorch model directory."""
+    if (path / SPEC_FILE).exists():
+        return None
+    return float(load_manifest(path)["figures"]["pixel_agreement"])
+
+
 def _display_name(path: Path) -> str:
     return str(path.relative_to(path.parents[1])) if len(path.parents) > 1 else path.name
 
@@ -108,6 +116,7 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
                 "precision": res["precision"], **lat1, "speedup": base / lat1["median_ms"],
                 "latency_by_batch": {str(b): v for b, v in res["latency"].items()},
                 "miou": res["miou"], "pixel_acc": res["pixel_acc"], "agreement": agree["pixel_agreement"],
+                "parity_agreement": _parity_agreement(art),
                 "teacher_miou": agree["teacher_miou"], "size_mb": _artifact_size_mb(art),
                 "peak_rss_mb": res["peak_rss_mb"], "params_m": res["params_m"], "gmacs": res["gmacs"],
                 "achieved_gmac_per_s": achieved, "roofline_precision": peak_key,

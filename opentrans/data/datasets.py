@@ -314,6 +314,8 @@ DATA_FORMATS = {
     "folder": DataFormat(_folder_pairs, 255),
     "coco-object": DataFormat(_coco_object_pairs, 255, COCO_OBJECT_CLASSES, background_index=0),
     "voc": DataFormat(_voc_pairs, 255, VOC_CLASSES, background_index=0),
+    # VOC-20, the training-free papers' protocol (ClearCLIP, NACLIP, SCLIP): the 20 object classes, background ignored
+    "voc20": DataFormat(_voc_pairs, 255, VOC_CLASSES[1:], reduce_zero_label=True),
     "ade20k": DataFormat(_ade_pairs, 255, ADE20K_CLASSES, reduce_zero_label=True),
     "cityscapes": DataFormat(_cityscapes_pairs, 255, CITYSCAPES_CLASSES),
     "pascal-context": DataFormat(_context_pairs, 255, CONTEXT59_CLASSES, reduce_zero_label=True),
