@@ -286,7 +286,7 @@ def test_nvidia_target_without_tensorrt_raises_before_writing(tmp_path):
     except (ImportError, OSError):
         pass
     else:
-        pytest.skip("TensorRT is installed here")
+        pytest.skip("checks the error for machines without TensorRT, and TensorRT is installed here")
     with pytest.raises(OpenTransError, match="TensorRT is not installed here.*--target jetson"):
         _deploy(tmp_path / "out" / "trt", TINY_RN, "nvidia", "fp16")
     assert _leftovers(tmp_path) == []
