@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from opentrans.artifacts import atomic_path
-from opentrans.data.datasets import _read
+from opentrans.data.datasets import _read, preprocess_image
 from opentrans.evaluate import Runner, predict_labels
 
 
@@ -54,11 +54,8 @@ def segment_image(runner: Runner, image: str | os.PathLike, class_names: list[st
     Raises:
         OpenTransError: the image is missing or unreadable.
     """
-    from opentrans.data.datasets import SegDataset
-
     rgb, size = _read(Path(image), "RGB")
-    prep = SegDataset("single", (), tuple(class_names), -1, tuple(image_size), tuple(mean), tuple(std))
-    x = prep.preprocess(rgb).numpy()[None]
+    x = preprocess_image(rgb, image_size, mean, std).numpy()[None]
     logits = runner(x, np.asarray(text_embeds, dtype=np.float32))
     labels = predict_labels(logits, size)[0].numpy()
     with atomic_path(out) as tmp:

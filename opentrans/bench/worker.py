@@ -40,14 +40,12 @@ def encoder_cost(spec) -> dict:
 
 def _artifact_spec(path: Path):
     from opentrans.deploy.targets import read_build
-    from opentrans.models.artifact import SPEC_FILE, SegmentorSpec, read_spec
+    from opentrans.models.artifact import SPEC_FILE, read_spec, spec_from_dict
 
     if (path / SPEC_FILE).exists():
         return read_spec(path), "fp32"
     build = read_build(path)
-    raw = dict(build["spec"])
-    raw.update(image_size=tuple(raw["image_size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]))
-    return SegmentorSpec(**raw), build["precision"]
+    return spec_from_dict(build["spec"]), build["precision"]
 
 
 def peak_rss_mb() -> float:

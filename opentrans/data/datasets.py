@@ -102,11 +102,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """Resize RGB uint8 ``(h, w, 3)`` to :attr:`image_size` (bicubic) and normalise -> float32 ``(3, H, W)``."""
-        img = Image.fromarray(rgb).resize((self.image_size[1], self.image_size[0]), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return preprocess_image(rgb, self.image_size, self.mean, self.std)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         rgb, size = self.load_image(idx)
@@ -116,6 +112,14 @@ class SegDataset(torch.utils.data.Dataset):
             raise OpenTransError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {img_path} "
                                  f"is {size[1]}x{size[0]}")
         return self.preprocess(rgb), torch.from_numpy(mask)
+
+
+def preprocess_image(rgb: np.ndarray, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """Resize RGB uint8 ``(h, w, 3)`` to ``size`` = (H, W) pixels (bicubic), scale to [0, 1] and normalise with
+    the per-channel ``mean``/``std`` -> float32 ``(3, H, W)``."""
+    img = Image.fromarray(rgb).resize((int(size[1]), int(size[0])), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
 
 def _read(path: Path, mode: str) -> tuple[np.ndarray, tuple[int, int]]:

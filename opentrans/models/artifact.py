@@ -137,8 +137,14 @@ def read_spec(model_dir: str | os.PathLike) -> SegmentorSpec:
     raw = read_json(model_dir / SPEC_FILE)
     if raw.pop("format", None) != FORMAT:
         raise OpenTransError(f"{model_dir / SPEC_FILE}: not an {FORMAT} spec")
-    raw["image_size"] = tuple(raw["image_size"])
-    raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+    return spec_from_dict(raw)
+
+
+def spec_from_dict(raw: dict) -> SegmentorSpec:
+    """A :class:`SegmentorSpec` from its JSON form (lists back to tuples), e.g. ``model.json`` or the ``spec``
+    of a deploy build's ``build.json``."""
+    raw = {k: v for k, v in raw.items() if k != "format"}
+    raw.update(image_size=tuple(raw["image_size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]))
     return SegmentorSpec(**raw)
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from opentrans.artifacts import atomic_path
-from opentrans.data.datasets import SegDataset
+from opentrans.data.datasets import SegDataset, preprocess_image
 from opentrans.errors import OpenTransError
 
 
@@ -56,10 +55,8 @@ class ShortSideDataset(SegDataset):
         """Resize RGB uint8 ``(h, w, 3)`` (bicubic) to short side :attr:`short_side`, normalise -> ``(3, H, W)``."""
         h, w = rgb.shape[:2]
         scale = self.short_side / min(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = Image.fromarray(rgb).resize(size, Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        return preprocess_image(rgb, size, self.mean, self.std)
 
 
 def _pair(value, name: str) -> tuple[int, int]:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from opentrans.data import DATA_FORMATS, open_dataset
-from opentrans.data.datasets import IMAGE_SUFFIXES, _read
+from opentrans.data.datasets import IMAGE_SUFFIXES, _read, preprocess_image
 from opentrans.errors import OpenTransError
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.prune.imp import Target, refresh_masked
@@ -40,17 +38,14 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.paths:
             raise OpenTransError(f"--distill-data {root}: no images there ({', '.join(IMAGE_SUFFIXES)})")
         self.image_size = tuple(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, idx: int) -> torch.Tensor:
         rgb, _ = _read(self.paths[idx], "RGB")
-        img = Image.fromarray(rgb).resize((self.image_size[1], self.image_size[0]), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        return preprocess_image(rgb, self.image_size, self.mean, self.std)
 
 
 class _ImagesOnly(torch.utils.data.Dataset):
