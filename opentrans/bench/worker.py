@@ -28,14 +28,10 @@ class Job:
 def encoder_cost(spec) -> dict:
     """Image-encoder ``gmacs`` and ``params_m`` of a :class:`SegmentorSpec` (pruned shapes included), counted
     on the architecture alone (no weights needed)."""
-    from opentrans.models.artifact import apply_shapes
-    from opentrans.models.clip import create_architecture
-    from opentrans.models.segmentor import OpenVocabSegmentor
+    from opentrans.models.artifact import segmentor_from_spec
     from opentrans.prune import count_encoder_cost
 
-    seg = OpenVocabSegmentor(create_architecture(spec.model), spec.image_size, spec.dense_mode, spec.head)
-    apply_shapes(seg, spec.shapes)
-    return count_encoder_cost(seg)
+    return count_encoder_cost(segmentor_from_spec(spec))
 
 
 def _artifact_spec(path: Path):

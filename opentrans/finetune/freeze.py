@@ -188,7 +188,8 @@ def apply_freeze_plan(seg: OpenVocabSegmentor, plan: FreezePlan) -> dict:
     """Set ``requires_grad`` on every parameter of ``seg`` as ``plan`` says.
 
     The whole ``seg.clip`` is frozen (and row masks of an earlier call removed), then the ``weight`` and
-    ``bias`` of each layer in ``plan.trainable`` and every parameter of ``seg.head`` are unfrozen; a
+    ``bias`` of each layer in ``plan.trainable`` and every parameter of ``seg.head`` and of attached prompts
+    (``seg.prompts``) are unfrozen; a
     trainable Q/K/V slice unfreezes its fused ``in_proj_weight``/``in_proj_bias`` with a row mask (see the
     module notes; all three slices trainable = no mask). Names are checked first, so a plan for another
     model changes nothing.
@@ -229,6 +230,9 @@ def apply_freeze_plan(seg: OpenVocabSegmentor, plan: FreezePlan) -> dict:
                 _set_row_mask(p, mask)
     for p in seg.head.parameters():
         p.requires_grad_(True)
+    if seg.prompts is not None:
+        for p in seg.prompts.parameters():
+            p.requires_grad_(True)
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
     return {
         "trainable_params": trainable_param_count(seg),

@@ -19,6 +19,7 @@ from torch import nn
 from opentrans.artifacts import atomic_path, read_json, write_json
 from opentrans.errors import OpenTransError
 from opentrans.models.clip import create_architecture, load_clip
+from opentrans.models.prompts import build_prompts
 from opentrans.models.segmentor import OpenVocabSegmentor
 
 WEIGHTS_FILE = "model.safetensors"
@@ -36,7 +37,9 @@ class SegmentorSpec:
         weights: provenance of the weights, written next to every figure (e.g. ``random-init weights``).
         image_size: network input (H, W) in pixels.
         mean, std: RGB normalisation constants.
-        dense_mode, head: :class:`OpenVocabSegmentor` options.
+        dense_mode, head, head_options: :class:`OpenVocabSegmentor` options (head name and its JSON-able options).
+        prompts: ``{"kind": ..., **options}`` of the attached prompt module (:mod:`opentrans.models.prompts`),
+            or None.
         shapes: ``{parameter name: shape}`` for parameters whose shape differs from the fresh architecture.
         lineage: the stages that produced this artifact, oldest first.
     """
@@ -49,12 +52,14 @@ class SegmentorSpec:
     std: tuple[float, float, float]
     dense_mode: str = "maskclip"
     head: str = "linear"
+    head_options: dict = field(default_factory=dict)
+    prompts: dict | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
     lineage: list[str] = field(default_factory=list)
 
 
 def build_segmentor(model: str, pretrained: str, image_size: tuple[int, int] | None = None,
-                    dense_mode: str = "maskclip", head: str = "linear",
+                    dense_mode: str = "maskclip", head: str = "linear", head_options: dict | None = None,
                     source_hw: tuple[int, int] = (360, 480)) -> tuple[OpenVocabSegmentor, SegmentorSpec]:
     """A fresh segmentor from open_clip weights (see :func:`opentrans.models.clip.load_clip`).
 
@@ -64,9 +69,10 @@ def build_segmentor(model: str, pretrained: str, image_size: tuple[int, int] | N
 
     loaded = load_clip(model, pretrained)
     size = tuple(image_size) if image_size else default_image_size(loaded.model, source_hw)
-    seg = OpenVocabSegmentor(loaded.model, size, dense_mode=dense_mode, head=head).eval()
+    seg = OpenVocabSegmentor(loaded.model, size, dense_mode=dense_mode, head=head, head_options=head_options).eval()
     spec = SegmentorSpec(model=model, pretrained=loaded.pretrained, weights=loaded.weights, image_size=size,
-                         mean=loaded.mean, std=loaded.std, dense_mode=dense_mode, head=head)
+                         mean=loaded.mean, std=loaded.std, dense_mode=dense_mode, head=head,
+                         head_options=dict(head_options or {}))
     return seg, spec
 
 
@@ -80,6 +86,8 @@ def save_segmentor(seg: OpenVocabSegmentor, spec: SegmentorSpec, out_dir: str | 
     """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` atomically; returns the weights path."""
     out_dir = Path(out_dir)
     spec.shapes = changed_shapes(seg, spec.model)
+    spec.head, spec.head_options = seg.head_type, dict(seg.head_options)
+    spec.prompts = None if seg.prompts is None else {"kind": seg.prompts.kind, **seg.prompts.options()}
     state = {k: v.detach().contiguous() for k, v in seg.state_dict().items()}
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "weights": spec.weights})
@@ -148,6 +156,22 @@ def spec_from_dict(raw: dict) -> SegmentorSpec:
     return SegmentorSpec(**raw)
 
 
+def segmentor_from_spec(spec: SegmentorSpec) -> OpenVocabSegmentor:
+    """The segmentor a spec describes, with uninitialised weights: fresh architecture, pruned shapes applied,
+    head and prompt modules rebuilt (load the weights next).
+
+    Raises:
+        OpenTransError: shapes for another architecture, an unknown head or prompt kind.
+    """
+    seg = OpenVocabSegmentor(create_architecture(spec.model), spec.image_size, spec.dense_mode, spec.head,
+                             spec.head_options)
+    apply_shapes(seg, spec.shapes)
+    if spec.prompts:
+        options = {k: v for k, v in spec.prompts.items() if k != "kind"}
+        seg.set_prompts(build_prompts(spec.prompts["kind"], seg.clip, options))
+    return seg
+
+
 def load_segmentor(model_dir: str | os.PathLike) -> tuple[OpenVocabSegmentor, SegmentorSpec]:
     """Rebuild a segmentor from ``model.json`` + ``model.safetensors`` (no pickle involved).
 
@@ -159,8 +183,7 @@ def load_segmentor(model_dir: str | os.PathLike) -> tuple[OpenVocabSegmentor, Se
     weights = model_dir / WEIGHTS_FILE
     if not weights.exists():
         raise OpenTransError(f"{weights}: file not found")
-    seg = OpenVocabSegmentor(create_architecture(spec.model), spec.image_size, spec.dense_mode, spec.head)
-    apply_shapes(seg, spec.shapes)
+    seg = segmentor_from_spec(spec)
     try:
         seg.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as exc:

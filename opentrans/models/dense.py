@@ -85,9 +85,12 @@ def _self_softmax(t: torch.Tensor) -> torch.Tensor:
     return torch.softmax((t * t.shape[-1] ** -0.5) @ t.transpose(-2, -1), dim=-1)
 
 
-def _head(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``ln_post`` + ``proj`` of the patch tokens: ``(B, 1 + h*w, W) -> (B, h*w, D)``."""
-    return visual.ln_post(x[:, 1:]) @ visual.proj
+def _head(visual: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``ln_post`` + ``proj`` of the patch tokens: ``(B, 1 + h*w [+ P], W) -> (B, h*w, D)``.
+
+    Tokens after the ``h*w`` patches (learnable prompt tokens, see :mod:`opentrans.models.prompts`) are dropped.
+    """
+    return visual.ln_post(x[:, 1:1 + grid[0] * grid[1]]) @ visual.proj
 
 
 def _trunk(visual: nn.Module, images: torch.Tensor):
@@ -108,12 +111,12 @@ def maskclip(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         dense features ``(B, h*w, D)``, not normalised.
     """
-    x, last, _ = _trunk(visual, images)
+    x, last, grid = _trunk(visual, images)
     width = last.attn.in_proj_weight.shape[0] // 3
     w_v = last.attn.in_proj_weight[2 * width:]
     b_v = None if last.attn.in_proj_bias is None else last.attn.in_proj_bias[2 * width:]
     x = last.ls_1(last.attn.out_proj(F.linear(last.ln_1(x), w_v, b_v)))
-    return _head(visual, x)
+    return _head(visual, x, grid)
 
 
 def sclip(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -131,12 +134,12 @@ def sclip(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         dense features ``(B, h*w, D)``, not normalised.
     """
-    x, last, _ = _trunk(visual, images)
+    x, last, grid = _trunk(visual, images)
     q, k, v = qkv(last.attn, last.ln_1(x))
     weights = _self_softmax(q) + _self_softmax(k)
     x = x + last.ls_1(attend(last.attn, weights, v))
     x = x + last.ls_2(last.mlp(last.ln_2(x)))
-    return _head(visual, x)
+    return _head(visual, x, grid)
 
 
 def clearclip(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -154,9 +157,9 @@ def clearclip(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         dense features ``(B, h*w, D)``, not normalised.
     """
-    x, last, _ = _trunk(visual, images)
+    x, last, grid = _trunk(visual, images)
     q, _, v = qkv(last.attn, last.ln_1(x))
-    return _head(visual, last.ls_1(attend(last.attn, _self_softmax(q), v)))
+    return _head(visual, last.ls_1(attend(last.attn, _self_softmax(q), v)), grid)
 
 
 def gaussian_bias(grid: tuple[int, int], std: float = NACLIP_STD) -> torch.Tensor:
@@ -192,8 +195,12 @@ def naclip(visual: nn.Module, images: torch.Tensor, std: float = NACLIP_STD) -> 
     """
     x, last, grid = _trunk(visual, images)
     _, k, v = qkv(last.attn, last.ln_1(x))
-    logits = (k * k.shape[-1] ** -0.5) @ k.transpose(-2, -1) + gaussian_bias(grid, std).to(k.dtype)
-    return _head(visual, last.ls_1(attend(last.attn, torch.softmax(logits, dim=-1), v)))
+    bias = gaussian_bias(grid, std).to(k.dtype)  # (1 + h*w, 1 + h*w); prompt tokens after the patches get none
+    extra = k.shape[-2] - bias.shape[-1]
+    if extra:
+        bias = F.pad(bias, (0, extra, 0, extra))
+    logits = (k * k.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
+    return _head(visual, last.ls_1(attend(last.attn, torch.softmax(logits, dim=-1), v)), grid)
 
 
 def cliper_features(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +224,7 @@ def cliper_features(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tens
         ``features`` ``(L, B, h*w, D)`` (one per embedding, not normalised) and the head-averaged fused map
         of the last embedding restricted to patches, ``(B, h*w, h*w)``.
     """
-    x, _ = embed_tokens(visual, images)
+    x, grid = embed_tokens(visual, images)
     blocks = visual.transformer.resblocks
     last = blocks[-1]
     embeds, fused = [], None
@@ -241,9 +248,10 @@ def cliper_features(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tens
         a = torch.clamp(a - a.mean(dim=-2, keepdim=True), min=0)
         a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)  # the floor only guards an all-zero row
         _, _, v = qkv(last.attn, last.ln_1(e))
-        feats.append(_head(visual, last.ls_1(attend(last.attn, a, v))))
+        feats.append(_head(visual, last.ls_1(attend(last.attn, a, v)), grid))
         attn_map = a
-    return torch.stack(feats), attn_map.mean(dim=1)[:, 1:, 1:]
+    n = grid[0] * grid[1]
+    return torch.stack(feats), attn_map.mean(dim=1)[:, 1:1 + n, 1:1 + n]
 
 
 def cliper_scores(feats: torch.Tensor, attn_map: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,

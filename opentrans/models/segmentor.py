@@ -18,12 +18,13 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.models import dense as _dense
+from opentrans.models.heads import LinearHead, build_head
+from opentrans.models.prompts import PromptModule
 
 #: Training-free dense modes (see :mod:`opentrans.models.dense`); a ModifiedResNet supports only ``maskclip``.
 DENSE_MODES = _dense.VIT_MODES
 #: Floor of CLIPer's fused scores before the log that turns them into logits.
 CLIPER_EPS = 1e-6
-HEADS = ("linear", "none")
 #: Prompt templates averaged per class (a subset of CLIP's ImageNet ensemble).
 TEMPLATES = (
     "a photo of a {}.",
@@ -33,23 +34,6 @@ TEMPLATES = (
     "there is a {} in the scene.",
     "a cropped photo of the {}.",
 )
-
-
-class LinearHead(nn.Module):
-    """Residual linear decoder on patch features: ``f + W f + b``, initialised to the identity.
-
-    Shapes: ``(B, N, D) -> (B, N, D)``. Starting at the identity means an untrained head leaves the
-    training-free segmentor unchanged; finetuning moves it away from there.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats + self.proj(feats)
 
 
 _interpolate_pos_embed = _dense._interpolate_pos_embed
@@ -86,18 +70,21 @@ class OpenVocabSegmentor(nn.Module):
               :mod:`opentrans.models.diffusion_refine`).
 
             Only ``maskclip`` exists for a ModifiedResNet image tower.
-        head: ``linear`` (:class:`LinearHead`) or ``none``.
+        head: a registered head (:mod:`opentrans.models.heads`): ``linear`` (:class:`LinearHead`, default),
+            ``none``, or a paper's decoder (:mod:`opentrans.models.decoders`); ``head_options`` are its options.
+
+    Learnable prompt tokens (:mod:`opentrans.models.prompts`) are attached with :meth:`set_prompts` and live
+    in ``self.prompts`` (None by default).
 
     Raises:
         OpenTransError: an unsupported image tower, dense mode (any mode but ``maskclip`` on a ResNet) or head,
             or an input size that is not a multiple of the patch size.
     """
 
-    def __init__(self, clip: nn.Module, image_size: tuple[int, int], dense_mode: str = "maskclip", head: str = "linear"):
+    def __init__(self, clip: nn.Module, image_size: tuple[int, int], dense_mode: str = "maskclip", head: str = "linear",
+                 head_options: dict | None = None):
         super().__init__()
         check_dense_mode(dense_mode, clip.visual)
-        if head not in HEADS:
-            raise OpenTransError(f"unknown head '{head}'; choose one of {', '.join(HEADS)}")
         if not isinstance(clip.visual, (VisionTransformer, ModifiedResNet)):
             raise OpenTransError(f"image tower {type(clip.visual).__name__} is not supported (ViT or ModifiedResNet)")
         self.clip = clip
@@ -107,7 +94,33 @@ class OpenVocabSegmentor(nn.Module):
         stride = self.stride
         if self.image_size[0] % stride or self.image_size[1] % stride:
             raise OpenTransError(f"input size {self.image_size} must be a multiple of the stride {stride}")
-        self.head = LinearHead(self.embed_dim) if head == "linear" else nn.Identity()
+        self.head_options = dict(head_options or {})
+        self.head = build_head(head, self.embed_dim, self.head_options)
+        self.prompts: PromptModule | None = None
+
+    def set_head(self, head: str, options: dict | None = None) -> None:
+        """Replace the head by a fresh registered head (e.g. a paper's decoder before finetuning).
+
+        Raises:
+            OpenTransError: an unknown head or bad options (see :func:`~opentrans.models.heads.build_head`).
+        """
+        self.head = build_head(head, self.embed_dim, options)
+        self.head_type, self.head_options = head, dict(options or {})
+
+    def set_prompts(self, prompts: PromptModule | None) -> None:
+        """Attach learnable prompt tokens (replacing any attached before), or detach them with None.
+
+        The prompts act through hooks on ``self.clip``'s blocks (see :mod:`opentrans.models.prompts`); their
+        parameters are saved under ``prompts.*``. CLIPer's early-layer fusion runs the blocks by hand, so visual
+        prompts do not act in the ``cliper`` dense mode (text prompts do).
+        """
+        if self.prompts is not None:
+            self.prompts.detach()
+        if prompts is None:
+            self.prompts = None
+            return
+        prompts.attach(self.clip)
+        self.prompts = prompts
 
     def set_dense_mode(self, dense_mode: str) -> None:
         """Switch the training-free mode in place (the weights are shared by every mode).
@@ -155,13 +168,18 @@ class OpenVocabSegmentor(nn.Module):
         x = v.attnpool.c_proj(v.attnpool.v_proj(x))  # (B, h*w, D)
         return x
 
-    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """``(h, w)`` feature grid for images ``(B, 3, H, W)``."""
+        return images.shape[-2] // self.stride, images.shape[-1] // self.stride
+
+    def dense_features(self, images: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Head-adapted dense features ``(B, h*w, D)``, not normalised, for images ``(B, 3, H, W)``.
 
-        For ``cliper`` these are the features of the last-layer embedding under the fused attention map (the
-        score fusion over all layers happens in :meth:`forward`)."""
+        ``text_embeds`` ``(C, D)`` go to a head that attends to the classes (None: no class list; such a head
+        raises). For ``cliper`` these are the features of the last-layer embedding under the fused attention
+        map (the score fusion over all layers happens in :meth:`forward`)."""
         feats = self._vit_dense(images) if self.is_vit else self._resnet_dense(images)
-        return self.head(feats)
+        return self.head(feats, self.grid_of(images), text_embeds)
 
     def forward(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, H, W)``: CLIP's logit scale times the cosine of each patch with each class embedding,
@@ -169,11 +187,12 @@ class OpenVocabSegmentor(nn.Module):
         docstring)."""
         if self.dense_mode == "cliper":
             feats, attn_map = _dense.cliper_features(self.visual, images)  # (L, B, h*w, D), (B, h*w, h*w)
-            scores = _dense.cliper_scores(self.head(feats), attn_map, text_embeds, self.clip.logit_scale.exp())
-            grid = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
+            grid = self.grid_of(images)
+            feats = self.head(feats.flatten(0, 1), grid, text_embeds).view_as(feats)
+            scores = _dense.cliper_scores(feats, attn_map, text_embeds, self.clip.logit_scale.exp())
             scores = _dense.grid_logits_to_image(scores, grid, images.shape[-2:])
             return torch.log(torch.clamp(scores, min=CLIPER_EPS))
-        feats = F.normalize(self.dense_features(images), dim=-1)
+        feats = F.normalize(self.dense_features(images, text_embeds), dim=-1)
         text = F.normalize(text_embeds, dim=-1)
         logits = self.clip.logit_scale.exp() * feats @ text.t()  # (B, h*w, C)
         b, _, c = logits.shape
@@ -186,11 +205,15 @@ class OpenVocabSegmentor(nn.Module):
                        model_name: str | None = None) -> torch.Tensor:
         """Text embeddings ``(C, D)``, L2-normalised, each the mean over ``templates`` of one class name.
 
+        Attached text prompts that assume a template (``self.prompts.templates``) replace ``templates``.
+
         Raises:
             OpenTransError: an empty class list.
         """
         if not class_names:
             raise OpenTransError("no class names given")
+        if self.prompts is not None and self.prompts.templates:
+            templates = tuple(self.prompts.templates)
         tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.tokenize
         prompts = [t.format(name) for name in class_names for t in templates]
         chunk = 256  # prompts per text-tower call: batching is several times faster than one call per class
