@@ -132,15 +132,34 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
                     "opentrans prune --method imp --model ViT-B-16 --sparsity 0.5 --recovery-steps 20 "
                     "--distill-data camvid:../shared/data/camvid --eval-data camvid:../shared/data/camvid --out runs/x/imp; "
                     "opentrans prune --method imp --masks runs/x/imp/masks.safetensors --model ViT-B-16 "
-                    "--pretrained /path/ckpt.bin --out runs/y/imp")
+                    "--pretrained /path/ckpt.bin --out runs/y/imp; "
+                    "opentrans prune --model ViT-B-16 --structures channels,heads,width --sparsity 0.5 "
+                    "--width-sparsity 0.25 --out runs/x/prune; "
+                    "opentrans prune --transfer-from runs/x/prune --model ViT-B-16 --pretrained /path/ckpt.bin "
+                    "--out runs/y/prune")
 @model_options
 @click.option("--method", type=click.Choice(["structured", "imp"]), default="structured", show_default=True,
               help="structured: remove channels (faster model). imp: OpenTrans iterative global magnitude pruning "
                    "(unstructured zeros; smaller compressed size, same dense latency).")
 @click.option("--sparsity", type=float,
               help="structured: fraction of prunable channels to remove; imp: fraction of weights zeroed; in (0, 1).")
-@click.option("--importance", type=click.Choice(["magnitude", "lamp"]), default="magnitude", show_default=True,
-              help="structured only.")
+@click.option("--importance", type=click.Choice(["magnitude", "lamp", "taylor"]), default="magnitude",
+              show_default=True, help="structured only. taylor: Gauss-Newton Taylor estimate of the distillation loss "
+                                      "increase, on the first --distill-data images (needs --distill-data).")
+@click.option("--structures", default="channels", show_default=True, metavar="LIST",
+              help="structured only: what to prune, comma-separated from channels (ViT MLP hidden / ResNet "
+                   "bottleneck), heads (ViT attention heads / ResNet attention-pool heads), width (residual width / "
+                   "ResNet layer4 channels through the attention pool).")
+@click.option("--head-sparsity", type=float, help="structured: fraction of heads to remove (default: --sparsity).")
+@click.option("--width-sparsity", type=float, help="structured: fraction of residual width to remove (default: --sparsity).")
+@click.option("--ranking", type=click.Choice(["per-layer", "global"]),
+              help="structured: same fraction per layer, or one ranking across layers (default: per-layer for "
+                   "magnitude, global for lamp/taylor).")
+@click.option("--transfer-from", type=click.Path(path_type=Path),
+              help="structured: re-apply the kept channels/heads/width of this prune output (kept_indices.json) to "
+                   "the unpruned --model/--pretrained (or --from) model, instead of scoring.")
+@click.option("--latency-repeats", type=click.IntRange(min=0), default=3, show_default=True,
+              help="structured: rounds of the before/after torch CPU latency measurement (0: skip).")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="structured only: round kept widths to a multiple of this.")
 @click.option("--rate", type=float, default=0.1, show_default=True,
@@ -159,7 +178,8 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
 @click.option("--masks", "masks", type=click.Path(dir_okay=False, path_type=Path),
               help="imp: re-apply this masks.safetensors (from an earlier imp run) instead of pruning anew.")
 @_out_option()
-def prune(from_dir, model, pretrained, image_size, method, sparsity, importance, round_to, rate, recovery_steps,
+def prune(from_dir, model, pretrained, image_size, method, sparsity, importance, structures, head_sparsity,
+          width_sparsity, ranking, transfer_from, latency_repeats, round_to, rate, recovery_steps,
           distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, out):
     """Prune the CLIP image encoder: structured channels (torch-pruning) or OpenTrans IMP (global magnitude)."""
     if method == "structured":
@@ -168,15 +188,23 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
         used = [flag for flag, given in {"--rate": rate != 0.1, "--masks": masks}.items() if given]
         if used:
             raise OpenTransError(f"{used[0]} applies to --method imp only")
-        if sparsity is None:
-            raise OpenTransError("--sparsity is required (a fraction in (0, 1), e.g. 0.5)")
+        if sparsity is not None and transfer_from is not None:
+            raise OpenTransError("give either --sparsity or --transfer-from, not both (the kept indices fix the shapes)")
         figures = prune_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
                               importance=importance, round_to=round_to, image_size=image_size,
                               recovery_steps=recovery_steps, distill_data=distill_data, distill_limit=distill_limit,
-                              batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data, eval_limit=eval_limit)
+                              batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data, eval_limit=eval_limit,
+                              structures=structures, head_sparsity=head_sparsity, width_sparsity=width_sparsity,
+                              ranking=ranking, transfer_from=transfer_from, latency_repeats=latency_repeats)
     else:
         from opentrans.prune.imp_stage import imp_stage
 
+        structured_only = {"--importance": importance != "magnitude", "--structures": structures != "channels",
+                           "--head-sparsity": head_sparsity is not None, "--width-sparsity": width_sparsity is not None,
+                           "--ranking": ranking is not None, "--transfer-from": transfer_from is not None}
+        used = [flag for flag, given in structured_only.items() if given]
+        if used:
+            raise OpenTransError(f"{used[0]} applies to --method structured only")
         if sparsity is None and masks is None:
             raise OpenTransError("--method imp needs --sparsity (a fraction in (0, 1)) or --masks FILE")
         if sparsity is not None and masks is not None:
@@ -205,22 +233,38 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
               help="bf16 autocast (auto: where the CPU has native bf16).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save the training state every N steps into OUT/checkpoints; rerun to resume after a kill.")
-@click.option("--loss", type=click.Choice(["ce", "focal", "dice", "focal-dice"]), default="ce", show_default=True)
-@click.option("--adapter", type=click.Choice(["none", "lora", "oft"]), default="none", show_default=True,
-              help="Train LoRA/OFT adapters on the plan's trainable layers instead of the layers themselves "
+@click.option("--loss", type=click.Choice(["ce", "focal", "dice", "focal-dice", "ssim", "focal-ssim"]), default="ce",
+              show_default=True, help="focal-ssim: focal + (1 - SSIM) of class probability maps (SPT-SEG).")
+@click.option("--adapter", type=click.Choice(["none", "lora", "oft", "hclip"]), default="none", show_default=True,
+              help="Train LoRA/OFT/H-CLIP adapters on the plan's trainable layers instead of the layers themselves "
               "(merged into plain weights before saving).")
 @click.option("--adapter-rank", type=click.IntRange(min=1), default=4, show_default=True, help="LoRA rank.")
 @click.option("--oft-block", type=click.IntRange(min=2), default=16, show_default=True, help="OFT block size.")
+@click.option("--adapter-options", metavar="JSON", help="Options of --adapter hclip, e.g. '{\"block_size\": 64}'.")
+@click.option("--prompts", metavar="KIND", help="Learnable prompts to add and train: none (remove), vpt, spt-seg, "
+              "ldvc, ...; default: keep the model's.")
+@click.option("--prompt-options", metavar="JSON", help="Options of --prompts, e.g. '{\"tokens\": 10}'.")
+@click.option("--head", metavar="NAME", help="Replace the head before training: linear, none, spt-seg, ldvc, ...; "
+              "default: keep the model's.")
+@click.option("--head-options", metavar="JSON", help="Options of --head (JSON object).")
+@click.option("--unseen-classes", metavar="A,B,C", help="Zero-shot split: these classes are never labelled in "
+              "training; reports mIoU(S), mIoU(U) and hIoU (CamVid: car,pedestrian,bicyclist).")
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images per step (all processes together under torchrun).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--val-limit", type=click.IntRange(min=1), help="Validate on the first N val images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_out_option()
 def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze_heavy_tail, freeze_policy,
-             freeze_fraction, estimator, grad_accum, amp, checkpoint_every, loss, adapter, adapter_rank, oft_block, steps,
+             freeze_fraction, estimator, grad_accum, amp, checkpoint_every, loss, adapter, adapter_rank, oft_block,
+             adapter_options, prompts, prompt_options, head, head_options, unseen_classes, steps,
              batch_size, lr, val_limit, seed, out):
-    """Selective finetuning on a labelled dataset, with heavy-tail freezing; reports val mIoU before/after."""
+    """Selective finetuning on a labelled dataset, with heavy-tail freezing; reports val mIoU before/after.
+
+    Under torchrun (e.g. torchrun --standalone --nproc_per_node 2 --no-python opentrans finetune ...) training
+    runs with DistributedDataParallel (gloo) and only rank 0 writes.
+    """
     from opentrans.finetune.stage import finetune_stage
 
     if split != "train":
@@ -230,8 +274,11 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
                              train_limit=limit, val_limit=val_limit, image_size=image_size, seed=seed,
                              freeze_policy=freeze_policy, freeze_fraction=freeze_fraction, estimator=estimator,
                              grad_accum=grad_accum, amp=amp, checkpoint_every=checkpoint_every, loss=loss,
-                             adapter=adapter, adapter_rank=adapter_rank, oft_block=oft_block)
-    _print_figures("finetune", figures, out)
+                             adapter=adapter, adapter_rank=adapter_rank, oft_block=oft_block,
+                             adapter_options=adapter_options, prompts=prompts, prompt_options=prompt_options,
+                             head=head, head_options=head_options, unseen_classes=unseen_classes)
+    if figures:  # {} on torchrun ranks other than 0
+        _print_figures("finetune", figures, out)
 
 
 @cli.command(epilog="Example: opentrans deploy --from runs/x/finetune --target openvino --precision int8 "
@@ -241,18 +288,43 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 or int8 (what the target supports).")
 @click.option("--data", required=True, metavar="FORMAT:PATH",
               help="Dataset for the parity check (val images) and INT8 calibration (train images).")
-@click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Number of INT8 calibration images.")
+@click.option("--calib-data", metavar="FORMAT:PATH|DIR",
+              help="INT8 calibration images: any --data dataset (its train split) or a plain folder of images "
+              "(images:DIR or DIR). Default: the --data train split.")
+@click.option("--smooth-quant-alpha", type=float, default=0.6, show_default=True,
+              help="NNCF SmoothQuant alpha for ViT MatMuls (int8), in (0, 1]; -1 disables.")
+@click.option("--ignore-ops", metavar="REGEX", multiple=True,
+              help="Keep image-graph operations whose name matches in floating point (int8; repeatable), "
+              "e.g. the top rows of --sensitivity.")
+@click.option("--max-drop", type=float,
+              help="Accuracy-controlled INT8 (openvino): revert layers to float until the --drop-metric drop on "
+              "the parity images is at most this many percentage points.")
+@click.option("--drop-metric", type=click.Choice(["agreement", "miou"]), default="agreement", show_default=True,
+              help="agreement: argmax agreement with the fp32 PyTorch model; miou: on the val labels.")
+@click.option("--sensitivity", is_flag=True,
+              help="Also write sensitivity.json/.md: each image-encoder layer quantised alone, most costly first (int8).")
+@click.option("--sensitivity-images", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Val images the sensitivity report runs per layer.")
 @click.option("--parity-limit", type=click.IntRange(min=1), default=8, show_default=True,
               help="Number of real val images the export is compared with PyTorch on.")
 @click.option("--opset", type=click.IntRange(min=14, max=20), default=17, show_default=True)
+@click.option("--dynamic-hw", is_flag=True,
+              help="Export the image graph with dynamic height/width (ViT position embeddings resized in the graph).")
 @_out_option()
-def deploy(from_dir, model, pretrained, image_size, target, precision, data, calib_size, parity_limit, opset, out):
-    """Export and verify: ONNX, OpenVINO IR (fp32 / NNCF INT8), Jetson bundle, TensorRT engine."""
+def deploy(from_dir, model, pretrained, image_size, target, precision, data, calib_size, parity_limit, opset, out,
+           dynamic_hw=False, calib_data=None, smooth_quant_alpha=0.6, ignore_ops=(), max_drop=None,
+           drop_metric="agreement", sensitivity=False, sensitivity_images=4):
+    """Export and verify: ONNX (fp32 / fp16 / INT8 Q/DQ), OpenVINO IR (fp32 / fp16 / NNCF INT8), Jetson bundle,
+    TensorRT engine."""
     from opentrans.deploy.stage import deploy_stage
 
     figures = deploy_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, target=target,
                            precision=precision, data=data, parity_limit=parity_limit, calib_size=calib_size,
-                           opset=opset, image_size=image_size)
+                           opset=opset, image_size=image_size, dynamic_hw=dynamic_hw, calib_data=calib_data,
+                           smooth_quant_alpha=smooth_quant_alpha, ignore_ops=list(ignore_ops), max_drop=max_drop,
+                           drop_metric=drop_metric, sensitivity=sensitivity, sensitivity_images=sensitivity_images)
     _print_figures("deploy", figures, out)
 
 

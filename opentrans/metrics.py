@@ -1,4 +1,5 @@
-"""Confusion-matrix segmentation metrics: mIoU, pixel accuracy, per-class IoU.
+"""Confusion-matrix segmentation metrics: mIoU, pixel accuracy, per-class IoU, and the zero-shot
+mIoU(S) / mIoU(U) / hIoU (:func:`zero_shot_summary`).
 
 IoU_c = TP_c / (TP_c + FP_c + FN_c). Pixels whose label is the ignore index are excluded. A class that
 appears neither in the labels nor in the predictions has an undefined IoU (NaN) and is left out of the
@@ -67,3 +68,45 @@ class ConfusionMatrix:
             "pixel_acc": pct(self.pixel_accuracy()),
             "per_class_iou": {n: pct(v) for n, v in zip(names, self.iou())},
         }
+
+
+def harmonic_iou(seen: float | None, unseen: float | None) -> float | None:
+    """hIoU = 2 S U / (S + U) of the seen and unseen mIoU (same unit, e.g. percent); 0 when both are 0, None
+    when either is None/NaN.
+
+    The zero-shot segmentation protocol of Xian et al. ("Semantic Projection Network for Zero- and Few-Label
+    Semantic Segmentation", CVPR 2019, Sec. 4) and Bucher et al. (ZS3Net, NeurIPS 2019), reported by ZegCLIP,
+    SPT-SEG and LDVC: the harmonic mean punishes a model that is good on one group only.
+    """
+    if seen is None or unseen is None or seen != seen or unseen != unseen:
+        return None
+    return 0.0 if seen + unseen == 0 else 2.0 * seen * unseen / (seen + unseen)
+
+
+def zero_shot_summary(per_class_iou: dict[str, float | None], unseen: list[str] | tuple[str, ...]) -> dict:
+    """mIoU over the seen classes, over the unseen classes, and their harmonic mean.
+
+    Args:
+        per_class_iou: ``{class name: IoU}`` of every evaluated class (any unit, e.g. percent as in
+            :meth:`ConfusionMatrix.summary`); None/NaN for a class absent from labels and predictions, left
+            out of its group's mean (like :meth:`ConfusionMatrix.miou`).
+        unseen: names of the unseen classes (each must be a key of ``per_class_iou``); the others are seen.
+
+    Returns:
+        ``{"miou_seen", "miou_unseen", "hiou", "seen", "unseen"}``: the two means and hIoU in the unit of the
+        input (None where a group has no defined IoU), and the two class lists.
+
+    Raises:
+        ValueError: an unseen name that is not an evaluated class.
+    """
+    missing = [n for n in unseen if n not in per_class_iou]
+    if missing:
+        raise ValueError(f"unseen class '{missing[0]}' is not one of the evaluated classes")
+    groups = {"seen": [n for n in per_class_iou if n not in set(unseen)], "unseen": list(unseen)}
+
+    def mean(names):
+        vals = [per_class_iou[n] for n in names if per_class_iou[n] is not None and per_class_iou[n] == per_class_iou[n]]
+        return float(np.mean(vals)) if vals else None
+
+    s, u = mean(groups["seen"]), mean(groups["unseen"])
+    return {"miou_seen": s, "miou_unseen": u, "hiou": harmonic_iou(s, u), **groups}

@@ -71,6 +71,11 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
             out = root / "deploy" / f"{b.target}-{b.precision}"
             opts = {"target": b.target, "precision": b.precision, "parity_limit": d.parity_limit,
                     "calib_size": d.calib_size, "opset": d.opset}
+            if b.precision == "int8":  # quantisation options apply to INT8 builds only (the stage rejects them otherwise)
+                opts.update(calib_data=d.calib_data, smooth_quant_alpha=d.smooth_quant_alpha,
+                            ignore_ops=list(d.ignore_ops), max_drop=d.max_drop if b.target == "openvino" else None,
+                            drop_metric=d.drop_metric, sensitivity=d.sensitivity,
+                            sensitivity_images=d.sensitivity_images)
             plan.append((f"deploy {b.target}-{b.precision}", out, {**base, **opts, "data": recipe.data},
                          lambda out=out, src=dict(source), o=opts: deploy_stage(out_dir=out, data=recipe.data, **src, **o)))
     if recipe.bench is not None:

@@ -34,16 +34,28 @@ class AnalyzeOptions:
 
 @dataclass
 class PruneOptions:
-    """Options of ``opentrans prune``: sparsity in (0, 1) of the prunable channels."""
+    """Options of ``opentrans prune``: sparsity in (0, 1) of the prunable channels; what to prune
+    (``structures``: comma-separated from channels, heads, width) and the head/width targets (default:
+    ``sparsity``); see :func:`opentrans.prune.structured.prune_structured`."""
 
     sparsity: float = 0.5
     importance: str = "magnitude"
     round_to: int = 8
+    structures: str = "channels"
+    head_sparsity: float | None = None
+    width_sparsity: float | None = None
+    ranking: str | None = None
 
 
 @dataclass
 class FinetuneOptions:
-    """Options of ``opentrans finetune``."""
+    """Options of ``opentrans finetune`` (the keyword arguments of
+    :func:`~opentrans.finetune.stage.finetune_stage`; see docs/finetune.md).
+
+    ``adapter``: none, lora, oft or hclip; ``prompts``: None (keep the model's), none or a prompt kind (vpt,
+    spt-seg, ldvc) with ``prompt_options``; ``head``: None (keep) or a head name (linear, none, spt-seg, ldvc)
+    with ``head_options``; ``unseen_classes``: zero-shot split (e.g. ``[car, pedestrian, bicyclist]`` on CamVid).
+    """
 
     steps: int = 40
     batch_size: int = 4
@@ -62,6 +74,12 @@ class FinetuneOptions:
     adapter: str = "none"
     adapter_rank: int = 4
     oft_block: int = 16
+    adapter_options: dict | None = None
+    prompts: str | None = None
+    prompt_options: dict | None = None
+    head: str | None = None
+    head_options: dict | None = None
+    unseen_classes: list[str] | None = None
 
 
 @dataclass
@@ -74,12 +92,25 @@ class Build:
 
 @dataclass
 class DeployOptions:
-    """Options of ``opentrans deploy``, one build per target/precision pair."""
+    """Options of ``opentrans deploy``, one build per target/precision pair.
+
+    INT8 builds use ``calib_data`` (``FORMAT:PATH`` dataset or a folder of images; default: the recipe's data,
+    train split), ``calib_size``, ``smooth_quant_alpha`` (-1: off), ``ignore_ops`` (regex patterns kept in float),
+    ``max_drop``/``drop_metric`` (accuracy control, openvino) and ``sensitivity`` (per-layer report); see
+    :func:`~opentrans.deploy.stage.deploy_stage`.
+    """
 
     builds: list[Build] = field(default_factory=lambda: [Build("onnx", "fp32")])
     parity_limit: int = 8
     calib_size: int = 32
     opset: int = 17
+    calib_data: str | None = None
+    smooth_quant_alpha: float = 0.6
+    ignore_ops: list[str] = field(default_factory=list)
+    max_drop: float | None = None
+    drop_metric: str = "agreement"
+    sensitivity: bool = False
+    sensitivity_images: int = 4
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Worker for tests/test_prune_imp.py: one IMP round plus distillation recovery of the tiny ViT, under torchrun
 (gloo, CPU) or in a single process. Writes the recovered image tower (safetensors) to argv[2] from rank 0.
 
-    torchrun --standalone --nproc_per_node 2 tests/prune_ddp_worker.py CAMVID_SPEC OUT.safetensors
+    torchrun --standalone --nproc_per_node 2 tests/prune_ddp_worker.py CAMVID_SPEC OUT.safetensors [STAGE_DIR]
+
+With STAGE_DIR, every rank then runs the whole ``imp_stage`` (one round, one recovery step) into STAGE_DIR: only
+rank 0 may write there; each rank appends the figures it got back to STAGE_DIR/../figures_rank{R}.json.
 """
 
 from __future__ import annotations
@@ -39,4 +42,15 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         save_file(state, sys.argv[2], metadata={"losses": ",".join(map(repr, losses)),
                                                 "world": os.environ["WORLD_SIZE"]})
+    if len(sys.argv) > 3:
+        import json
+        from pathlib import Path
+
+        from opentrans.prune.imp_stage import imp_stage
+
+        stage_dir = Path(sys.argv[3])
+        figures = imp_stage(None, "opentrans-tiny-vit", "none", stage_dir, 0.1, recovery_steps=1,
+                            distill_data=sys.argv[1], distill_limit=2, batch_size=2)
+        rank = torch.distributed.get_rank()
+        (stage_dir.parent / f"figures_rank{rank}.json").write_text(json.dumps(figures))
     torch.distributed.destroy_process_group()

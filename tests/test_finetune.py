@@ -327,4 +327,122 @@ def test_focal_and_dice_losses():
     other[0, :, 0] = 100.0
     assert segmentation_loss(other, target, 255, "focal-dice") == segmentation_loss(logits, target, 255, "focal-dice")
     with pytest.raises(OpenTransError, match="--loss"):
-        segmentation_loss(logits, target, 255, "ssim")
+        segmentation_loss(logits, target, 255, "tversky")
+
+
+def test_ssim_loss_hand_checked_cases():
+    from opentrans.finetune.losses import gaussian_window, segmentation_loss, ssim_loss, ssim_map
+
+    win = gaussian_window()
+    assert win.shape == (11, 11) and float(win.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(win[5, 5]) == pytest.approx(float(win.max()))  # centred, circular-symmetric
+    torch.testing.assert_close(win, win.T)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 20, generator=g)
+    torch.testing.assert_close(ssim_map(x, x), torch.ones_like(x))  # SSIM of identical maps = 1
+    # constant maps a and b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) (eq. 13, C2 terms cancel)
+    a, b, c1 = 0.8, 0.2, 0.01 ** 2
+    const = ssim_map(torch.full((1, 1, 12, 12), a), torch.full((1, 1, 12, 12), b))
+    # (float32 E[x^2] - mu^2 leaves ~1e-7 of variance against C2 = 9e-4: agreement to 1e-3)
+    torch.testing.assert_close(const, torch.full_like(const, (2 * a * b + c1) / (a * a + b * b + c1)), atol=1e-3, rtol=0)
+    # a map and its negative about its mean: sigma_xy = -sigma^2, so SSIM < 0 where there is structure
+    assert float(ssim_map(x, 1 - x).mean()) < 0.5
+
+    target = torch.randint(0, 4, (2, 16, 20), generator=g)
+    target[0, :4] = 255
+    perfect = torch.nn.functional.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float() * 50
+    assert float(ssim_loss(perfect, target, 255)) == pytest.approx(0.0, abs=1e-4)  # perfect prediction -> ~0
+    logits = torch.randn(2, 4, 16, 20, generator=g)
+    assert 0.5 < float(ssim_loss(logits, target, 255)) <= 2.0
+    # ignored pixels are masked out of the window statistics: their logits change nothing
+    other = logits.clone()
+    other[0, :, :4] = 100.0
+    assert segmentation_loss(other, target, 255, "focal-ssim") == segmentation_loss(logits, target, 255, "focal-ssim")
+    fs = segmentation_loss(logits, target, 255, "focal-ssim")
+    assert float(fs) == pytest.approx(float(segmentation_loss(logits, target, 255, "focal") + ssim_loss(logits, target, 255)))
+    # gradient flows to the logits and descends towards the labels
+    logits.requires_grad_(True)
+    ssim_loss(logits, target, 255).backward()
+    stepped = logits.detach() - 5.0 * logits.grad
+    assert ssim_loss(stepped, target, 255) < ssim_loss(logits.detach(), target, 255)
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_finetune_wires_paper_prompts_and_heads_and_keeps_them(tmp_path):
+    """--prompts ldvc --head ldvc: both are built, trained (LDVC's text prompts through a text forward with
+    gradient at every step), counted per component, saved in the artifact, and kept by a later finetune."""
+    from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.artifact import load_segmentor
+
+    common = {"steps": 1, "batch_size": 2, "lr": 1e-3, "train_limit": 2, "val_limit": 1, "progress": False,
+              "freeze_heavy_tail": False}
+    first = tmp_path / "ldvc"
+    finetune_stage(None, TINY_VIT, "none", first, CAMVID_SPEC, prompts="ldvc", head="ldvc", **common)
+    report = json.loads((first / "finetune_report.json").read_text())
+    seg, spec = load_segmentor(first)
+    assert spec.head == "ldvc" and spec.prompts["kind"] == "ldvc" and seg.prompts.kind == "ldvc"
+    parts = report["trainable_by_component"]
+    assert parts == {"head": _count(seg.head), "prompts": _count(seg.prompts), "adapter": 0, "clip_layers": 0}
+    assert report["trainable_params"] == parts["head"] + parts["prompts"] > 0
+    assert report["text_side_trained"] and report["head"] == "ldvc" and report["prompts"] == "ldvc"
+    assert f"prompts {parts['prompts']:,}" in (first / "finetune_report.md").read_text()
+
+    second = tmp_path / "again"
+    finetune_stage(first, None, "none", second, CAMVID_SPEC, **common)
+    again = json.loads((second / "finetune_report.json").read_text())
+    assert again["head"] == "ldvc" and again["prompts"] == "ldvc"  # not given: the artifact's are kept
+    assert again["trainable_by_component"] == parts
+    reloaded, _ = load_segmentor(second)
+    moved = [n for n, p in reloaded.state_dict().items() if n.startswith("prompts.")
+             and not torch.equal(p, seg.state_dict()[n])]
+    assert moved  # the kept prompts trained again
+
+
+def test_finetune_hclip_with_spt_seg_prompts_and_head_merges_before_saving(tmp_path):
+    from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.artifact import build_segmentor, load_segmentor
+
+    out = tmp_path / "hclip"
+    figures = finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=1, batch_size=2, lr=1e-3,
+                             train_limit=2, val_limit=1, progress=False, freeze_heavy_tail=False, adapter="hclip",
+                             adapter_options={"block_size": 16, "dcrc": False}, prompts="spt-seg", head="spt-seg")
+    report = json.loads((out / "finetune_report.json").read_text())
+    parts = report["trainable_by_component"]
+    assert report["adapter"]["kind"] == "hclip" and report["adapter"]["merged"] > 0
+    assert parts["adapter"] > 0 and parts["head"] > 0 and parts["prompts"] > 0 and parts["clip_layers"] == 0
+    assert figures["trainable_params"] == sum(parts.values())
+    assert report["text_side_trained"]  # H-CLIP adapts the text tower too: class embeddings recomputed per step
+    seg, spec = load_segmentor(out)
+    fresh, _ = build_segmentor(TINY_VIT, "none")
+    keys = set(seg.state_dict())
+    assert not any("parametrizations" in k for k in keys)  # merged into plain weights
+    assert keys - set(fresh.state_dict()) == {k for k in keys if k.startswith(("prompts.", "head."))}
+    changed = [k for k, v in seg.state_dict().items() if k.startswith("clip.transformer.")
+               and not torch.equal(v, fresh.state_dict()[k])]
+    assert changed  # the text tower's adapted weights trained and were merged
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prompts", "nope"], "--prompts nope: choose one of none, ldvc, spt-seg, vpt"),
+    (["--head", "nope"], "--head nope: choose one of ldvc, linear, none, spt-seg"),
+    (["--adapter", "nope"], "'nope' is not one of 'none', 'lora', 'oft', 'hclip'"),
+    (["--prompts", "vpt", "--prompt-options", "{bad"], "--prompt-options: not valid JSON"),
+    (["--head", "linear", "--head-options", "[1]"], "--head-options: expected a JSON object"),
+    (["--adapter-options", '{"block_size": 8}'], "--adapter-options is for --adapter hclip"),
+    (["--loss", "ssim2"], "'ssim2' is not one of"),
+])
+def test_finetune_cli_bad_values_are_one_line_errors(tmp_path, args, expected):
+    from click.testing import CliRunner
+
+    from opentrans.cli import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["finetune", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--out", str(out),
+                                      *args])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert not out.exists()

@@ -52,7 +52,8 @@ def test_vit_mlp_pruned_by_exact_amount_and_residual_untouched(tiny_vit):
     assert all(torch.equal(after[k], v) for k, v in frozen.items())  # attention, norms, embeddings: bit-identical
 
     assert report["layers"] == [
-        {"layer": f"transformer.resblocks.{i}.mlp.c_fc", "original": VIT_MLP, "before": VIT_MLP, "after": VIT_MLP // 2}
+        {"structure": "channels", "layer": f"transformer.resblocks.{i}.mlp.c_fc", "original": VIT_MLP,
+         "before": VIT_MLP, "after": VIT_MLP // 2}
         for i in range(VIT_LAYERS)
     ]
     assert report["sparsity"] == 0.5 and report["sparsity_before"] == 0.0
@@ -197,7 +198,12 @@ def test_bad_sparsity_raises_and_writes_nothing(tiny_vit, tmp_path, bad):
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"importance": "taylor"}, "unknown importance"), ({"round_to": 0}, "round")])
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"importance": "fisher"}, "unknown importance"), ({"round_to": 0}, "round"),
+    ({"importance": "taylor"}, "taylor needs --distill-data"), ({"structures": "channels,ffn"}, "unknown structure 'ffn'"),
+    ({"structures": ""}, "unknown structure"), ({"head_sparsity": 1.0, "structures": "heads"}, "--head-sparsity"),
+    ({"width_sparsity": 0.0, "structures": "width"}, "--width-sparsity"), ({"ranking": "local"}, "unknown ranking"),
+])
 def test_bad_options_raise_and_write_nothing(tmp_path, kwargs, match):
     out = tmp_path / "out"
     with pytest.raises(OpenTransError, match=match):
@@ -228,11 +234,13 @@ def test_prune_stage_writes_model_reports_and_manifest(tmp_path):
     assert manifest["status"] == "complete" and manifest["stage"] == "prune"
     assert manifest["weights"] == "random-init weights"
     assert manifest["figures"] == figures
-    assert {o["path"] for o in manifest["outputs"]} == {"model.safetensors", "model.json", "prune_report.json", "prune_report.md"}
+    assert {o["path"] for o in manifest["outputs"]} == {"model.safetensors", "model.json", "kept_indices.json",
+                                                       "prune_report.json", "prune_report.md"}
     assert figures["sparsity"] == 0.25 and figures["params_m_after"] < figures["params_m_before"]
     assert json.loads((first / "prune_report.json").read_text())["weights"] == "random-init weights"
     md = (first / "prune_report.md").read_text()
-    assert "random-init weights" in md and "| `transformer.resblocks.0.mlp.c_fc` | 256 | 256 | 192 |" in md
+    assert "random-init weights" in md and "| channels | `transformer.resblocks.0.mlp.c_fc` | 256 | 256 | 192 |" in md
+    assert figures["latency_ms_before"] > 0 and figures["latency_ms_after"] > 0 and "Latency, torch CPU" in md
 
     figures2 = prune_stage(first, None, "none", second, 0.5)
     assert figures2["params_m_before"] == pytest.approx(figures["params_m_after"])

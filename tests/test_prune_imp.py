@@ -291,13 +291,19 @@ def test_recovery_under_torchrun_ddp_gloo_matches_single_process(tmp_path):
 
     worker = Path(__file__).with_name("prune_ddp_worker.py")
     out = tmp_path / "ddp.safetensors"
+    stage_dir = tmp_path / "stage"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           CAMVID_SPEC, str(out)]
+           CAMVID_SPEC, str(out), str(stage_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     with safe_open(str(out), framework="pt") as fh:
         meta = fh.metadata()
     assert meta["world"] == "2"
+    # imp_stage under torchrun: rank 0 wrote a complete stage, both ranks got the same figures back
+    assert read_json(stage_dir / "manifest.json")["status"] == "complete"
+    assert (stage_dir / "masks.safetensors").is_file() and (stage_dir / "masks" / "round_1.safetensors").is_file()
+    figs = [read_json(tmp_path / f"figures_rank{r}.json") for r in (0, 1)]
+    assert figs[0] == figs[1] and figs[0]["rounds"] == 1
     sys.path.insert(0, str(worker.parent))
     try:
         from prune_ddp_worker import run

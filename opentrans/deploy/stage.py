@@ -23,7 +23,7 @@ import numpy as np
 
 from opentrans.artifacts import StageRecord, atomic_path, write_json
 from opentrans.deploy.export import DEFAULT_OPSET, INPUT_NAMES, check_opset, export_onnx
-from opentrans.deploy.quantize import DEFAULT_SMOOTH_QUANT_ALPHA
+from opentrans.deploy.quantize import DEFAULT_SMOOTH_QUANT_ALPHA, DROP_METRICS, check_ignore_patterns, check_smooth_quant_alpha
 from opentrans.deploy.targets import (
     BUILD_FILE,
     BUILD_FORMAT,
@@ -35,7 +35,11 @@ from opentrans.deploy.targets import (
     check_target,
     target_module,
 )
+from opentrans.deploy.text_graph import TEXT_ONNX, TEXT_PARITY, build_text_graph
 from opentrans.errors import OpenTransError
+
+#: INT8 builds: what was quantised and what was kept in floating point (and why).
+QUANT_REPORT_FILE = "quant_report.json"
 
 #: Parity thresholds per precision that the parity check exercises, against PyTorch fp32 on real validation
 #: images (figures from :func:`opentrans.evaluate.agreement`; logits are logit_scale x cosine, |logit| <= 100 for
@@ -108,7 +112,10 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                  target: str, precision: str, data: str, parity_limit: int = 8, calib_size: int = 32,
                  opset: int = DEFAULT_OPSET, image_size: tuple[int, int] | None = None, *,
                  smooth_quant_alpha: float = DEFAULT_SMOOTH_QUANT_ALPHA, max_batch: int = 4,
-                 max_classes: int | None = None) -> dict[str, Any]:
+                 max_classes: int | None = None, calib_data: str | None = None, ignore_ops: list[str] | None = None,
+                 max_drop: float | None = None, drop_metric: str = "agreement", sensitivity: bool = False,
+                 sensitivity_images: int = 4, sensitivity_top: int | None = None,
+                 dynamic_hw: bool = False) -> dict[str, Any]:
     """Build a ``target`` artifact at ``precision`` for a model, check it against PyTorch, write it to ``out_dir``.
 
     Args:
@@ -128,6 +135,25 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
         smooth_quant_alpha: NNCF SmoothQuant alpha for ViT MatMuls (int8 only; -1 disables).
         max_batch, max_classes: upper bounds of the TensorRT optimisation profile (jetson, nvidia); classes
             default to max(64, number of classes).
+        calib_data: INT8 calibration images instead of ``data``'s train split: any ``FORMAT:PATH`` dataset (its
+            train split), or a plain folder of images (``images:PATH``, a bare path, or ``folder:PATH`` without
+            ``images/``), see :mod:`opentrans.deploy.calibration`; ``calib_size`` of them are used.
+        ignore_ops: regular expressions of image-graph operation names kept in floating point (int8 only).
+        max_drop: accuracy-controlled INT8 (openvino only): the largest acceptable drop of ``drop_metric``, in
+            percentage points, measured on the artifact on the ``parity_limit`` val images; NNCF reverts layers to
+            floating point until it holds. ``quant_report.json`` lists the reverted layers.
+        drop_metric: ``agreement`` (argmax agreement with the fp32 PyTorch model, %) or ``miou`` (on the val
+            labels, %).
+        sensitivity: also write ``sensitivity.json``/``sensitivity.md`` (int8 only): each quantisable image-encoder
+            layer quantised alone, its agreement/cosine drop against fp32 on ``sensitivity_images`` val images
+            (at most ``parity_limit``), most costly first; ``sensitivity_top`` rows in the Markdown table.
+        dynamic_hw: export the image graph with dynamic height/width (ViT position embeddings resized in the
+            graph; see :mod:`opentrans.deploy.export`); the parity check runs at the model's input size.
+
+    Every build also carries the text tower as its own graph (``text_encoder.onnx``, ``text_encoder.xml`` for
+    openvino), the CLIP tokenizer files, and ``build.json["text_encoder"]`` with its parity against PyTorch
+    (:mod:`opentrans.deploy.text_graph`); a text graph that misses :data:`~opentrans.deploy.text_graph.TEXT_PARITY`
+    fails the build like the image graph.
 
     Returns:
         Figures: the parity figures (``max_abs_diff``, ``mean_abs_diff``, ``cosine``, ``pixel_agreement``,
@@ -135,7 +161,9 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
         (seconds), ``target``, ``precision``, ``checked_precision``, ``parity_images``.
 
     Raises:
-        OpenTransError: (one line, nothing written) an unknown target or precision, an unavailable back end
+        OpenTransError: (one line, nothing written) an unknown target or precision (the message lists the
+            target's precisions), a bad calibration source (e.g. a folder without images), an INT8-only option
+            with another precision, an unavailable back end
             (``nvidia`` without TensorRT), a bad opset, data spec, limit or output directory, model errors from
             :func:`~opentrans.models.artifact.resolve_model`; and an artifact that fails its parity thresholds
             (figures in the message; nothing written either).
@@ -152,6 +180,26 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
         raise OpenTransError(f"--parity-limit {parity_limit}: must be at least 1")
     if precision == "int8" and calib_size < 1:
         raise OpenTransError(f"--calib-size {calib_size}: must be at least 1")
+    check_smooth_quant_alpha(smooth_quant_alpha)
+    ignore_ops = check_ignore_patterns(ignore_ops)
+    int8_only = {"--calib-data": calib_data is not None, "--ignore-ops": bool(ignore_ops),
+                 "--max-drop": max_drop is not None, "--sensitivity": sensitivity}
+    for flag, given in int8_only.items():
+        if given and precision != "int8":
+            raise OpenTransError(f"{flag}: applies to --precision int8 only (asked: {precision})")
+    if max_drop is not None and target != "openvino":
+        raise OpenTransError(f"--max-drop: accuracy-controlled quantisation is built for --target openvino only "
+                             f"(asked: {target})")
+    if max_drop is not None and max_drop < 0:
+        raise OpenTransError(f"--max-drop {max_drop}: must be >= 0 (percentage points)")
+    if drop_metric not in DROP_METRICS:
+        raise OpenTransError(f"--drop-metric {drop_metric}: choose {', '.join(DROP_METRICS)}")
+    if sensitivity_images < 1 or (sensitivity_top is not None and sensitivity_top < 1):
+        raise OpenTransError("--sensitivity-images and --sensitivity-top: must be at least 1")
+    if calib_data is not None:
+        from opentrans.deploy.calibration import calibration_source
+
+        calibration_source(calib_data)
     if max_batch < 1:
         raise OpenTransError(f"--max-batch {max_batch}: must be at least 1")
     out_dir = Path(out_dir)
@@ -162,7 +210,11 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
         raise OpenTransError(f"--image-size {image_size}: a --from model keeps its input size "
                              f"{spec.image_size[0]}x{spec.image_size[1]}; re-run prune/finetune to change it")
     val = open_dataset(data, "val", spec.image_size, spec.mean, spec.std, limit=parity_limit)
-    train = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, limit=calib_size) if precision == "int8" else None
+    calib: list[np.ndarray] = []
+    if precision == "int8":
+        from opentrans.deploy.calibration import calibration_images
+
+        calib = calibration_images(calib_data or data, spec.image_size, spec.mean, spec.std, calib_size)
     names = list(val.class_names)
     if max_classes is not None and max_classes < len(names):
         raise OpenTransError(f"--max-classes {max_classes}: below the dataset's {len(names)} classes")
@@ -171,8 +223,12 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
     options = {"from": from_dir, "model": model, "pretrained": pretrained, "out": out_dir, "target": target,
                "precision": precision, "data": data, "parity_limit": parity_limit, "calib_size": calib_size,
                "opset": opset, "image_size": list(spec.image_size), "smooth_quant_alpha": smooth_quant_alpha,
-               "max_batch": max_batch, "max_classes": max_classes}
-    target_options = {"smooth_quant_alpha": smooth_quant_alpha, "max_batch": max_batch}
+               "max_batch": max_batch, "max_classes": max_classes, "calib_data": calib_data, "ignore_ops": ignore_ops,
+               "max_drop": max_drop, "drop_metric": drop_metric, "sensitivity": sensitivity,
+               "sensitivity_images": sensitivity_images, "sensitivity_top": sensitivity_top, "dynamic_hw": dynamic_hw}
+    target_options = {"smooth_quant_alpha": smooth_quant_alpha, "max_batch": max_batch, "ignore_ops": ignore_ops,
+                      "max_drop": max_drop, "drop_metric": drop_metric, "calib_data": calib_data,
+                      "ignore_index": val.ignore_index, "dynamic_hw": dynamic_hw}
     if max_classes is not None:
         target_options["max_classes"] = max_classes
 
@@ -189,16 +245,44 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
             for path in inputs:
                 rec.add_input(path)
             start = time.perf_counter()
-            onnx_path = export_onnx(seg, tmp / "model.onnx", opset=opset)
+            onnx_path = export_onnx(seg, tmp / "model.onnx", opset=opset, dynamic_hw=dynamic_hw)
             export_s = time.perf_counter() - start
             _save_npy(tmp / TEXT_EMBEDS_FILE, text)
             write_json(tmp / CLASSES_FILE, names)
             ctx = BuildContext(
                 segmentor=seg, spec=spec, precision=precision, build_dir=tmp, onnx_path=onnx_path, opset=opset,
                 class_names=names, text_embeds=text,
-                calibration=lambda: [train[i][0][None].numpy() for i in range(len(train))],
-                sample_images=val[0][0][None].numpy(), options=target_options)
+                calibration=lambda: list(calib),
+                sample_images=val[0][0][None].numpy(), options=target_options,
+                validation=lambda: [(val[i][0][None].numpy(), val[i][1].numpy()) for i in range(len(val))])
+            if sensitivity:
+                from opentrans.deploy.sensitivity import layer_sensitivity, write_sensitivity_report
+
+                n = min(sensitivity_images, len(val))
+                report = layer_sensitivity(onnx_path, calib, np.stack([val[i][0].numpy() for i in range(n)]), text,
+                                           model_type_transformer=seg.is_vit, smooth_quant_alpha=smooth_quant_alpha,
+                                           ignore_patterns=ignore_ops)
+                write_sensitivity_report(report, tmp, top_n=sensitivity_top)
             built = target_module(target).build(ctx)
+            if precision == "int8":
+                quantized = built.info.pop("quantized_layers", None)
+                accuracy = built.info.pop("quant_report", None)
+                write_json(tmp / QUANT_REPORT_FILE, {
+                    "target": target, "precision": precision, "quantizer": built.info.get("quantizer"),
+                    "calibration": {"data": calib_data or f"{data} (train split)", "images": len(calib)},
+                    "smooth_quant_alpha": built.info.get("smooth_quant_alpha"),
+                    "quantized_layers": quantized, "ignore_ops": ignore_ops,
+                    "kept_fp32": {"text_path": "every op fed by text_embeds (similarity MatMul, upsampling)",
+                                  "ignore_ops": built.info.get("ignore_ops", []),
+                                  "accuracy_control": [] if accuracy is None else accuracy["reverted_ops"]},
+                    "accuracy_control": accuracy,
+                })
+                if accuracy is not None:
+                    built.info["reverted_layers"] = accuracy["reverted_layers"]
+
+            text_onnx = tmp / TEXT_ONNX
+            text_info = build_text_graph(tmp, target, seg, spec, names, onnx_path=text_onnx if text_onnx.exists() else None,
+                                         opset=opset)
 
             figures = agreement(TorchRunner(seg), built.runner, val, text)
             failures = check_parity(figures, built.checked_precision)
@@ -218,17 +302,21 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                 "figures": {k: figures[k] for k in ("max_abs_diff", "mean_abs_diff", "cosine", "pixel_agreement",
                                                     "teacher_miou")},
                 "passed": True,
+                "text_encoder": {"reference": "torch encode_classes", "candidate": text_info["file"],
+                                 "thresholds": TEXT_PARITY, "figures": text_info["parity"]},
             })
             write_json(tmp / BUILD_FILE, {
                 "format": BUILD_FORMAT, "target": target, "backend": TARGETS[target][1], "precision": precision,
                 "file": built.file, "model_files": built.model_files,
-                "inputs": {INPUT_NAMES[0]: f"float32 (B,3,{spec.image_size[0]},{spec.image_size[1]})",
+                "inputs": {INPUT_NAMES[0]: "float32 (B,3,H,W)" if dynamic_hw else
+                           f"float32 (B,3,{spec.image_size[0]},{spec.image_size[1]})",
                            INPUT_NAMES[1]: f"float32 (C,{text.shape[1]})"},
                 "output": f"logits float32 (B,C,{spec.image_size[0]},{spec.image_size[1]})",
                 "image_size": list(spec.image_size), "embed_dim": int(text.shape[1]), "mean": list(spec.mean),
                 "std": list(spec.std), "class_names": names, "text_embeds": TEXT_EMBEDS_FILE,
                 "model": spec.model, "pretrained": spec.pretrained, "weights": spec.weights, "opset": opset,
-                "spec": dataclasses.asdict(spec), "source": source, **built.info,
+                "spec": dataclasses.asdict(spec), "source": source, "dynamic_hw": dynamic_hw, "text_encoder": text_info,
+                **built.info,
             })
             for path in sorted(tmp.rglob("*")):
                 if path.is_file():

@@ -12,6 +12,13 @@ native bf16 (``amp``), and checkpoints every N steps with resume after a kill (:
 no pickle) and the step, losses, optimizer hyper-parameters and scheduler state in JSON. The data order is
 replayed from ``seed`` on resume (the sampler is the only random source: the segmentor runs in eval mode),
 so a resumed run ends bit-for-bit equal to an uninterrupted one.
+
+Zero-shot training (:class:`SeenClassesDataset`: unseen pixels become the ignore index, classes renumbered to
+the seen ones) and torchrun DistributedDataParallel on CPU with gloo (:func:`init_distributed`; every process
+takes its ``rank::world`` share of the same seeded global batch, losses are pixel-weighted so the averaged
+gradient is the whole batch's, rank 0 alone writes checkpoints) are documented on :func:`train_segmentor`.
+When the text side trains (text prompts, text-tower adapters), ``text_embeds`` is a callable and the class
+embeddings are recomputed with gradient at every micro-batch.
 """
 
 from __future__ import annotations
@@ -187,8 +194,94 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, fingerprint: str,
     return int(meta["step"]), [float("nan") if v is None else float(v) for v in meta["losses"]]
 
 
-def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: torch.Tensor, steps: int,
-                    batch_size: int, lr: float, seed: int = 0, weight_decay: float = 0.01,
+class SeenClassesDataset(torch.utils.data.Dataset):
+    """A view of a :class:`~opentrans.data.SegDataset` that keeps only the *seen* classes (zero-shot training).
+
+    Class indices are renumbered to the order of the seen classes (``class_names``) and every pixel of an
+    unseen class becomes ``ignore_index``, so training never receives an unseen label and the seen classes'
+    text embeddings are the only classifier rows (the inductive zero-shot protocol of ZS3Net, Bucher et al.,
+    NeurIPS 2019, Sec. 4, followed by ZegCLIP, SPT-SEG and LDVC).
+
+    Args:
+        dataset: the full dataset (images ``(3, H, W)``, masks ``(h0, w0)`` int64).
+        unseen: names of the classes to hide; each must be a class of ``dataset`` and at least one must stay.
+
+    Attributes:
+        class_names, ignore_index, image_size, name: as the wrapped dataset, ``class_names`` without the unseen.
+        seen_index: the original class index of each kept class.
+
+    Raises:
+        OpenTransError: an unknown class name, or every class unseen.
+    """
+
+    def __init__(self, dataset, unseen: list[str] | tuple[str, ...]):
+        names = list(dataset.class_names)
+        unknown = [u for u in unseen if u not in names]
+        if unknown:
+            raise OpenTransError(f"--unseen-classes: '{unknown[0]}' is not a class of {dataset.name}; "
+                                 f"choose from {', '.join(names)}")
+        self.dataset = dataset
+        self.seen_index = [i for i, n in enumerate(names) if n not in set(unseen)]
+        if not self.seen_index:
+            raise OpenTransError("--unseen-classes: every class is unseen; at least one class must be seen")
+        self.class_names = tuple(names[i] for i in self.seen_index)
+        self.ignore_index = dataset.ignore_index
+        self.image_size = dataset.image_size
+        self.name = dataset.name
+        lut = torch.full((max(len(names), dataset.ignore_index + 1),), dataset.ignore_index, dtype=torch.int64)
+        for new, old in enumerate(self.seen_index):
+            lut[old] = new
+        self._lut = lut
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[idx]
+        return image, self._lut[mask.long()]
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised default process group, else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Under ``torchrun`` (environment ``WORLD_SIZE > 1``), initialise the default process group with the gloo
+    backend (CPU) unless one exists; returns True when this call created it (the caller destroys it)."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group with more than one process exists, else nothing."""
+    if distributed_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+class _TrainForward(torch.nn.Module):
+    """The training forward as one module (what DistributedDataParallel wraps): logits of ``seg`` against the
+    fixed class embeddings, or against ``text_fn()`` recomputed (with gradient) at every call when the text
+    side trains (text prompts, text-tower adapters)."""
+
+    def __init__(self, seg: OpenVocabSegmentor, text: torch.Tensor | Callable[[], torch.Tensor]):
+        super().__init__()
+        self.seg = seg
+        self.text = text
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        text = self.text() if callable(self.text) else self.text
+        return self.seg(images, text)
+
+
+def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: torch.Tensor | Callable[[], torch.Tensor],
+                    steps: int, batch_size: int, lr: float, seed: int = 0, weight_decay: float = 0.01,
                     progress: bool = True, grad_accum: int = 1, amp: str = "off",
                     checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                     on_step: Callable[[int, float], None] | None = None, loss: str = "ce") -> list[float]:
@@ -202,20 +295,34 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
     whose pixels are all the ignore index contributes nothing; a step with no labelled pixel at all is
     skipped (its loss recorded as NaN) while the learning-rate schedule still advances. Rows of a partly
     trainable fused in-projection (:func:`~opentrans.finetune.freeze.row_masked_parameters`) are written
-    back after every step so that weight decay does not move them.
+    back after every step so that weight decay does not move them. A tqdm bar shows the step's loss and
+    learning rate.
 
     With ``checkpoint_dir`` and ``checkpoint_every = N > 0`` the state is saved every N steps and after
     the last one (:func:`save_checkpoint`); a call with the same ``checkpoint_dir``, the same settings and
     a model rebuilt from the same starting weights resumes from the last checkpoint and ends bit-for-bit
     where an uninterrupted run would.
 
+    **Distributed data parallel.** When a default process group with ``W > 1`` processes is initialised
+    (``torchrun``; :func:`init_distributed`), the training forward is wrapped in
+    :class:`~torch.nn.parallel.DistributedDataParallel`: every process draws the same seeded global batch of
+    ``batch_size`` images and takes its ``rank::W`` share. Each process's loss is scaled by
+    ``W n_r / N`` (``n_r`` its labelled pixels, ``N`` the batch's, all-reduced), so DDP's gradient average is
+    the gradient of the pixel-weighted loss over the whole global batch: for ``ce`` and ``focal`` the update
+    equals the single-process one (within float tolerance); for ``dice``/``ssim`` it is the pixel-weighted
+    mean of the per-shard losses. Only rank 0 writes checkpoints and shows the bar; the others wait at a
+    barrier after each save.
+
     Args:
         seg: the segmentor, parameters already frozen/unfrozen.
         dataset: images ``(3, H, W)`` at ``seg.image_size`` and masks ``(h0, w0)`` with
-            ``dataset.ignore_index`` for unlabelled pixels; class i of the masks is row i of ``text_embeds``.
-        text_embeds: float32 ``(C, D)`` class embeddings (fixed; the text tower is not trained).
+            ``dataset.ignore_index`` for unlabelled pixels; class i of the masks is row i of ``text_embeds``
+            (:class:`SeenClassesDataset` restricts both to the seen classes of a zero-shot split).
+        text_embeds: float32 ``(C, D)`` class embeddings (fixed), or a callable returning them with gradient
+            (called at every micro-batch; for text prompts or text-tower adapters that train).
         steps: optimizer steps (>= 1).
-        batch_size: images per micro-batch (>= 1; capped at ``len(dataset)``).
+        batch_size: images per micro-batch (>= 1; capped at ``len(dataset)``), over all processes under DDP
+            (then a multiple of the process count).
         lr: peak AdamW learning rate, decayed with the poly schedule.
         seed: seeds the sampling order.
         weight_decay: AdamW decoupled weight decay.
@@ -224,18 +331,21 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
         amp: ``off``, ``bf16`` (``torch.autocast('cpu', torch.bfloat16)`` around the forward pass; the loss
             is computed in float32) or ``auto`` (bf16 where the CPU has native bf16, :func:`cpu_supports_bf16`).
         checkpoint_dir, checkpoint_every: see above (``checkpoint_every = 0``: no checkpoints).
-        loss: ``ce`` (default), ``focal``, ``dice`` or ``focal-dice`` (:mod:`opentrans.finetune.losses`).
+        loss: a name of :data:`~opentrans.finetune.losses.LOSSES` (``ce`` default, ``focal``, ``dice``,
+            ``focal-dice``, ``ssim``, ``focal-ssim``; :mod:`opentrans.finetune.losses`).
         on_step: called as ``on_step(step, loss)`` after each optimizer step (1-based), after any checkpoint
             of that step; an exception it raises stops training (tests use it to simulate a kill).
 
     Returns:
         The training loss (``loss`` averaged over the step's labelled micro-batches; the cross-entropy in
-        nats by default) of every step, resumed steps included.
+        nats by default) of every step, resumed steps included (under DDP: of the global batch, the same on
+        every process).
 
     Raises:
         OpenTransError: bad options (see :func:`check_train_options`, :func:`resolve_amp`), an image size
             other than ``seg.image_size``, a class count other than ``len(text_embeds)``, no trainable
-            parameter, a checkpoint of another run, or a loss that became NaN/inf (lower the learning rate).
+            parameter, a checkpoint of another run, a global batch that is not a multiple of the process
+            count, or a loss that became NaN/inf (lower the learning rate).
     """
     from opentrans.finetune.freeze import row_masked_parameters
 
@@ -245,15 +355,26 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
         raise OpenTransError(f"--loss {loss}: choose one of {', '.join(LOSSES)}")
     if tuple(dataset.image_size) != tuple(seg.image_size):
         raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
-    if len(dataset.class_names) != text_embeds.shape[0]:
-        raise OpenTransError(f"{len(dataset.class_names)} classes in the dataset but {text_embeds.shape[0]} text embeddings")
+    text_trains = callable(text_embeds)
+    if not text_trains:
+        text_embeds = text_embeds.detach().float()
+        if len(dataset.class_names) != text_embeds.shape[0]:
+            raise OpenTransError(f"{len(dataset.class_names)} classes in the dataset but {text_embeds.shape[0]} "
+                                 "text embeddings")
     named = [(n, p) for n, p in seg.named_parameters() if p.requires_grad]
     if not named:
         raise OpenTransError("nothing to train: no parameter of the model requires a gradient")
+    rank, world = distributed_world()
+    if world > 1 and min(batch_size, len(dataset)) % world:
+        raise OpenTransError(f"--batch-size {batch_size}: the global batch ({min(batch_size, len(dataset))} images) "
+                             f"must be a multiple of the {world} processes")
     params = [p for _, p in named]
 
     seg.eval()
-    text_embeds = text_embeds.detach().float()
+    forward = _TrainForward(seg, text_embeds)
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(forward, find_unused_parameters=True,
+                                                            broadcast_buffers=False)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=POLY_POWER)
     generator = torch.Generator().manual_seed(seed)
@@ -261,6 +382,8 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
     fingerprint = _fingerprint([n for n, _ in named], steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                weight_decay=weight_decay, grad_accum=grad_accum, amp=use_bf16, loss=loss,
                                data=len(dataset), classes=list(dataset.class_names))
+    if text_trains:
+        fingerprint = _fingerprint([fingerprint], text_trains=True)
     start_step, losses = 0, []
     if checkpoint_dir is not None:
         # the starting weights are part of the run: a checkpoint must not resume onto another model
@@ -276,26 +399,43 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
     for _ in range(start_step * grad_accum):  # replay the sampler: same data order as an uninterrupted run
         next(batches)
     bar = tqdm(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
-               disable=not progress, leave=False)
+               disable=not progress or rank != 0, leave=False)
     with torch.enable_grad():
         for step in bar:
             current_lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             step_loss, labelled = 0.0, 0
             for _ in range(grad_accum):
-                idx = next(batches)
+                idx = next(batches)[rank::world]
                 images, masks = collate([dataset[i] for i in idx])
                 target = resize_masks(masks, seg.image_size)
-                if bool((target == dataset.ignore_index).all()):
+                n_local = int((target != dataset.ignore_index).sum())
+                n_global = n_local
+                if world > 1:
+                    count = torch.tensor([n_local], dtype=torch.int64)
+                    torch.distributed.all_reduce(count)
+                    n_global = int(count)
+                if n_global == 0:
                     continue
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = seg(images, text_embeds)
-                value = segmentation_loss(logits, target, dataset.ignore_index, loss)
-                if not torch.isfinite(value):
-                    raise OpenTransError(f"training loss became {value.item()} at step {step + 1}; "
+                    logits = forward(images)
+                if n_local:
+                    value = segmentation_loss(logits, target, dataset.ignore_index, loss)
+                else:  # this process's share is unlabelled: a zero loss that still reaches every parameter (DDP)
+                    value = logits.float().sum() * 0.0
+                if world > 1:
+                    share = value.detach().reshape(1) * (n_local / n_global)
+                    torch.distributed.all_reduce(share)
+                    logged = float(share)
+                else:
+                    logged = float(value.detach())
+                if not math.isfinite(logged):
+                    raise OpenTransError(f"training loss became {logged} at step {step + 1}; "
                                          f"lower --lr (now {lr})")
+                if world > 1:
+                    value = value * (n_local * world / n_global)
                 (value / grad_accum).backward()
-                step_loss += float(value.detach())
+                step_loss += logged
                 labelled += 1
             if labelled:
                 optimizer.step()
@@ -309,7 +449,9 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
             scheduler.step()
             done = step + 1
             if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                save_checkpoint(checkpoint_dir, done, losses, fingerprint, named, optimizer, scheduler)
+                if rank == 0:
+                    save_checkpoint(checkpoint_dir, done, losses, fingerprint, named, optimizer, scheduler)
+                barrier()
             if on_step is not None:
                 on_step(done, losses[-1])
     optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,9 @@ class SegmentorSpec:
             or None.
         shapes: ``{parameter name: shape}`` for parameters whose shape differs from the fresh architecture.
         lineage: the stages that produced this artifact, oldest first.
+        modules: ``{module name: {"type", "num_heads", "head_dim"}}`` for attention modules replaced by their
+            pruned-capable counterparts (:mod:`opentrans.models.attention`; head/width pruning). Absent in older
+            files (= none replaced).
     """
 
     model: str
@@ -56,6 +59,7 @@ class SegmentorSpec:
     prompts: dict | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)
     lineage: list[str] = field(default_factory=list)
+    modules: dict[str, dict] = field(default_factory=dict)
 
 
 def build_segmentor(model: str, pretrained: str, image_size: tuple[int, int] | None = None,
@@ -85,7 +89,10 @@ def changed_shapes(seg: OpenVocabSegmentor, model_name: str) -> dict[str, list[i
 def save_segmentor(seg: OpenVocabSegmentor, spec: SegmentorSpec, out_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` atomically; returns the weights path."""
     out_dir = Path(out_dir)
+    from opentrans.models.attention import attention_structure
+
     spec.shapes = changed_shapes(seg, spec.model)
+    spec.modules = attention_structure(seg)
     spec.head, spec.head_options = seg.head_type, dict(seg.head_options)
     spec.prompts = None if seg.prompts is None else {"kind": seg.prompts.kind, **seg.prompts.options()}
     state = {k: v.detach().contiguous() for k, v in seg.state_dict().items()}
@@ -106,6 +113,8 @@ def _resize_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = module.weight.shape[0]
+    elif type(module).__name__ == "PrunedMultiheadAttention":  # head/width-pruned attention
+        module.embed_dim = module.in_proj_weight.shape[1]
 
 
 def apply_shapes(root: nn.Module, shapes: dict[str, list[int]]) -> None:
@@ -165,6 +174,13 @@ def segmentor_from_spec(spec: SegmentorSpec) -> OpenVocabSegmentor:
     """
     seg = OpenVocabSegmentor(create_architecture(spec.model), spec.image_size, spec.dense_mode, spec.head,
                              spec.head_options)
+    if spec.modules:
+        from opentrans.models.attention import rebuild_attention
+
+        try:
+            rebuild_attention(seg, spec.modules)
+        except (AttributeError, KeyError) as exc:
+            raise OpenTransError(f"model spec: its attention modules do not fit {spec.model} ({exc})") from None
     apply_shapes(seg, spec.shapes)
     if spec.prompts:
         options = {k: v for k, v in spec.prompts.items() if k != "kind"}

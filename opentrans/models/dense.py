@@ -22,6 +22,8 @@ quoted, so check them against the paper's method section.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +37,27 @@ NACLIP_STD = 5.0
 CLIPER_KEEP = 0.2
 
 
+_SYMBOLIC_GRID: list[bool] = []
+
+
+@contextlib.contextmanager
+def symbolic_grid():
+    """Within the block, :func:`embed_tokens` keeps the patch grid as traced sizes (``x.shape``, not Python ints)
+    and always resizes the positional embedding, so a traced/exported graph accepts any input (H, W) (ONNX
+    export with dynamic height/width, :func:`opentrans.deploy.export.export_onnx` ``dynamic_hw=True``). Outside
+    it (eager runs, fixed-size exports) nothing changes. Resizing to the pretraining grid itself is the identity
+    (bicubic, ``align_corners=False``, scale 1), so eager and traced results agree at every size."""
+    _SYMBOLIC_GRID.append(True)
+    try:
+        yield
+    finally:
+        _SYMBOLIC_GRID.pop()
+
+
 def _interpolate_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
-    """Bicubically resize a ViT positional embedding ``(1 + gh*gw, W)`` to another patch grid."""
-    if tuple(old_grid) == tuple(new_grid):
+    """Bicubically resize a ViT positional embedding ``(1 + gh*gw, W)`` to another patch grid (``new_grid`` may
+    hold traced sizes inside :func:`symbolic_grid`)."""
+    if not _SYMBOLIC_GRID and tuple(old_grid) == tuple(new_grid):
         return pos
     cls_pos, patch_pos = pos[:1], pos[1:]
     width = pos.shape[-1]
@@ -53,7 +73,7 @@ def embed_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     The positional embedding is bicubically resized when the grid differs from the pretraining grid.
     """
     x = visual.conv1(images)  # (B, W, h, w)
-    grid = (int(x.shape[-2]), int(x.shape[-1]))
+    grid = (x.shape[-2], x.shape[-1]) if _SYMBOLIC_GRID else (int(x.shape[-2]), int(x.shape[-1]))
     x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
     cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)

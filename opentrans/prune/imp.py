@@ -52,6 +52,7 @@ from torch.nn.utils import prune
 
 from opentrans.artifacts import atomic_path
 from opentrans.errors import OpenTransError
+from opentrans.models.attention import PrunedMultiheadAttention
 from opentrans.models.segmentor import OpenVocabSegmentor
 
 MASKS_FORMAT = "opentrans.masks/1"
@@ -86,7 +87,7 @@ def imp_targets(visual: nn.Module) -> list[Target]:
     for name, module in visual.named_modules():
         if name in excluded:
             continue
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
             if not module._qkv_same_embed_dim:
                 raise OpenTransError(f"{name}: MultiheadAttention with separate q/k/v weights is not supported")
             targets.append(Target(f"{name}.in_proj_weight", module, "in_proj_weight"))
@@ -255,3 +256,44 @@ def apply_masks(seg: OpenVocabSegmentor, masks: Masks | str | os.PathLike) -> di
     for t in imp_targets(seg.visual):
         _weight(t).mul_(masks[t.name].to(_weight(t).dtype))
     return {"sparsity": mask_sparsity(current_masks(seg.visual)), "model": meta.get("model")}
+
+
+def artifact_masks(model_dir: str | os.PathLike | None) -> Masks | None:
+    """The IMP masks of a model directory (``masks.safetensors`` beside ``model.json``, written by ``opentrans
+    prune --method imp``), or None when there are none (or ``model_dir`` is None).
+
+    Raises:
+        OpenTransError: a masks file that is unreadable.
+    """
+    if model_dir is None:
+        return None
+    path = Path(model_dir) / "masks.safetensors"
+    return read_masks(path)[0] if path.is_file() else None
+
+
+def keep_masked_zeros(seg: OpenVocabSegmentor, masks: Masks) -> list:
+    """Keep the pruned weights of an IMP model at zero while it trains (``finetune --from`` an IMP artifact).
+
+    Every IMP target gets a gradient hook that multiplies its gradient by the mask, so pruned weights get a zero
+    gradient. With a zero weight and zero gradient, SGD (with momentum), Adam and AdamW all leave the weight at
+    exactly zero (Adam's moments stay 0, decoupled or L2 weight decay of 0 is 0). Whatever is *added* to the
+    weights later (merged LoRA/OFT adapters) is not covered: re-apply the masks with :func:`apply_masks` after
+    merging.
+
+    Args:
+        seg: the segmentor loaded from the IMP artifact; masks: its masks (see :func:`artifact_masks`).
+
+    Returns:
+        The hook handles (``handle.remove()`` to undo).
+
+    Raises:
+        OpenTransError: masks for another architecture.
+    """
+    check_masks(seg.visual, masks, "the artifact's masks")
+    handles = []
+    for t in imp_targets(seg.visual):
+        mask = masks[t.name].to(_weight(t).dtype)
+        with torch.no_grad():
+            _weight(t).mul_(mask)
+        handles.append(_weight(t).register_hook(lambda g, m=mask: g * m))
+    return handles

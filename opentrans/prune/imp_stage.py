@@ -15,6 +15,14 @@ An interrupted run, started again with the same options and ``--out``, resumes a
 ends with the same weights and masks as an uninterrupted run: each round's recovery uses a fresh optimizer
 and a data order seeded by ``(seed, round)``.
 
+Under ``torchrun`` (an initialised default process group) every process runs the same rounds (recovery is
+data-parallel, see :func:`opentrans.prune.distill.recover`) but only rank 0 writes files; the other ranks wait on
+barriers and return the figures of rank 0's manifest.
+
+An IMP artifact keeps its zeros downstream: ``deploy`` exports the weights as they are, and ``finetune --from``
+it registers gradient hooks that keep the pruned weights at zero and re-applies the masks after merging
+adapters (:func:`opentrans.prune.imp.keep_masked_zeros`).
+
 Unstructured sparsity makes the weights compressible (smaller zlib size, sparse storage) but does **not** make
 dense kernels faster: the model keeps its shapes, so its GMACs and dense CPU/GPU latency are unchanged. Use
 structured pruning (``--method structured``) for speed.
@@ -35,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from opentrans.artifacts import StageRecord, atomic_path, read_json, sha256, write_json, write_text
 from opentrans.errors import OpenTransError
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
-from opentrans.prune.distill import check_recovery_options, evaluate_distill_loss, open_images, recover
+from opentrans.prune.distill import _world, check_recovery_options, evaluate_distill_loss, open_images, recover
 from opentrans.prune.imp import (
     DEFAULT_RATE,
     apply_masks,
@@ -148,6 +156,29 @@ def _save_state(out_dir: Path, state: dict) -> None:
     write_json(out_dir / STATE_FILE, state)
 
 
+def _barrier() -> None:
+    """Wait for every process of an initialised default process group (torchrun); a no-op otherwise."""
+    if _world()[1] > 1:
+        torch.distributed.barrier()
+
+
+class _WorkerRecord(StageRecord):
+    """The stage record of a process other than rank 0 under torchrun: it hashes and writes nothing (rank 0
+    writes every file; the others wait on barriers)."""
+
+    def __enter__(self) -> _WorkerRecord:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+    def add_input(self, path) -> None:
+        return None
+
+    def add_output(self, path) -> None:
+        return None
+
+
 def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str, out_dir: str | os.PathLike,
               sparsity: float | None, rate: float = DEFAULT_RATE, recovery_steps: int = 0,
               distill_data: str | None = None, distill_limit: int | None = None, batch_size: int = 4,
@@ -242,7 +273,11 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
     total = sum(m.numel() for m in start_masks.values())
     probe = torch.stack([distill[i] for i in range(min(len(distill), batch_size))]) if distill is not None else None
 
-    with StageRecord("prune", out_dir, options, started=started) as rec:
+    # Under torchrun only rank 0 writes files; every rank computes the same rounds (recovery runs under DDP).
+    main = _world()[0] == 0
+    _barrier()  # every rank has read the resume state before rank 0 writes anything
+    record_type = StageRecord if main else _WorkerRecord
+    with record_type("prune", out_dir, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
         history: list[dict] = []
@@ -280,10 +315,16 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
                 row["sparsity"] = mask_sparsity(current)
                 history.append(row)
                 # A round is finished when all three are written, in this order.
-                save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", spec.model)
-                with atomic_path(out_dir / CHECKPOINT) as tmp:
-                    save_file({n: t.detach().contiguous() for n, t in seg.visual.state_dict().items()}, str(tmp))
-                _save_state(out_dir, {**key, "rounds_done": k, "rounds_total": len(schedule), "history": history})
+                if main:
+                    save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", spec.model)
+                    with atomic_path(out_dir / CHECKPOINT) as tmp:
+                        save_file({n: t.detach().contiguous() for n, t in seg.visual.state_dict().items()}, str(tmp))
+                    _save_state(out_dir, {**key, "rounds_done": k, "rounds_total": len(schedule), "history": history})
+                _barrier()
+
+        if not main:  # wait for rank 0 to write the model, reports and manifest; return the same figures
+            _barrier()
+            return read_json(out_dir / "manifest.json")["figures"]
 
         spec.lineage.append("prune-imp")
         rec.add_output(save_segmentor(seg, spec, out_dir))
@@ -326,4 +367,5 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         if evalset is not None:
             rec.figures["teacher_miou"] = report["fidelity"]["teacher_miou"]
             rec.figures["feature_cosine"] = report["fidelity"]["feature_cosine"]
+    _barrier()  # the manifest is written: release the other ranks
     return rec.figures

@@ -8,11 +8,18 @@ against PyTorch before anything reaches the output directory.
 ========  ==========================================  ===========  =========================================
 target    artifact                                    precisions   parity checked here on
 ========  ==========================================  ===========  =========================================
-onnx      ``model.onnx`` for ONNX Runtime             fp32         ONNX Runtime CPU
-openvino  ``model.xml``/``model.bin`` OpenVINO IR     fp32, int8   OpenVINO CPU, f32 inference precision
-jetson    bundle: ``model.onnx`` + ``build_engine.sh``  fp32, fp16   ONNX Runtime on the fp32 ``model.onnx``
-nvidia    ``model.engine`` (TensorRT, this GPU only)  fp32, fp16   TensorRT (needs ``import tensorrt``)
+onnx      ``model.onnx`` for ONNX Runtime (int8: Q/DQ)  fp32, fp16,  ONNX Runtime CPU
+                                                      int8
+openvino  ``model.xml``/``model.bin`` OpenVINO IR     fp32, fp16,  OpenVINO CPU, f32 inference precision
+                                                      int8
+jetson    bundle: ONNX + ``build_engine.sh`` +       fp32, fp16,  ONNX Runtime on the bundle's ONNX at its
+          ``runner.py`` (see targets/jetson.py)       int8         precision (fp16 / Q/DQ INT8 file)
+nvidia    ``model.engine`` (TensorRT, this GPU only)  fp32, fp16,  TensorRT (needs ``import tensorrt``)
+                                                      int8
 ========  ==========================================  ===========  =========================================
+
+Every build also holds the text graph (``text_encoder.onnx``; ``text_encoder.xml`` for openvino) and the CLIP
+tokenizer files: see :mod:`opentrans.deploy.text_graph`.
 """
 
 from __future__ import annotations
@@ -44,10 +51,10 @@ TARGETS: dict[str, tuple[str, str]] = {
 }
 #: Precisions each target can build.
 PRECISIONS: dict[str, tuple[str, ...]] = {
-    "onnx": ("fp32",),
-    "openvino": ("fp32", "int8"),
-    "jetson": ("fp32", "fp16"),
-    "nvidia": ("fp32", "fp16"),
+    "onnx": ("fp32", "fp16", "int8"),
+    "openvino": ("fp32", "fp16", "int8"),
+    "jetson": ("fp32", "fp16", "int8"),
+    "nvidia": ("fp32", "fp16", "int8"),
 }
 
 
@@ -67,7 +74,8 @@ class BuildContext:
         calibration: returns the calibration images, float32 (1, 3, H, W) each, from the training split
             (only called by targets that quantise).
         sample_images: float32 (1, 3, H, W): one real validation image (for bundles that ship a sample).
-        options: target-specific options (``smooth_quant_alpha``, ``max_batch``, ``max_classes``).
+        options: target-specific options (``smooth_quant_alpha``, ``max_batch``, ``max_classes``; for int8
+            ``ignore_ops``, ``max_drop``, ``drop_metric``, ``calib_data``, ``ignore_index``).
     """
 
     segmentor: torch.nn.Module
@@ -81,6 +89,9 @@ class BuildContext:
     calibration: Callable[[], list[np.ndarray]]
     sample_images: np.ndarray
     options: dict[str, Any] = field(default_factory=dict)
+    #: returns ``(image float32 (1,3,H,W), mask int64 (h0,w0))`` validation pairs (the parity images), for
+    #: accuracy-controlled quantisation; None when the stage provides none.
+    validation: Callable[[], list[tuple[np.ndarray, np.ndarray]]] | None = None
 
 
 @dataclass
@@ -171,12 +182,14 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
     """A runner for a deploy build directory or a model directory.
 
     * a deploy build (``build.json``): the runner of its back end on its model file: ONNX Runtime for
-      ``onnx`` and ``jetson`` bundles (the bundle's fp32 ``model.onnx``), OpenVINO for ``openvino`` (compiled
+      ``onnx`` and ``jetson`` bundles (the bundle's ONNX at its precision, ``build.json["file"]``), OpenVINO for ``openvino`` (compiled
       with ``openvino_precision``: ``f32`` by default, ``None`` for the device default, which is bf16 on CPUs
       with avx512_bf16), TensorRT for ``nvidia``;
     * a model directory (``model.json`` from prune/finetune): :class:`opentrans.evaluate.TorchRunner`.
 
-    The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W).
+    The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W). A deploy
+    build's runner also has ``runner.text_encoder`` (:class:`opentrans.deploy.text_graph.TextEncoder` on the build's
+    text graph, no PyTorch; None for builds without one) and ``runner.encode_classes(names) -> float32 (C, D)``.
 
     Raises:
         OpenTransError: ``path`` is neither kind of directory, a build of an unknown back end, a missing model
@@ -184,29 +197,40 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
     """
     path = Path(path)
     if (path / BUILD_FILE).exists():
-        build = read_build(path)
-        backend, precision = build.get("backend"), build.get("precision")
-        model_file = path / build["file"]
-        if not model_file.exists():
-            raise OpenTransError(f"{model_file}: file not found (named in {path / BUILD_FILE})")
-        if backend in ("onnxruntime", "jetson"):
-            from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
+        runner = _build_runner(path, openvino_precision)
+        from opentrans.deploy.text_graph import open_text_encoder
 
-            name = "onnxruntime-fp32" if backend == "onnxruntime" else "onnxruntime-fp32 (jetson bundle)"
-            return OnnxRuntimeRunner(model_file, name=name)
-        if backend == "openvino":
-            from opentrans.deploy.targets.openvino import OpenVINORunner
-
-            return OpenVINORunner(model_file, name=f"openvino-{precision}", inference_precision=openvino_precision)
-        if backend == "tensorrt":
-            from opentrans.deploy.targets.tensorrt import TensorRTRunner, check_available
-
-            check_available()
-            return TensorRTRunner(model_file, name=f"tensorrt-{precision}")
-        raise OpenTransError(f"{path / BUILD_FILE}: unknown back end {backend!r}")
+        runner.text_encoder = open_text_encoder(path, read_build(path), openvino_precision)
+        if runner.text_encoder is not None:
+            runner.encode_classes = runner.text_encoder.encode_classes
+        return runner
     if (path / "model.json").exists():
         from opentrans.evaluate import TorchRunner
         from opentrans.models.artifact import load_segmentor
 
         return TorchRunner(load_segmentor(path)[0])
     raise OpenTransError(f"{path}: neither a deploy build ({BUILD_FILE}) nor a model directory (model.json)")
+
+
+def _build_runner(path: Path, openvino_precision: str | None):
+    """The image-graph runner of the deploy build ``path`` (see :func:`load_runner`)."""
+    build = read_build(path)
+    backend, precision = build.get("backend"), build.get("precision")
+    model_file = path / build["file"]
+    if not model_file.exists():
+        raise OpenTransError(f"{model_file}: file not found (named in {path / BUILD_FILE})")
+    if backend in ("onnxruntime", "jetson"):
+        from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
+
+        name = f"onnxruntime-{precision}" + ("" if backend == "onnxruntime" else " (jetson bundle)")
+        return OnnxRuntimeRunner(model_file, name=name)
+    if backend == "openvino":
+        from opentrans.deploy.targets.openvino import OpenVINORunner
+
+        return OpenVINORunner(model_file, name=f"openvino-{precision}", inference_precision=openvino_precision)
+    if backend == "tensorrt":
+        from opentrans.deploy.targets.tensorrt import TensorRTRunner, check_available
+
+        check_available()
+        return TensorRTRunner(model_file, name=f"tensorrt-{precision}")
+    raise OpenTransError(f"{path / BUILD_FILE}: unknown back end {backend!r}")

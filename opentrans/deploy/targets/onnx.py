@@ -1,4 +1,13 @@
-"""ONNX Runtime target: ship the fp32 ONNX export as is, run it with the CPU execution provider."""
+"""ONNX Runtime target: the ONNX export for ONNX Runtime, fp32, fp16 or INT8 Q/DQ, checked on the CPU provider.
+
+* fp32: the export as is.
+* fp16: weights and arithmetic in float16, inputs/outputs float32 (:func:`opentrans.deploy.quantize.convert_onnx_fp16`).
+  ONNX Runtime's CPU provider lacks fp16 kernels for some ops and runs them through casts, so fp16 is for GPU
+  providers (CUDA, TensorRT, DirectML) and for size; the parity check on the CPU still measures its accuracy.
+* int8: explicit QuantizeLinear/DequantizeLinear nodes from NNCF
+  (:func:`opentrans.deploy.quantize.quantize_onnx_qdq`), the text-embedding path kept float32; the same file
+  TensorRT builds an INT8 engine from.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ class OnnxRuntimeRunner:
             raise OpenTransError(f"{self.path}: file not found")
         self.name = name
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # fp16 graphs warn about every op without an fp16 CPU kernel
         if threads:
             opts.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
@@ -58,15 +68,47 @@ class OnnxRuntimeRunner:
 
 
 def _check_inputs(path: Path, images: np.ndarray, text_embeds: np.ndarray, image_shape: tuple, embed_dim: int) -> None:
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    # symbolic dims (dynamic height/width exports: "height", "width" or None) accept any size
+    if images.ndim != 4 or any(isinstance(d, int) and d != n for d, n in zip(image_shape, images.shape[1:])):
         raise OpenTransError(f"{path}: expects images (B,{','.join(map(str, image_shape))}), got {tuple(images.shape)}")
     if text_embeds.ndim != 2 or text_embeds.shape[1] != embed_dim:
         raise OpenTransError(f"{path}: expects text_embeds (C,{embed_dim}), got {tuple(text_embeds.shape)}")
 
 
 def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
-    """Ship the fp32 export ``model.onnx`` (already in ``ctx.build_dir``) and check it with ONNX Runtime."""
+    """``model.onnx`` in ``ctx.build_dir`` at ``ctx.precision``, checked with ONNX Runtime on the CPU.
+
+    fp32 ships the export; fp16 and int8 replace it in place (int8 calibrates on ``ctx.calibration()`` with
+    ``ctx.options`` ``smooth_quant_alpha`` and ``ignore_ops``).
+    """
+    import time
+
+    from opentrans.deploy import quantize as q
     from opentrans.deploy.targets import BuildOutput
 
-    return BuildOutput(file=MODEL_FILE, model_files=[MODEL_FILE], runner=OnnxRuntimeRunner(ctx.onnx_path),
-                       checked_precision="fp32", info={"opset": ctx.opset, "execution_provider": "CPUExecutionProvider"})
+    info: dict = {"opset": ctx.opset, "execution_provider": "CPUExecutionProvider"}
+    timings: dict = {}
+    path = ctx.onnx_path
+    start = time.perf_counter()
+    if ctx.precision == "fp16":
+        q.convert_onnx_fp16(path, path)
+        timings["convert_s"] = time.perf_counter() - start
+        info.update(converter="onnxruntime.transformers.float16 (keep_io_types)", io_types="float32")
+    elif ctx.precision == "int8":
+        import onnx
+
+        alpha = ctx.options.get("smooth_quant_alpha", q.DEFAULT_SMOOTH_QUANT_ALPHA)
+        ignore = list(ctx.options.get("ignore_ops") or ())
+        images = ctx.calibration()
+        q.quantize_onnx_qdq(path, images, ctx.text_embeds, path, model_type_transformer=ctx.segmentor.is_vit,
+                            subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=ignore)
+        timings["quantize_s"] = time.perf_counter() - start
+        layers = q.qdq_layers(onnx.load(str(path)))
+        info.update(quantizer="nncf.quantize (ONNX Q/DQ)", calibration_images=len(images),
+                    calibration_data=ctx.options.get("calib_data") or "train split",
+                    smooth_quant_alpha=alpha if ctx.segmentor.is_vit else None, ignore_ops=ignore,
+                    fp32_ops="text_embeds path (similarity MatMul, upsampling)",
+                    quantized_layers=sorted(n for n, v in layers.items() if v["activation"] or v["weight"]))
+    return BuildOutput(file=MODEL_FILE, model_files=[MODEL_FILE],
+                       runner=OnnxRuntimeRunner(path, name=f"onnxruntime-{ctx.precision}"),
+                       checked_precision=ctx.precision, info=info, timings=timings)

@@ -1,7 +1,13 @@
-"""OpenVINO target: IR (``model.xml`` + ``model.bin``) converted from the ONNX export, fp32 or NNCF INT8.
+"""OpenVINO target: IR (``model.xml`` + ``model.bin``) converted from the ONNX export, fp32, fp16 or NNCF INT8.
 
-Weights are saved as they are (``compress_to_fp16=False``): an fp32 build holds fp32 weights, an INT8 build
-holds FakeQuantize operations that the CPU plugin runs as INT8 kernels.
+* fp32: weights saved as they are (``compress_to_fp16=False``).
+* fp16: weights stored as FP16 in the IR (``ov.save_model(compress_to_fp16=True)``: half the ``.bin``; OpenVINO
+  decompresses them when compiling). The inference precision is a runtime choice, not a property of the IR:
+  CPUs run it in f32 or bf16 (their default where avx512_bf16/AMX exist), GPUs/NPUs in f16. The parity check
+  compiles with the f32 hint like the other builds, so it measures the FP16 weight rounding, the part that
+  ships; ``load_runner(..., openvino_precision="f16"/None)`` runs it at the device's own precision.
+* int8: FakeQuantize operations that the CPU plugin runs as INT8 kernels (NNCF PTQ, optionally with accuracy
+  control: ``max_drop``), see :mod:`opentrans.deploy.quantize`.
 
 On CPUs with avx512_bf16/AMX, OpenVINO runs fp32 models in bf16 unless told otherwise (max |diff| 3e-2 instead
 of 3e-6 on this project's machine); parity checks compile with ``INFERENCE_PRECISION_HINT=f32``, and every
@@ -74,7 +80,7 @@ class OpenVINORunner:
         core = _core()
         model = core.read_model(str(self.path))
         shapes = {p.output(0).get_any_name(): p.get_partial_shape() for p in model.get_parameters()}
-        self.image_shape = tuple(d.get_length() for d in shapes["images"][1:])
+        self.image_shape = tuple(d.get_length() if d.is_static else "?" for d in shapes["images"][1:])  # "?": dynamic
         self.embed_dim = shapes["text_embeds"][1].get_length()
         self.compiled = core.compile_model(model, "CPU", config)
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
@@ -93,39 +99,84 @@ class OpenVINORunner:
 
 
 def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
-    """Convert ``ctx.onnx_path`` to an IR in ``ctx.build_dir``; quantise it to INT8 when ``ctx.precision`` is int8.
+    """Convert ``ctx.onnx_path`` to an IR in ``ctx.build_dir``: fp32, fp16 (FP16 weights) or INT8.
 
     The fp32 ONNX export is an intermediate here and is removed once converted. INT8 calibration uses
-    ``ctx.calibration()`` (training-split images) and ``ctx.options["smooth_quant_alpha"]``.
+    ``ctx.calibration()`` and ``ctx.options``: ``smooth_quant_alpha``, ``ignore_ops`` (regex patterns kept in
+    floating point), ``max_drop`` and ``drop_metric`` (accuracy control on ``ctx.validation()``); with accuracy
+    control ``info["quant_report"]`` lists the operations NNCF kept in floating point.
     """
     import openvino as ov
 
     from opentrans.artifacts import atomic_path
-    from opentrans.deploy.quantize import DEFAULT_SMOOTH_QUANT_ALPHA, quantize_openvino_int8
+    from opentrans.deploy import quantize as q
     from opentrans.deploy.targets import BuildOutput
 
-    timings, info = {}, {"converted_from": f"ONNX opset {ctx.opset}", "compress_to_fp16": False}
+    compress = ctx.precision == "fp16"
+    timings, info = {}, {"converted_from": f"ONNX opset {ctx.opset}", "compress_to_fp16": compress}
     start = time.perf_counter()
     model = ov.convert_model(str(ctx.onnx_path))
     timings["convert_s"] = time.perf_counter() - start
     if ctx.precision == "int8":
-        alpha = ctx.options.get("smooth_quant_alpha", DEFAULT_SMOOTH_QUANT_ALPHA)
+        alpha = ctx.options.get("smooth_quant_alpha", q.DEFAULT_SMOOTH_QUANT_ALPHA)
+        ignore = list(ctx.options.get("ignore_ops") or ())
+        max_drop = ctx.options.get("max_drop")
         images = ctx.calibration()
+        vit = ctx.segmentor.is_vit
         start = time.perf_counter()
-        model = quantize_openvino_int8(model, images, ctx.text_embeds, model_type_transformer=ctx.segmentor.is_vit,
-                                       subset_size=len(images), smooth_quant_alpha=alpha)
+        if max_drop is None:
+            model = q.quantize_openvino_int8(model, images, ctx.text_embeds, model_type_transformer=vit,
+                                             subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=ignore)
+            quant_report = None
+        else:
+            metric = ctx.options.get("drop_metric", "agreement")
+            items = _validation_items(ctx, metric)
+            model, quant_report = q.quantize_openvino_accuracy_control(
+                model, images, ctx.text_embeds, items, q.drop_metric(metric, len(ctx.class_names),
+                                                                     ctx.options.get("ignore_index", 255)),
+                max_drop=float(max_drop), model_type_transformer=vit, subset_size=len(images),
+                smooth_quant_alpha=alpha, ignore_patterns=ignore)
+            quant_report.update(drop_metric=metric, validation_images=len(items),
+                                method="nncf.quantize_with_accuracy_control")
         timings["quantize_s"] = time.perf_counter() - start
-        info.update(quantizer="nncf.quantize (PTQ)", calibration_images=len(images), calibration_split="train",
-                    model_type="transformer" if ctx.segmentor.is_vit else "cnn",
-                    smooth_quant_alpha=alpha if ctx.segmentor.is_vit else None,
-                    fp32_ops="text_embeds path (similarity MatMul, upsampling)",
-                    fake_quantize_ops=sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops()))
+        info.update(quantizer="nncf.quantize (PTQ)" if max_drop is None else "nncf.quantize_with_accuracy_control",
+                    calibration_images=len(images), calibration_data=ctx.options.get("calib_data") or "train split",
+                    model_type="transformer" if vit else "cnn",
+                    smooth_quant_alpha=(alpha if max_drop is None else -1.0) if vit else None,
+                    ignore_ops=ignore, fp32_ops="text_embeds path (similarity MatMul, upsampling)",
+                    fake_quantize_ops=sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops()),
+                    quantized_layers=sorted(n for n, t in q.quantized_ops(model).items() if t in q.LAYER_TYPES))
+        if quant_report is not None:
+            info["quant_report"] = quant_report
     xml = ctx.build_dir / MODEL_FILE
     with atomic_path(xml) as tmp:
-        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        ov.save_model(model, str(tmp), compress_to_fp16=compress)
         os.replace(tmp.with_suffix(".bin"), ctx.build_dir / WEIGHTS_FILE)  # the .bin is named after the .xml
     ctx.onnx_path.unlink()
     runner = OpenVINORunner(xml, name=f"openvino-{ctx.precision}", inference_precision="f32")
     info["parity_inference_precision"] = runner.inference_precision
     return BuildOutput(file=MODEL_FILE, model_files=[MODEL_FILE, WEIGHTS_FILE], runner=runner,
                        checked_precision=ctx.precision, info=info, timings=timings)
+
+
+def _validation_items(ctx, metric: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Accuracy-control items from ``ctx.validation()``: ``(image (1,3,H,W), fp32 PyTorch argmax (H,W))`` for
+    ``agreement``, ``(image, dataset mask (h0,w0))`` for ``miou``.
+
+    Raises:
+        OpenTransError: no validation images in the build context.
+    """
+    import torch
+
+    pairs = ctx.validation() if ctx.validation is not None else []
+    if not pairs:
+        raise OpenTransError("--max-drop: accuracy control needs validation images (none in the build context)")
+    if metric == "miou":
+        return [(np.ascontiguousarray(img, dtype=np.float32), np.asarray(mask)) for img, mask in pairs]
+    items = []
+    with torch.inference_mode():
+        for img, _ in pairs:
+            img = np.ascontiguousarray(img, dtype=np.float32)
+            ref = ctx.segmentor(torch.from_numpy(img), torch.from_numpy(ctx.text_embeds)).numpy()
+            items.append((img, ref[0].argmax(0)))
+    return items

@@ -6,7 +6,10 @@ Each adapter replaces a weight ``W0`` by ``f(W0; theta)`` with a small trainable
   Models", ICLR 2022, eq. 3): ``W = W0 + (alpha / r) B A``;
 * :mod:`~opentrans.finetune.adapters.oft`: OFT (Qiu et al., "Controlling Text-to-Image Diffusion by
   Orthogonal Finetuning", NeurIPS 2023, eqs. 2-4): ``W = W0 R^T`` with a block-diagonal orthogonal ``R``
-  from the Cayley transform, which keeps the angles between neurons (the hyperspherical energy).
+  from the Cayley transform, which keeps the angles between neurons (the hyperspherical energy);
+* :mod:`~opentrans.finetune.adapters.hclip`: H-CLIP (Peng et al., CVPR 2025, arXiv:2405.18840): block-diagonal
+  transforms on both towers, Cayley-orthogonal on the text tower and free on the image tower, produced by
+  cross-layer/cross-modal relation maps (DCRC) over all blocks of both towers.
 
 Targets are named like the spectral analysis names layers (:func:`~opentrans.finetune.spectral.spectral_layers`):
 a Linear module (``clip.visual.transformer.resblocks.0.mlp.c_fc``) or one Q/K/V row block of a fused
@@ -18,8 +21,9 @@ like any other.
 """
 
 from opentrans.finetune.adapters.common import AdapterReport, adapter_parameters, merge_adapters
+from opentrans.finetune.adapters.hclip import DCRC, HCLIPAdapter, add_hclip, tower_targets
 from opentrans.finetune.adapters.lora import LoRA, add_lora
 from opentrans.finetune.adapters.oft import OFT, add_oft, hyperspherical_energy
 
-__all__ = ["OFT", "AdapterReport", "LoRA", "adapter_parameters", "add_lora", "add_oft", "hyperspherical_energy",
-           "merge_adapters"]
+__all__ = ["DCRC", "OFT", "AdapterReport", "HCLIPAdapter", "LoRA", "adapter_parameters", "add_hclip", "add_lora",
+           "add_oft", "hyperspherical_energy", "merge_adapters", "tower_targets"]

@@ -19,7 +19,7 @@ class AdapterReport:
     """What :func:`~opentrans.finetune.adapters.add_lora` / :func:`~opentrans.finetune.adapters.add_oft` did.
 
     Attributes:
-        kind: ``lora`` or ``oft``.
+        kind: ``lora``, ``oft`` or ``hclip`` (:func:`~opentrans.finetune.adapters.add_hclip`).
         targets: adapted layer names, in the order given.
         trainable_params: elements of the adapter parameters (what training updates).
         adapted_params: elements of the frozen weights they adapt (rows of a Q/K/V slice only).
@@ -75,10 +75,16 @@ def register(model: nn.Module, names: list[str], make) -> list[nn.Module]:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of every adapter registered on ``model`` (not the frozen originals)."""
+    from opentrans.finetune.adapters.hclip import HCLIPAdapter
     from opentrans.finetune.adapters.lora import LoRA
     from opentrans.finetune.adapters.oft import OFT
 
-    return [p for m in model.modules() if isinstance(m, (LoRA, OFT)) for p in m.parameters()]
+    unique = {}  # H-CLIP's shared DCRC parameters are reachable from one adapter only, but stay safe: each once
+    for m in model.modules():
+        if isinstance(m, (LoRA, OFT, HCLIPAdapter)):
+            for p in m.parameters():
+                unique.setdefault(id(p), p)
+    return list(unique.values())
 
 
 def merge_adapters(model: nn.Module) -> int:

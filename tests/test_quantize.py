@@ -1,0 +1,226 @@
+"""Quantisation: fp16 builds, ONNX Q/DQ INT8, calibration sources, accuracy control, per-layer sensitivity.
+
+Tiny random-initialised ViT on real CamVid images; every artifact is compared with the fp32 model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import CAMVID, CAMVID_SPEC, TINY_VIT
+from opentrans.cli import cli
+from opentrans.data import open_dataset
+from opentrans.deploy import deploy_stage
+from opentrans.deploy import quantize as q
+from opentrans.deploy.calibration import calibration_images
+from opentrans.deploy.export import export_onnx
+from opentrans.deploy.sensitivity import layer_sensitivity, quantizable_layers, write_sensitivity_report
+from opentrans.deploy.stage import PARITY_THRESHOLDS, check_parity
+from opentrans.deploy.targets import PRECISIONS
+from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
+from opentrans.errors import OpenTransError
+from opentrans.evaluate import TorchRunner, agreement
+from opentrans.models.artifact import build_segmentor
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    """(segmentor, spec, fp32 ONNX path, calibration images, val dataset, text embeddings) of the tiny ViT."""
+    seg, spec = build_segmentor(TINY_VIT, "none")
+    path = export_onnx(seg, tmp_path_factory.mktemp("qexport") / "model.onnx")
+    calib = calibration_images(CAMVID_SPEC, spec.image_size, spec.mean, spec.std, 4)
+    val = open_dataset(CAMVID_SPEC, "val", spec.image_size, spec.mean, spec.std, limit=2)
+    text = seg.encode_classes(list(val.class_names), model_name=spec.model).numpy()
+    return seg, spec, path, calib, val, text
+
+
+def _deploy(out, target, precision, **kw):
+    kw.setdefault("parity_limit", 2)
+    kw.setdefault("calib_size", 4)
+    return deploy_stage(None, TINY_VIT, "none", out, target, precision, CAMVID_SPEC, **kw)
+
+
+# --- fp16 ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_fp16_builds_pass_parity_with_fp16_weights(target, tmp_path):
+    figures = _deploy(tmp_path / target, target, "fp16")
+    assert figures["checked_precision"] == "fp16" and not check_parity(figures, "fp16")
+    assert 0 < figures["max_abs_diff"] < 0.1 and figures["pixel_agreement"] >= 99.0  # measured 2e-3..1e-2, 99.9 %
+    parity = json.loads((tmp_path / target / "parity.json").read_text())
+    assert parity["thresholds"] == json.loads(json.dumps(PARITY_THRESHOLDS["fp16"]))
+    if target == "onnx":
+        model = onnx.load(str(tmp_path / target / "model.onnx"))
+        inits = {i.data_type for i in model.graph.initializer if len(i.dims) >= 2}
+        assert inits == {onnx.TensorProto.FLOAT16}  # weight matrices in fp16
+        io = [t.type.tensor_type.elem_type for t in [*model.graph.input, *model.graph.output]]
+        assert set(io) == {onnx.TensorProto.FLOAT}  # inputs/outputs stay fp32
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(tmp_path / target / "model.xml"))
+        sizes: dict[str, int] = {}
+        for op in model.get_ops():
+            if op.get_type_name() == "Constant":
+                kind = op.get_element_type().get_type_name()
+                sizes[kind] = sizes.get(kind, 0) + int(np.prod(list(op.get_output_shape(0))))
+        assert sizes["f16"] > 100 * sizes.get("f32", 0)  # weights in FP16 (a few f32 scalars remain)
+        assert json.loads((tmp_path / target / "build.json").read_text())["compress_to_fp16"] is True
+
+
+def test_unknown_precision_lists_valid_ones_and_writes_nothing(tmp_path):
+    with pytest.raises(OpenTransError, match="target onnx builds fp32, fp16, int8"):
+        _deploy(tmp_path / "out", "onnx", "int4")
+    assert PRECISIONS["openvino"] == ("fp32", "fp16", "int8")
+    with pytest.raises(OpenTransError, match="--max-drop: applies to --precision int8"):
+        _deploy(tmp_path / "out", "openvino", "fp16", max_drop=1.0)
+    assert not any(tmp_path.iterdir())
+
+
+# --- ONNX Q/DQ INT8 -----------------------------------------------------------------------------------------
+
+
+def test_qdq_onnx_quantises_the_image_encoder_and_keeps_the_text_path_fp32(vit, tmp_path):
+    seg, spec, path, calib, val, text = vit
+    out = q.quantize_onnx_qdq(path, calib, text, tmp_path / "qdq.onnx", subset_size=4)
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    types = [n.op_type for n in model.graph.node]
+    assert types.count("QuantizeLinear") > 0 and types.count("DequantizeLinear") > 0
+
+    layers = q.qdq_layers(model)
+    text_nodes = set(q.text_path_nodes(model))
+    image = [n for n in q.image_layers(model)]
+    assert "/conv1/Conv" in image and len(image) >= 10
+    for name in image:
+        node = next(n for n in model.graph.node if n.name == name)
+        has_weight = node.op_type in ("Conv", "Gemm") or any(i in {t.name for t in model.graph.initializer}
+                                                             for i in node.input) or name.endswith("proj/MatMul")
+        if name.endswith("attn/MatMul_2"):  # softmax @ V: NNCF's transformer scheme keeps it float
+            continue
+        assert layers[name]["activation"], name
+        if has_weight:
+            assert layers[name]["weight"], name
+    # nothing on the text path: no Q/DQ node consumes a text-path tensor, no text-path node reads a DQ output
+    producers = {o: n for n in model.graph.node for o in n.output}
+    tainted = {"text_embeds"} | {o for n in model.graph.node if n.name in text_nodes for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert node.input[0] not in tainted, node.name
+        if node.name in text_nodes:
+            for i in node.input:
+                if i in tainted and i in producers:
+                    assert producers[i].op_type != "DequantizeLinear", node.name
+    sim = [n for n in text_nodes if n in layers]  # the similarity MatMul
+    assert sim and not any(layers[n]["activation"] or layers[n]["weight"] for n in sim)
+    # fp32 inputs/outputs, same names; ONNX Runtime reproduces PyTorch within the INT8 gate
+    assert [i.name for i in model.graph.input] == ["images", "text_embeds"]
+    figures = agreement(TorchRunner(seg), OnnxRuntimeRunner(out, name="onnxruntime-int8"), val, text)
+    assert not check_parity(figures, "int8"), figures  # measured cosine 0.9995, agreement 98.4 %
+
+
+def test_onnx_int8_build_writes_quant_report(tmp_path):
+    figures = _deploy(tmp_path / "b", "onnx", "int8", ignore_ops=[r"resblocks\.1/mlp/c_fc"])
+    assert figures["checked_precision"] == "int8" and not check_parity(figures, "int8")
+    report = json.loads((tmp_path / "b" / "quant_report.json").read_text())
+    assert report["ignore_ops"] == [r"resblocks\.1/mlp/c_fc"]
+    assert "/resblocks.1/mlp/c_fc/MatMul" not in report["quantized_layers"]
+    assert "/resblocks.0/mlp/c_fc/MatMul" in report["quantized_layers"]
+    assert report["kept_fp32"]["ignore_ops"] == [r"resblocks\.1/mlp/c_fc"]
+    with pytest.raises(OpenTransError, match="matches no operation"):
+        _deploy(tmp_path / "c", "onnx", "int8", ignore_ops=["no-such-layer"])
+    assert not (tmp_path / "c").exists()
+
+
+# --- calibration sources --------------------------------------------------------------------------------------
+
+
+def test_calibration_from_a_plain_image_folder(vit, tmp_path):
+    _, spec, *_ = vit
+    folder = tmp_path / "pics" / "site"
+    folder.mkdir(parents=True)
+    for src in sorted((CAMVID / "train").iterdir())[:3]:
+        shutil.copy(src, folder / src.name)
+    for spec_str in (str(tmp_path / "pics"), f"images:{tmp_path / 'pics'}", f"folder:{tmp_path / 'pics'}"):
+        images = calibration_images(spec_str, spec.image_size, spec.mean, spec.std, limit=2)
+        assert len(images) == 2 and images[0].shape == (1, 3, *spec.image_size) and images[0].dtype == np.float32
+    # same preprocessing as the dataset
+    ds = calibration_images(CAMVID_SPEC, spec.image_size, spec.mean, spec.std, limit=1)
+    first = calibration_images(str(tmp_path / "pics"), spec.image_size, spec.mean, spec.std, limit=1)
+    np.testing.assert_array_equal(ds[0], first[0])
+
+
+def test_empty_calibration_folder_is_a_one_line_error_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no pictures here")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["deploy", "--model", TINY_VIT, "--target", "openvino", "--precision", "int8",
+                                      "--data", CAMVID_SPEC, "--calib-data", str(empty), "--out", str(out)])
+    assert result.exit_code != 0
+    assert result.output.strip().count("\n") == 0 and "no images" in result.output, result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    with pytest.raises(OpenTransError, match="applies to --precision int8"):
+        _deploy(out, "onnx", "fp32", calib_data=str(empty))
+
+
+# --- accuracy control -----------------------------------------------------------------------------------------
+
+
+def test_accuracy_control_reports_reverted_layers_consistently(vit):
+    import openvino as ov
+
+    seg, spec, path, calib, val, text = vit
+    runner = TorchRunner(seg)
+    items = [(val[i][0][None].numpy(), runner(val[i][0][None].numpy(), text)[0].argmax(0)) for i in range(2)]
+    metric = q.drop_metric("agreement", len(val.class_names))
+
+    model, report = q.quantize_openvino_accuracy_control(
+        ov.convert_model(str(path)), calib, text, items, metric, max_drop=100.0, model_type_transformer=True,
+        subset_size=4)
+    assert report["reverted_ops"] == [] and report["reverted_layers"] == []  # any drop is acceptable
+    assert report["quantized_ops_final"] == report["quantized_ops_plain"] > 10
+    assert set(q.quantized_ops(model)) >= {"/conv1/Conv", "/resblocks.0/mlp/c_fc/MatMul"}
+
+    model, report = q.quantize_openvino_accuracy_control(
+        ov.convert_model(str(path)), calib, text, items, metric, max_drop=0.0, model_type_transformer=True,
+        subset_size=4, max_iterations=1)  # an impossible drop: NNCF reverts one group, then stops
+    assert report["reverted_layers"], report
+    final = q.quantized_ops(model)
+    assert report["quantized_ops_final"] == len(final) < report["quantized_ops_plain"]
+    assert not set(report["reverted_ops"]) & set(final)
+    assert set(report["reverted_layers"]) <= set(report["reverted_ops"])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    value, per_item = metric(lambda x: compiled({"images": x, "text_embeds": text})[0], items)
+    assert value >= 90.0 and len(per_item) == 2  # the returned model is sound (SmoothQuant off, see quantize.py)
+
+
+# --- sensitivity ----------------------------------------------------------------------------------------------
+
+
+def test_sensitivity_report_has_one_sorted_row_per_quantisable_layer(vit, tmp_path):
+    _, _, path, calib, val, text = vit
+    images = np.stack([val[0][0].numpy()])
+    report = layer_sensitivity(path, calib[:2], images, text)
+    qdq = q.quantize_onnx_model(onnx.load(str(path)), calib[:2], text, compress_weights=False)
+    expected = {name for name, _ in quantizable_layers(qdq)}
+    rows = report["layers"]
+    assert {r["layer"] for r in rows} == expected and len(rows) == len(expected) >= 10
+    keys = [(r["agreement_drop"], r["cosine_drop"]) for r in rows]
+    assert keys == sorted(keys, reverse=True)
+    assert all(0 <= r["agreement"] <= 100 and -1 <= r["cosine"] <= 1 + 1e-9 for r in rows)
+    assert not set(q.text_path_nodes(onnx.load(str(path)))) & expected
+    # one layer alone costs no more than the whole encoder (up to argmax ties)
+    assert max(r["cosine_drop"] for r in rows) <= 1 - report["full_int8"]["cosine"] + 1e-4
+    paths = write_sensitivity_report(report, tmp_path, top_n=3)
+    assert json.loads(paths[0].read_text())["layers"][0]["layer"] == rows[0]["layer"]
+    table = paths[1].read_text()
+    assert rows[0]["layer"] in table and rows[3]["layer"] not in table.split("|---|")[-1].split("more layers")[0]
