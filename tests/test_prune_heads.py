@@ -265,3 +265,31 @@ def test_finetuning_an_imp_artifact_keeps_its_zeros(tmp_path):
         w = getattr(t.module, t.param)
         assert torch.all(w[~masks[t.name]] == 0), t.name
         assert (w[masks[t.name]] != 0).all()
+
+
+def test_spectral_plan_and_adapters_see_the_pruned_attention():
+    """A head/width-pruned block's fused Q/K/V (inner width != model width) is analysed, planned and adapted like an
+    unpruned one: slices are in_proj_weight.shape[0] // 3 rows, not embed_dim."""
+    from opentrans.finetune.adapters import add_lora, merge_adapters
+    from opentrans.finetune.freeze import apply_freeze_plan, freeze_plan
+    from opentrans.finetune.spectral import analyze_model
+
+    seg, spec = build_segmentor(TINY_VIT, "none")
+    prune_structured(seg, 0.5, "magnitude", model_name=spec.model, structures="heads")
+    layers = analyze_model(seg, ("image",), "opentrans")["opentrans"].layers
+    qkv = [la.name for la in layers if la.name.endswith("]")]
+    assert len(qkv) == 3 * VIT_LAYERS
+    plan = freeze_plan(layers, "fraction", fraction=0.0)
+    apply_freeze_plan(seg, plan)
+    name = "clip.visual.transformer.resblocks.0.attn.in_proj_weight[k]"
+    attn = seg.visual.transformer.resblocks[0].attn
+    before = attn.in_proj_weight.detach().clone()  # (3 * HEAD_DIM, W) after pruning one of two heads
+    add_lora(seg, [name], rank=2)
+    with torch.no_grad():
+        for p in attn.parametrizations.in_proj_weight[0].parameters():
+            p.fill_(0.1)
+    merge_adapters(seg)
+    after = attn.in_proj_weight.detach()
+    assert after.shape == (3 * HEAD_DIM, VIT_WIDTH)
+    assert torch.equal(after[:HEAD_DIM], before[:HEAD_DIM]) and torch.equal(after[2 * HEAD_DIM:], before[2 * HEAD_DIM:])
+    assert not torch.equal(after[HEAD_DIM:2 * HEAD_DIM], before[HEAD_DIM:2 * HEAD_DIM])  # only the K rows moved

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
+from opentrans.models.attention import has_fused_qkv
 from opentrans.finetune.spectral import LayerAlpha
 from opentrans.models.segmentor import OpenVocabSegmentor
 
@@ -148,7 +149,7 @@ def _plan_target(seg: OpenVocabSegmentor, name: str) -> tuple[nn.Module, str | N
             module = seg.get_submodule(target)
         except AttributeError:
             module = None
-    ok = (isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None) if tag \
+    ok = has_fused_qkv(module) if tag \
         else isinstance(module, (nn.Linear, nn.Conv2d))
     if not ok:
         raise OpenTransError(f"freeze plan names '{name}', which is not a Linear/Conv2d or Q/K/V slice of this "

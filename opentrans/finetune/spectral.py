@@ -68,6 +68,7 @@ from torch import nn
 
 from opentrans.artifacts import atomic_path, write_json, write_text
 from opentrans.errors import OpenTransError
+from opentrans.models.attention import has_fused_qkv
 
 #: ``alphas.json`` ``method`` of each estimator.
 METHODS = {
@@ -206,7 +207,7 @@ def analyze_spectrum(module: nn.Module, prefix: str = "") -> SpectralReport:
     wanted: dict[int, str] = {}
     for layer_id, name in enumerate(names):
         mod = modules[name]
-        if isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
+        if has_fused_qkv(mod):
             excluded.append((prefix + name, "nn.MultiheadAttention fused in_proj_weight (Q,K,V) is not a Linear "
                                             "module: not analysed (its out_proj is)"))
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
@@ -568,9 +569,9 @@ def spectral_layers(module: nn.Module, prefix: str = "", split_qkv: bool = True
     excluded: list[tuple[str, str]] = []
     for name, mod in module.named_modules():
         full = prefix + name
-        if isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, nn.MultiheadAttention) or has_fused_qkv(mod):
             w = mod.in_proj_weight
-            if w is None:
+            if not has_fused_qkv(mod):
                 continue  # separate q/k/v_proj_weight (kdim != embed_dim): not used by CLIP
             if not split_qkv:
                 excluded.append((full, "nn.MultiheadAttention fused in_proj_weight (Q,K,V) is not a Linear "

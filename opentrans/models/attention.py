@@ -219,3 +219,12 @@ def rebuild_attention(root: nn.Module, structure: dict[str, dict]) -> None:
 
 __all__ = ["PrunedMultiheadAttention", "PrunedAttentionPool2d", "convert_attention", "attention_structure",
            "rebuild_attention", "MHA_TYPE", "POOL_TYPE"]
+
+
+def has_fused_qkv(module: nn.Module) -> bool:
+    """True for an attention module with one fused ``in_proj_weight`` ``(3*inner, W)`` holding Q, K and V:
+    ``nn.MultiheadAttention`` with equal q/k/v widths, or a head/width-pruned :class:`PrunedMultiheadAttention`.
+    The slice width is ``in_proj_weight.shape[0] // 3`` for both (not ``embed_dim``, which a pruned one differs from)."""
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    return isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None

@@ -94,7 +94,7 @@ def render_markdown(report: dict, model: str, weights: str) -> str:
     if lat:
         lines.append(f"Latency: image encoder dense path, batch 1, measured before and after pruning in the same run "
                      f"(torch.utils.benchmark, interleaved, {lat['repeats']} rounds); speed-up "
-                     f"{lat['speedup']:.2f}x for a MAC reduction of {lat['mac_ratio']:.2f}x "
+                     f"{lat['speedup']:.2f}x for a MAC ratio (before / after) of {lat['mac_ratio']:.2f}x "
                      f"(ratio {lat['speedup'] / lat['mac_ratio']:.2f}).")
     lines += ["", "| Structure | Layer | original | before | after |", "|---|---|---:|---:|---:|"]
     lines += [f"| {row.get('structure', 'channels')} | `{row['layer']}` | {row['original']} | {row['before']} | "

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from opentrans.errors import OpenTransError
+from opentrans.models.attention import has_fused_qkv
 
 _SLICE = re.compile(r"^(?P<mha>.+)\.in_proj_weight\[(?P<tag>[qkv])\]$")
 
@@ -43,8 +44,8 @@ def resolve_target(model: nn.Module, name: str) -> tuple[nn.Module, str, tuple[i
         module = model.get_submodule(path)
     except AttributeError:
         module = None
-    if m and isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-        e = module.embed_dim
+    if m and module is not None and has_fused_qkv(module):
+        e = module.in_proj_weight.shape[0] // 3
         i = "qkv".index(m["tag"])
         return module, "in_proj_weight", (i * e, (i + 1) * e)
     if not m and isinstance(module, nn.Linear):

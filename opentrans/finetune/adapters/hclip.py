@@ -5,7 +5,7 @@ Open-vocabulary Semantic Segmentation" (H-CLIP), CVPR 2025, arXiv:2405.18840, Se
 eqs. 5-20). The paper's text past the abstract was not reachable offline; the equations below are
 transcribed from the authors' released code (``cat_seg/third_party/oft_se_qkv_relation_vision_train_ortho_
 relation_free_half.py`` and ``model_oft_relation_both_free_half.py`` of the H-CLIP CAT-Seg code base, read in
-the copy kept by github.com/ZhaoYi-10-13/HPS-Seg), which is what the published numbers come from. Paper
+public copies of it such as github.com/ZhaoYi-10-13/HPS-Seg), which is what the published numbers come from. Paper
 equation numbers are therefore not quoted one by one; each step names what it implements.
 
 Notation: a target is a weight ``W0`` ``(out, in)`` (a Linear, or the Q/K/V row block of a fused attention
@@ -48,7 +48,11 @@ Linear or Q/K/V slice can be a target): positions are keyed by ``(layer index, r
 fixed ``4 l + {q,k,v,o}``; targets with more blocks (an MLP ``c_proj`` has ``in = 4 width``) widen ``S``;
 the authors apply their text ``out_proj`` block on the output side (``R W0``, which keeps the energy of the
 columns); here every target uses the input side ``W0 R^T`` so the energy of the text *neurons* (rows) is kept
-for every adapted text layer, and the authors' Cayley sign ``(I - S)(I + S)^-1`` is used throughout.
+for every adapted text layer, and the authors' Cayley sign ``(I - S)(I + S)^-1`` is used throughout. With the
+authors' targets (Q, K, V, ``out_proj`` of all 12 blocks of ViT-B/16, ``b = 128``) the trainable count is theirs:
+``480 * 128^2 + 48^2 + 12 * 10^2 = 7,867,824``; adding every MLP Linear (the ``None`` default) gives 17.7M.
+The DCRC adds ``N^2 b^2`` multiply-adds per forward for all ``N`` blocks (about 17 GFLOP for ViT-B/16 with every
+target), recomputed per target like the authors' code recomputes the relations in every block.
 
 The adapters are ``torch.nn.utils.parametrize`` parametrizations, so the adapted model runs unchanged code and
 :func:`~opentrans.finetune.adapters.common.merge_adapters` folds them into plain weights.
@@ -62,6 +66,7 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
+from opentrans.models.attention import has_fused_qkv
 from opentrans.finetune.adapters.common import AdapterReport, register, resolve_target
 
 _LAYER = re.compile(r"(?:^|\.)resblocks\.(\d+)\.(.+)$")
@@ -210,7 +215,7 @@ def tower_targets(model: nn.Module, tower: str) -> list[str]:
     names = []
     for name, mod in getattr(clip, root).named_modules():
         full = f"{prefix}{root}.{name}" if name else f"{prefix}{root}"
-        if isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
+        if has_fused_qkv(mod):
             names += [f"{full}.in_proj_weight[{t}]" for t in "qkv"]
         elif isinstance(mod, nn.Linear):
             names.append(full)
