@@ -105,7 +105,7 @@ def zero_shot_summary(per_class_iou: dict[str, float | None], unseen: list[str] 
     groups = {"seen": [n for n in per_class_iou if n not in set(unseen)], "unseen": list(unseen)}
 
     def mean(names):
-        vals = [per_class_iou[n] for n in names if per_class_iou[n] is not None and per_class_iou[n] == per_class_iou[n]]
+        vals = [v for v in (per_class_iou[n] for n in names) if v is not None and v == v]  # None/NaN left out
         return float(np.mean(vals)) if vals else None
 
     s, u = mean(groups["seen"]), mean(groups["unseen"])

@@ -249,7 +249,7 @@ def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
     script = path / "build_engine.sh"
     assert os.access(script, os.X_OK)
     text = script.read_text()
-    assert "--onnx=model.onnx" in text and "--saveEngine=model.engine" in text and "--fp16" in text
+    assert "ONNX=model.onnx" in text and "--saveEngine=model.engine" in text and "--fp16" in text
 
     # the sample logits (PyTorch) match what ONNX Runtime computes from the bundle's own files
     sample, expected = np.load(path / "sample_images.npy"), np.load(path / "sample_logits.npy")
@@ -294,8 +294,8 @@ def test_nvidia_target_without_tensorrt_raises_before_writing(tmp_path):
 
 @pytest.mark.parametrize("target, precision, message", [
     ("tflite", "fp32", "--target tflite"),
-    ("onnx", "int8", "--precision int8: target onnx builds fp32"),
-    ("openvino", "fp16", "--precision fp16: target openvino builds fp32, int8"),
+    ("onnx", "int4", "--precision int4: target onnx builds fp32, fp16, int8"),
+    ("openvino", "bf16", "--precision bf16: target openvino builds fp32, fp16, int8"),
     ("jetson", "bf16", "--precision bf16"),
 ])
 def test_unknown_target_or_precision_raises_and_writes_nothing(tmp_path, target, precision, message):

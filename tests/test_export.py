@@ -16,18 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import open_clip
 import pytest
 import torch
-
 from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT
+
 from opentrans.data import open_dataset
 from opentrans.deploy import clip_tokenizer
 from opentrans.deploy.export import export_onnx, unmerged_reparametrizations
 from opentrans.deploy.targets import tensorrt as trt_plan
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
-from opentrans.deploy.text_graph import TextEncoder, build_text_graph, export_text_onnx, text_parity
+from opentrans.deploy.text_graph import (
+    TextEncoder,
+    build_text_graph,
+    export_text_onnx,
+    text_parity,
+)
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner
 from opentrans.models.artifact import build_segmentor
@@ -62,7 +66,7 @@ def test_standalone_tokenizer_matches_open_clip():
 
 @pytest.mark.parametrize("model", [TINY_VIT, TINY_RN])
 def test_text_graph_matches_torch_encode_text_on_camvid_names(model, tmp_path):
-    seg, spec = build_segmentor(model, "none")
+    seg, _ = build_segmentor(model, "none")
     path = export_text_onnx(seg, tmp_path / "text_encoder.onnx")
     graph = onnx.load(str(path)).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
@@ -116,7 +120,7 @@ def test_dynamic_hw_export_matches_torch_at_two_other_sizes(model, mode, tmp_pat
 
 
 def test_fixed_size_export_still_rejects_other_sizes(tmp_path):
-    seg, spec = build_segmentor(TINY_VIT, "none")
+    seg, _ = build_segmentor(TINY_VIT, "none")
     runner = OnnxRuntimeRunner(export_onnx(seg, tmp_path / "m.onnx"))
     with pytest.raises(OpenTransError, match="expects images"):
         runner(np.zeros((1, 3, 96, 128), np.float32), np.zeros((2, seg.embed_dim), np.float32))
@@ -268,7 +272,7 @@ def test_jetson_bundle_contents(bundle):
     build = json.loads((path / "build.json").read_text())
     assert build["file"] == "model_fp16.onnx" and build["text_encoder"]["parity"]["max_abs_diff"] < TEXT_TOL
     py_compile.compile(str(path / "runner.py"), doraise=True)
-    assert subprocess.run(["bash", "-n", str(path / "build_engine.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(path / "build_engine.sh")], check=False).returncode == 0
 
 
 def test_jetson_build_script_per_tensorrt_version(bundle, tmp_path):
@@ -276,19 +280,19 @@ def test_jetson_build_script_per_tensorrt_version(bundle, tmp_path):
     script = path / "build_engine.sh"
     for tag, onnx_file, flags in (("v100300", "model.onnx", ["--fp16"]), ("v110000", "model_fp16.onnx", [])):
         env = {**os.environ, "TRTEXEC": str(_fake_trtexec(tmp_path, tag))}
-        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 0, done.stderr
         image, text = (c.split() for c in (tmp_path / f"args-{tag}.txt").read_text().split("--\n")[:2])
         assert image[:2] == [f"--onnx={onnx_file}", "--saveEngine=model.engine"] and image[5:] == flags
         assert text[:2] == ["--onnx=text_encoder.onnx", "--saveEngine=text_encoder.engine"] and len(text) == 5
-    refused = subprocess.run(["bash", str(script)], env={**env, "PRECISION": "int8"}, capture_output=True, text=True)
+    refused = subprocess.run(["bash", str(script)], env={**env, "PRECISION": "int8"}, capture_output=True, text=True, timeout=30, check=False)
     assert refused.returncode == 2 and "builds fp16|fp32" in refused.stderr
 
 
 def test_jetson_runner_check_and_encode_with_onnxruntime_backend(bundle, tmp_path):
     path, _ = bundle
-    run = lambda *args: subprocess.run([sys.executable, str(path / "runner.py"), *args],  # noqa: E731
-                                       capture_output=True, text=True, timeout=60)
+    run = lambda *args: subprocess.run([sys.executable, str(path / "runner.py"), *args],
+                                       capture_output=True, text=True, timeout=60, check=False)
     done = run("check", "--backend", "onnxruntime")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
@@ -323,6 +327,6 @@ def test_load_runner_encode_classes_uses_the_text_graph(bundle):
     path, _ = bundle
     runner = load_runner(path)
     assert runner.text_encoder is not None and runner.text_encoder.path.name == "text_encoder.onnx"
-    seg, spec = build_segmentor(TINY_VIT, "none")
+    seg, _ = build_segmentor(TINY_VIT, "none")
     names = ["road", "bicyclist", "traffic cone"]
     np.testing.assert_allclose(runner.encode_classes(names), seg.encode_classes(names).numpy(), atol=TEXT_TOL, rtol=0)

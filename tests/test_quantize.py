@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +20,7 @@ from opentrans.deploy import deploy_stage
 from opentrans.deploy import quantize as q
 from opentrans.deploy.calibration import calibration_images
 from opentrans.deploy.export import export_onnx
-from opentrans.deploy.sensitivity import layer_sensitivity, quantizable_layers, write_sensitivity_report
+from opentrans.deploy.sensitivity import layer_sensitivity, write_sensitivity_report
 from opentrans.deploy.stage import PARITY_THRESHOLDS, check_parity
 from opentrans.deploy.targets import PRECISIONS
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
@@ -100,15 +99,13 @@ def test_qdq_onnx_quantises_the_image_encoder_and_keeps_the_text_path_fp32(vit, 
     text_nodes = set(q.text_path_nodes(model))
     image = [n for n in q.image_layers(model)]
     assert "/conv1/Conv" in image and len(image) >= 10
+    with_weights = [n for n, v in q.qdq_layers(onnx.load(str(path))).items() if v["has_weight"]]
+    assert len(with_weights) >= 10 and set(with_weights) <= set(image)
     for name in image:
-        node = next(n for n in model.graph.node if n.name == name)
-        has_weight = node.op_type in ("Conv", "Gemm") or any(i in {t.name for t in model.graph.initializer}
-                                                             for i in node.input) or name.endswith("proj/MatMul")
         if name.endswith("attn/MatMul_2"):  # softmax @ V: NNCF's transformer scheme keeps it float
             continue
-        assert layers[name]["activation"], name
-        if has_weight:
-            assert layers[name]["weight"], name
+        assert layers[name]["activation"], name  # activations (both operands of Q @ K^T) behind Q/DQ
+        assert layers[name]["weight"] == (name in with_weights), name  # every weight INT8 + DequantizeLinear
     # nothing on the text path: no Q/DQ node consumes a text-path tensor, no text-path node reads a DQ output
     producers = {o: n for n in model.graph.node for o in n.output}
     tainted = {"text_embeds"} | {o for n in model.graph.node if n.name in text_nodes for o in n.output}
@@ -127,14 +124,32 @@ def test_qdq_onnx_quantises_the_image_encoder_and_keeps_the_text_path_fp32(vit, 
     assert not check_parity(figures, "int8"), figures  # measured cosine 0.9995, agreement 98.4 %
 
 
-def test_onnx_int8_build_writes_quant_report(tmp_path):
-    figures = _deploy(tmp_path / "b", "onnx", "int8", ignore_ops=[r"resblocks\.1/mlp/c_fc"])
+def test_onnx_int8_build_writes_quant_and_sensitivity_reports(tmp_path):
+    ignore = r"resblocks\.1/mlp/c_fc"
+    figures = _deploy(tmp_path / "b", "onnx", "int8", ignore_ops=[ignore], sensitivity=True, sensitivity_images=1)
     assert figures["checked_precision"] == "int8" and not check_parity(figures, "int8")
     report = json.loads((tmp_path / "b" / "quant_report.json").read_text())
-    assert report["ignore_ops"] == [r"resblocks\.1/mlp/c_fc"]
+    assert report["ignore_ops"] == [ignore] and report["kept_fp32"]["ignore_ops"] == [ignore]
     assert "/resblocks.1/mlp/c_fc/MatMul" not in report["quantized_layers"]
     assert "/resblocks.0/mlp/c_fc/MatMul" in report["quantized_layers"]
-    assert report["kept_fp32"]["ignore_ops"] == [r"resblocks\.1/mlp/c_fc"]
+
+    # sensitivity: one row per quantisable layer (the ignored one is not), most costly first
+    sens = json.loads((tmp_path / "b" / "sensitivity.json").read_text())
+    rows = sens["layers"]
+    names = [r["layer"] for r in rows]
+    assert sorted(names) == sorted(sens["quantizable_layers"]) and len(names) == len(set(names)) >= 10
+    assert "/resblocks.1/mlp/c_fc/MatMul" not in names and "/conv1/Conv" in names
+    assert set(names) <= set(report["quantized_layers"])
+    keys = [(r["agreement_drop"], r["cosine_drop"]) for r in rows]
+    assert keys == sorted(keys, reverse=True)
+    assert all(0 <= r["agreement"] <= 100 and r["cosine"] <= 1 + 1e-9 for r in rows) and sens["images"] == 1
+    table = [line for line in (tmp_path / "b" / "sensitivity.md").read_text().splitlines() if line[:3] == "| 1"]
+    assert table and rows[0]["layer"] in table[0]
+    build = json.loads((tmp_path / "b" / "build.json").read_text())
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert {"sensitivity.json", "sensitivity.md", "quant_report.json"} <= {o["path"] for o in manifest["outputs"]}
+    assert build["precision"] == "int8"
+
     with pytest.raises(OpenTransError, match="matches no operation"):
         _deploy(tmp_path / "c", "onnx", "int8", ignore_ops=["no-such-layer"])
     assert not (tmp_path / "c").exists()
@@ -184,15 +199,15 @@ def test_accuracy_control_reports_reverted_layers_consistently(vit):
     metric = q.drop_metric("agreement", len(val.class_names))
 
     model, report = q.quantize_openvino_accuracy_control(
-        ov.convert_model(str(path)), calib, text, items, metric, max_drop=100.0, model_type_transformer=True,
-        subset_size=4)
+        ov.convert_model(str(path)), calib[:2], text, items, metric, max_drop=100.0, model_type_transformer=True,
+        subset_size=2)
     assert report["reverted_ops"] == [] and report["reverted_layers"] == []  # any drop is acceptable
     assert report["quantized_ops_final"] == report["quantized_ops_plain"] > 10
     assert set(q.quantized_ops(model)) >= {"/conv1/Conv", "/resblocks.0/mlp/c_fc/MatMul"}
 
     model, report = q.quantize_openvino_accuracy_control(
-        ov.convert_model(str(path)), calib, text, items, metric, max_drop=0.0, model_type_transformer=True,
-        subset_size=4, max_iterations=1)  # an impossible drop: NNCF reverts one group, then stops
+        ov.convert_model(str(path)), calib[:2], text, items, metric, max_drop=0.0, model_type_transformer=True,
+        subset_size=2, max_iterations=1)  # an impossible drop: NNCF reverts one group, then stops
     assert report["reverted_layers"], report
     final = q.quantized_ops(model)
     assert report["quantized_ops_final"] == len(final) < report["quantized_ops_plain"]
@@ -203,24 +218,44 @@ def test_accuracy_control_reports_reverted_layers_consistently(vit):
     assert value >= 90.0 and len(per_item) == 2  # the returned model is sound (SmoothQuant off, see quantize.py)
 
 
-# --- sensitivity ----------------------------------------------------------------------------------------------
-
-
-def test_sensitivity_report_has_one_sorted_row_per_quantisable_layer(vit, tmp_path):
+def test_sensitivity_modes_and_report_table(vit, tmp_path):
     _, _, path, calib, val, text = vit
-    images = np.stack([val[0][0].numpy()])
-    report = layer_sensitivity(path, calib[:2], images, text)
-    qdq = q.quantize_onnx_model(onnx.load(str(path)), calib[:2], text, compress_weights=False)
-    expected = {name for name, _ in quantizable_layers(qdq)}
-    rows = report["layers"]
-    assert {r["layer"] for r in rows} == expected and len(rows) == len(expected) >= 10
-    keys = [(r["agreement_drop"], r["cosine_drop"]) for r in rows]
+    images = val[0][0][None].numpy()
+    layers = ["/conv1/Conv", "/out_proj/MatMul", "/resblocks.0/mlp/c_fc/MatMul", "/MatMul_1"]
+    report = layer_sensitivity(path, calib[:2], images, text, mode="all-but", layers=layers)
+    assert sorted(r["layer"] for r in report["layers"]) == sorted(layers)
+    keys = [(r["agreement_drop"], r["cosine_drop"]) for r in report["layers"]]
     assert keys == sorted(keys, reverse=True)
-    assert all(0 <= r["agreement"] <= 100 and -1 <= r["cosine"] <= 1 + 1e-9 for r in rows)
-    assert not set(q.text_path_nodes(onnx.load(str(path)))) & expected
-    # one layer alone costs no more than the whole encoder (up to argmax ties)
-    assert max(r["cosine_drop"] for r in rows) <= 1 - report["full_int8"]["cosine"] + 1e-4
-    paths = write_sensitivity_report(report, tmp_path, top_n=3)
-    assert json.loads(paths[0].read_text())["layers"][0]["layer"] == rows[0]["layer"]
-    table = paths[1].read_text()
-    assert rows[0]["layer"] in table and rows[3]["layer"] not in table.split("|---|")[-1].split("more layers")[0]
+    paths = write_sensitivity_report(report, tmp_path, top_n=2)
+    md = paths[1].read_text()
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in md.splitlines()) == 2
+    assert "2 more layers" in md
+    with pytest.raises(OpenTransError, match="not quantisable"):
+        layer_sensitivity(path, calib[:1], images, text, layers=["/MatMul_2"])  # the text-path similarity MatMul
+
+
+def test_recipe_quantisation_options_reach_int8_builds_only(tmp_path):
+    from opentrans.pipeline import _stage_plan
+    from opentrans.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: q
+model: {TINY_VIT}
+data: {CAMVID_SPEC}
+deploy:
+  builds: [{{target: openvino, precision: int8}}, {{target: onnx, precision: fp16}}]
+  calib_data: images:{tmp_path}
+  calib_size: 8
+  smooth_quant_alpha: -1
+  ignore_ops: ['mlp/c_fc']
+  max_drop: 1.5
+  drop_metric: miou
+  sensitivity: true
+""")
+    plan = {label: options for label, _, options, _ in _stage_plan(load_recipe(recipe), tmp_path / "runs")}
+    int8, fp16 = plan["deploy openvino-int8"], plan["deploy onnx-fp16"]
+    assert (int8["calib_data"], int8["calib_size"], int8["smooth_quant_alpha"]) == (f"images:{tmp_path}", 8, -1)
+    assert (int8["ignore_ops"], int8["max_drop"], int8["drop_metric"], int8["sensitivity"]) == (
+        ["mlp/c_fc"], 1.5, "miou", True)
+    assert "calib_data" not in fp16 and "max_drop" not in fp16

@@ -106,3 +106,14 @@ def test_bad_unseen_classes_fail_before_writing(tmp_path, unseen, match):
         finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=1, train_limit=1, val_limit=1,
                        progress=False, unseen_classes=unseen)
     assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_camvid_zero_shot_recipe_uses_the_documented_split():
+    from pathlib import Path
+
+    from opentrans.finetune.stage import CAMVID_UNSEEN
+    from opentrans.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "camvid-zero-shot.yaml")
+    assert recipe.finetune.unseen_classes == list(CAMVID_UNSEEN) == UNSEEN
+    assert "car, pedestrian, bicyclist" in (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()

@@ -19,6 +19,7 @@ import gzip
 import html
 import os
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 
@@ -41,7 +42,7 @@ CONTEXT_LENGTH = 77
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 
 
-@lru_cache()
+@lru_cache
 def _bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -55,7 +56,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
-    return set(zip(word[:-1], word[1:]))
+    return set(pairwise(word))
 
 
 def _clean(text: str) -> str:
@@ -80,7 +81,8 @@ class ClipTokenizer:
 
     def __init__(self, bpe_path: str | os.PathLike | None = None, context_length: int = CONTEXT_LENGTH):
         bpe_path = bpe_path or os.path.join(os.path.dirname(os.path.abspath(__file__)), BPE_FILE)
-        merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        with gzip.open(bpe_path) as fh:
+            merges = fh.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
         merges = [tuple(m.split()) for m in merges]
         self.byte_encoder = _bytes_to_unicode()
         vocab = list(self.byte_encoder.values())

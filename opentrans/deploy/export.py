@@ -13,10 +13,13 @@ The text tower is exported as its own graph by :mod:`opentrans.deploy.text_graph
 constants (:func:`opentrans.models.dense.symbolic_grid`), and the ViT positional embedding is bicubically resized
 inside the graph (an ONNX ``Resize`` with ``cubic_coeff_a=-0.75``, PyTorch's bicubic) from the pretraining grid to
 ``(H/patch, W/patch)``; self-attention is traced through :func:`traceable_attention` (PyTorch's MHA bakes the
-token count into the legacy exporter's graph). Limits: H and W should be multiples of the stride (patch size, 32 for ResNets): the patch
-convolution floors other sizes (the logits are still resized to (H, W), but the border is dropped); the
-resize is evaluated on every run (a (1+gh*gw, W) tensor, negligible); TensorRT needs an H/W range in its
-optimisation profile; NACLIP's neighbourhood bias is rebuilt from the traced grid (Range/Exp nodes).
+token count into the legacy exporter's graph). Measured against eager PyTorch at sizes other than the trace's
+(tiny ViT maskclip/sclip/naclip/cliper, tiny RN; 64x64, 96x128/96x160, 128x96): max |diff| 1.4e-6..1.1e-5.
+Limits: H and W should be multiples of the stride (patch size, 32 for ResNets): the patch convolution floors
+other sizes (the logits are still resized to (H, W), but the border is dropped); the resize is evaluated on
+every run (a (1+gh*gw, W) tensor, negligible); TensorRT needs an H/W range in its optimisation profile
+(:func:`opentrans.deploy.targets.tensorrt.engine_profile`: half to twice the export size by default); NACLIP's
+neighbourhood bias is rebuilt from the traced grid (Range/Exp nodes).
 
 **Merged weights**: LoRA/OFT adapters (``torch.nn.utils.parametrize``) and ``torch.nn.utils.prune`` masks
 (``weight_orig * weight_mask`` in a forward pre-hook) would otherwise be traced as extra MatMuls/Muls or kept as
@@ -107,7 +110,7 @@ def merge_reparametrizations(module: torch.nn.Module) -> int:
     with torch.no_grad():
         for sub in list(module.modules()):
             if parametrize.is_parametrized(sub):
-                values = {name: getattr(sub, name).detach().clone() for name in sub.parametrizations.keys()}
+                values = {name: getattr(sub, name).detach().clone() for name in sub.parametrizations}
                 grads = {name: plist.original.requires_grad for name, plist in sub.parametrizations.items()}
                 del sub._modules["parametrizations"]
                 sub.__class__ = type(sub).__bases__[0]

@@ -123,7 +123,8 @@ def _calibration_dataset(calib_images: Iterable[np.ndarray], text_embeds: np.nda
     if not images:
         raise OpenTransError("no calibration images")
     text = np.ascontiguousarray(text_embeds, dtype=np.float32)
-    return nncf.Dataset(images, lambda x: {"images": x, "text_embeds": text}), len(images) if subset_size is None else subset_size
+    size = len(images) if subset_size is None else subset_size
+    return nncf.Dataset(images, lambda x: {"images": x, "text_embeds": text}), size
 
 
 # --- OpenVINO -----------------------------------------------------------------------------------------------
@@ -412,7 +413,6 @@ def quantize_onnx_qdq(onnx_path: str | os.PathLike, calib_images: Iterable[np.nd
         OpenTransError: opset < 13, no ``text_embeds`` input, no calibration images, bad alpha, subset size or
             ignore patterns.
     """
-    import nncf
     import onnx
 
     from opentrans.artifacts import atomic_path
@@ -461,7 +461,8 @@ def quantize_onnx_model(model, calib_images: Iterable[np.ndarray], text_embeds: 
 
 def qdq_layers(model) -> dict[str, dict[str, bool]]:
     """For each MatMul/Gemm/Conv node of an ONNX graph: whether its activation input (``activation``) and its
-    weight input (``weight``: an initializer or constant) come from a DequantizeLinear."""
+    weight input (``weight``: an initializer or constant) come from a DequantizeLinear, and whether it has a
+    constant weight input at all (``has_weight``)."""
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
 
@@ -488,7 +489,7 @@ def qdq_layers(model) -> dict[str, dict[str, bool]]:
         weights = [i for i in ins if is_const(i)]
         acts = [i for i in ins if not is_const(i)]
         out[node.name] = {"activation": bool(acts) and all(from_dq(i) for i in acts),
-                          "weight": bool(weights) and all(from_dq(i) for i in weights)}
+                          "weight": bool(weights) and all(from_dq(i) for i in weights), "has_weight": bool(weights)}
     return out
 
 

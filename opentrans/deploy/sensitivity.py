@@ -13,9 +13,10 @@ Each variant is compared with the float32 graph on a few real images: argmax agr
 flattened logits. ``sensitivity.json`` and ``sensitivity.md`` list the layers most costly first; the names are
 the ONNX node names, which OpenVINO keeps, so the top rows can be passed to ``--ignore-ops``.
 
-Cost: one NNCF calibration, then one ONNX Runtime session and ``len(images)`` inferences per layer; limit the
-images (``images``) and, for big models, the layers (``top_n`` keeps the report short, every layer is still
-measured unless ``layers`` is given).
+Cost: one NNCF calibration and one ONNX Runtime session (every quantiser behind a run-time switch, see
+:func:`_switchable`), then ``len(images)`` inferences per layer; limit the images and, for big models, the layers
+(``layers``; ``top_n`` only shortens the Markdown table). The float reference is the same session with every
+switch off (the fp32 graph, SmoothQuant scales folded in: equal up to rounding).
 """
 
 from __future__ import annotations
@@ -35,14 +36,22 @@ SENSITIVITY_MD = "sensitivity.md"
 MODES = ("only", "all-but")
 
 
-def _bypass(model, keep: set[str]):
-    """A copy of Q/DQ ``model`` where every input fed by a DequantizeLinear(QuantizeLinear(x)) pair reads ``x``
-    instead, except the inputs of the nodes named in ``keep``; unused nodes are removed."""
+OTHER = "__other__"
+
+
+def _switchable(model, layers: Sequence[str]):
+    """A copy of Q/DQ ``model`` in which every quantiser can be switched off at run time: each input fed by a
+    DequantizeLinear(QuantizeLinear(x)) pair reads ``Where(flag, dq, x)``, with one boolean scalar graph input
+    per layer in ``layers`` (``qflag:<layer>``, for that layer's inputs) and one (``qflag:__other__``) for every
+    other consumer. One ONNX Runtime session then serves every variant: flags all True = the Q/DQ graph, all
+    False = the float graph. Returns ``(model, {layer or OTHER: input name})``."""
     import onnx
+    from onnx import TensorProto, helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    producers = {o: n for n in out.graph.node for o in n.output}
+    graph = out.graph
+    producers = {o: n for n in graph.node for o in n.output}
 
     def source(name: str) -> str | None:
         dq = producers.get(name)
@@ -51,22 +60,23 @@ def _bypass(model, keep: set[str]):
         q = producers.get(dq.input[0])
         return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
 
-    for node in out.graph.node:
-        if node.name in keep:
-            continue
+    wanted = set(layers)
+    flags = {name: f"qflag:{name}" for name in [*layers, OTHER]}
+    nodes = []
+    for node in graph.node:
+        key = node.name if node.name in wanted else OTHER
         for i, name in enumerate(node.input):
             src = source(name)
             if src is not None:
-                node.input[i] = src
-    used = {o.name for o in out.graph.output}
-    keep_nodes = []
-    for node in reversed(list(out.graph.node)):
-        if any(o in used for o in node.output):
-            keep_nodes.append(node)
-            used.update(node.input)
-    del out.graph.node[:]
-    out.graph.node.extend(reversed(keep_nodes))
-    return out
+                switched = f"{name}__switch__{node.name}__{i}"
+                nodes.append(helper.make_node("Where", [flags[key], name, src], [switched],
+                                              name=f"{node.name}/qswitch_{i}"))
+                node.input[i] = switched
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.extend(helper.make_tensor_value_info(f, TensorProto.BOOL, []) for f in flags.values())
+    return out, flags
 
 
 def _session(model):
@@ -77,8 +87,9 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _run(session, images: np.ndarray, text: np.ndarray) -> np.ndarray:
-    return np.concatenate([session.run(["logits"], {"images": images[i:i + 1], "text_embeds": text})[0]
+def _run(session, images: np.ndarray, text: np.ndarray, flags: dict[str, bool] | None = None) -> np.ndarray:
+    feeds = {k: np.array(v, dtype=bool) for k, v in (flags or {}).items()}
+    return np.concatenate([session.run(["logits"], {"images": images[i:i + 1], "text_embeds": text, **feeds})[0]
                            for i in range(len(images))])
 
 
@@ -114,7 +125,8 @@ def layer_sensitivity(onnx_path: str | os.PathLike, calib_images: Sequence[np.nd
         layers: measure only these layer names (default: every quantisable layer).
 
     Returns:
-        ``{"mode", "images", "reference", "full_int8": {agreement %, cosine, max_abs_diff}, "layers": rows}``;
+        ``{"mode", "images", "reference", "full_int8": {agreement %, cosine, max_abs_diff}, "quantizable_layers":
+        names in graph order, "layers": rows, "seconds"}``;
         one row per measured layer, sorted most costly first by (``agreement_drop``, ``cosine_drop``): ``layer``,
         ``op_type``, ``agreement`` (% pixels whose argmax matches fp32), ``cosine`` (mean over images),
         ``max_abs_diff`` (logits), ``agreement_drop`` (percentage points) and ``cosine_drop`` (1 - cosine for
@@ -147,13 +159,19 @@ def layer_sensitivity(onnx_path: str | os.PathLike, calib_images: Sequence[np.nd
         if unknown:
             raise OpenTransError(f"sensitivity: {', '.join(unknown)} not quantisable layers of the image graph")
         candidates = [(n, known[n]) for n in layers]
-    ref = _run(_session(fp32), images, text)
-    full = _compare(ref, _run(_session(qdq), images, text))
-    names = {n for n, _ in quantizable_layers(qdq)}
+    names = [n for n, _ in quantizable_layers(qdq)]
+    switchable, flags = _switchable(qdq, names)
+    session = _session(switchable)
+
+    def variant(on: set[str], other: bool) -> dict[str, bool]:
+        return {flag: (other if key == OTHER else key in on) for key, flag in flags.items()}
+
+    ref = _run(session, images, text, variant(set(), False))
+    full = _compare(ref, _run(session, images, text, variant(set(names), True)))
     rows = []
     for name, op_type in candidates:
-        keep = {name} if mode == "only" else names - {name}
-        figures = _compare(ref, _run(_session(_bypass(qdq, keep)), images, text))
+        on = {name} if mode == "only" else set(names) - {name}
+        figures = _compare(ref, _run(session, images, text, variant(on, mode != "only")))
         if mode == "only":
             drops = (100.0 - figures["agreement"], 1.0 - figures["cosine"])
         else:
@@ -161,11 +179,12 @@ def layer_sensitivity(onnx_path: str | os.PathLike, calib_images: Sequence[np.nd
         rows.append({"layer": name, "op_type": op_type, **figures, "agreement_drop": drops[0],
                      "cosine_drop": drops[1]})
     rows.sort(key=lambda r: (r["agreement_drop"], r["cosine_drop"]), reverse=True)
-    return {"mode": mode, "images": int(len(images)), "reference": "onnxruntime fp32 (same graph)",
-            "full_int8": full, "layers": rows, "seconds": time.perf_counter() - started}
+    return {"mode": mode, "images": int(len(images)), "reference": "onnxruntime fp32 (same graph, quantisers off)",
+            "full_int8": full, "quantizable_layers": names, "layers": rows, "seconds": time.perf_counter() - started}
 
 
-def write_sensitivity_report(report: dict[str, Any], out_dir: str | os.PathLike, top_n: int | None = None) -> list[Path]:
+def write_sensitivity_report(report: dict[str, Any], out_dir: str | os.PathLike,
+                             top_n: int | None = None) -> list[Path]:
     """Write ``sensitivity.json`` (every row) and ``sensitivity.md`` (a table of the first ``top_n`` rows, all by
     default) into ``out_dir``; returns both paths."""
     from opentrans.artifacts import write_json, write_text
@@ -189,4 +208,5 @@ def write_sensitivity_report(report: dict[str, Any], out_dir: str | os.PathLike,
                      f"{r['cosine']:.6f} | {r['cosine_drop']:.2e} |")
     if top_n is not None and len(report["layers"]) > top_n:
         lines.append(f"\n{len(report['layers']) - top_n} more layers in {SENSITIVITY_JSON}.")
-    return [write_json(out_dir / SENSITIVITY_JSON, report), write_text(out_dir / SENSITIVITY_MD, "\n".join(lines) + "\n")]
+    return [write_json(out_dir / SENSITIVITY_JSON, report),
+            write_text(out_dir / SENSITIVITY_MD, "\n".join(lines) + "\n")]

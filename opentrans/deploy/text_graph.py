@@ -6,7 +6,8 @@ Every deploy build carries, beside the image graph:
   (N dynamic, L = the text tower's context length, 77 for CLIP), output ``text_embeds`` float32 ``(N, D)``,
   **L2-normalised per prompt**. It is open_clip's ``encode_text`` (token embedding, positional embedding, causal
   transformer, ``ln_final``, pooling at the end-of-text token, projection) followed by the normalisation; the
-  end-of-text position is found with an ArgMax over the ids cast to int32 (TensorRT's TopK takes int32).
+  end-of-text position is found with an ArgMax over the ids cast to float32 (exact below 2**24; TensorRT's TopK
+  takes no int64).
 * ``bpe_simple_vocab_16e6.txt.gz`` and ``tokenizer.py`` (:mod:`opentrans.deploy.clip_tokenizer`, standard
   library + numpy): CLIP's BPE tokenizer, bit-identical to ``open_clip.tokenize`` on the class names checked.
 * ``build.json["text_encoder"]``: the files, the templates and the text parity figures.
@@ -26,8 +27,9 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +68,9 @@ def _text_module(clip):
                 return F.normalize(c.encode_text(ids), dim=-1)
             x = c.token_embedding(ids) + c.positional_embedding
             x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask))  # (N, L, W)
-            eot = ids.to(torch.int32).argmax(dim=-1)  # end-of-text is the largest id (49407)
+            # end-of-text is the largest id (49407); ArgMax over float32 (ids < 2**24 are exact), which every
+            # back end's ArgMax/TopK takes (TensorRT's TopK has no int64)
+            eot = ids.to(torch.float32).argmax(dim=-1)
             x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]  # (N, W)
             proj = c.text_projection
             x = proj(x) if isinstance(proj, nn.Linear) else (x if proj is None else x @ proj)

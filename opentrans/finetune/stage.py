@@ -9,8 +9,11 @@ Open-Vocabulary Segmentation", CVPR 2024): with ``freeze_heavy_tail`` the alphas
 encoder (possibly pruned; Q/K/V analysed separately) are measured and a freeze policy picks the frozen
 layers (default ``median``: alpha below the median stays frozen); the others are trained together with
 the head; without it only the head trains. With ``checkpoint_every`` the training state goes to
-``out_dir/checkpoints`` and a rerun after a kill resumes from it. Writes the finetuned model
-(``model.safetensors`` + ``model.json``), ``freeze_plan.json``, ``finetune_report.json`` and
+``out_dir/checkpoints`` and a rerun after a kill resumes from it. Weight adapters (LoRA, OFT, H-CLIP; merged before saving),
+learnable prompts (VPT, SPT-SEG, LDVC) and decoders (linear, SPT-SEG, LDVC) are wired in by registry name; the
+zero-shot protocol (``unseen_classes``) trains on the seen classes only and reports mIoU(S), mIoU(U) and hIoU;
+under torchrun training runs with DistributedDataParallel and only rank 0 writes (docs/finetune.md). Writes the
+finetuned model (``model.safetensors`` + ``model.json``), ``freeze_plan.json``, ``finetune_report.json`` and
 ``finetune_report.md``.
 
 Both validate every input before writing anything: on a user error they raise
@@ -178,7 +181,7 @@ _POLICY_TEXT = {
     "fraction": " ({estimator} alphas: the {fraction:.0%} of layers with the smallest alpha stay frozen)",
     "inverse": " (OpenTrans ablation, {estimator} alphas: layers with alpha > median {median:.3f} stay frozen)",
     "random": " (control: as many layers as the median policy freezes, drawn at random with seed {seed})",
-    "head-only": " (every CLIP layer frozen; only the head trains)",
+    "head-only": " (every CLIP weight frozen; only the head, prompts and adapters train)",
 }
 
 
@@ -203,8 +206,8 @@ def _report_md(r: dict) -> str:
         *([f"| adapter | {r['adapter']['kind']} on {len(r['adapter']['targets'])} layers: "
            f"{r['adapter']['trainable_params']:,} trainable params, merged into plain weights | {w} |"]
           if r.get("adapter") else []),
-        *([f"| trainable params by component | " + ", ".join(f"{k} {v:,}" for k, v in r["trainable_by_component"].items())
-           + f" | {w} |"] if r.get("trainable_by_component") else []),
+        *(["| trainable params by component | "
+           + ", ".join(f"{k} {v:,}" for k, v in r["trainable_by_component"].items()) + f" | {w} |"] if r.get("trainable_by_component") else []),
         *([f"| head / prompts | {r.get('head')} / {r.get('prompts') or 'none'} | {w} |"] if "head" in r else []),
         *([f"| zero-shot val mIoU(S) / mIoU(U) / hIoU before | {_fmt(r['zero_shot']['before']['miou_seen'])} / "
            f"{_fmt(r['zero_shot']['before']['miou_unseen'])} / {_fmt(r['zero_shot']['before']['hiou'])} % | {w} |",
@@ -546,7 +549,7 @@ def _run_finetune(*, seg, spec, inputs, train_ds, val_ds, unseen, seen_names, te
         barrier()  # rank 0 evaluates and writes
         return {}
     try:
-        figures = _write_finetune(**locals())
+        figures = _write_finetune(**{**_unused, **locals()})  # _unused: the stage's other settings (imp_masks, ...)
     finally:
         barrier()
     return figures
@@ -555,8 +558,8 @@ def _run_finetune(*, seg, spec, inputs, train_ds, val_ds, unseen, seen_names, te
 def _write_finetune(*, seg, spec, inputs, train_ds, val_ds, unseen, text_trains, options, started, out_dir, data,
                     plan, counts, excluded, analysis_seconds, adapter, adapter_report, adapter_rank, oft_block, params,
                     gradient_free, trainable_params, by_component, steps, batch_size, lr, seed, grad_accum, amp, loss,
-                    freeze_heavy_tail, estimator, before, losses, train_seconds, progress, world, imp_masks=None,
-                    **_unused) -> dict:
+                    freeze_heavy_tail, estimator, before, losses, train_seconds, progress, world, all_text,
+                    imp_masks=None, **_unused) -> dict:
     """Rank 0: val mIoU after training, merge adapters, save the model, the plan, the reports and the manifest."""
     with StageRecord("finetune", out_dir, options, started=started) as rec:
         for path in inputs:

@@ -280,8 +280,9 @@ class _TrainForward(torch.nn.Module):
         return self.seg(images, text)
 
 
-def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: torch.Tensor | Callable[[], torch.Tensor],
-                    steps: int, batch_size: int, lr: float, seed: int = 0, weight_decay: float = 0.01,
+def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
+                    text_embeds: torch.Tensor | Callable[[], torch.Tensor], steps: int, batch_size: int,
+                    lr: float, seed: int = 0, weight_decay: float = 0.01,
                     progress: bool = True, grad_accum: int = 1, amp: str = "off",
                     checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                     on_step: Callable[[int, float], None] | None = None, loss: str = "ce") -> list[float]:
@@ -373,8 +374,11 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset, text_embeds: t
     seg.eval()
     forward = _TrainForward(seg, text_embeds)
     if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(forward, find_unused_parameters=True,
-                                                            broadcast_buffers=False)
+        from opentrans.finetune.freeze import gradient_free_parameters
+
+        # parameters without a gradient path need DDP's (slower) unused-parameter search; the stage freezes them
+        unused = bool(gradient_free_parameters(seg))
+        forward = torch.nn.parallel.DistributedDataParallel(forward, find_unused_parameters=unused)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=POLY_POWER)
     generator = torch.Generator().manual_seed(seed)

@@ -209,7 +209,7 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
     """Write the bundle into ``ctx.build_dir`` beside the fp32 ``model.onnx`` export (see the module docstring).
 
     The parity runner is ONNX Runtime on the ONNX of ``ctx.precision`` (fp16: ``model_fp16.onnx``, int8: the Q/DQ
@@ -224,7 +224,12 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
     from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
     from opentrans.deploy.targets.tensorrt import prepare_onnx
-    from opentrans.deploy.text_graph import TEXT_ONNX, context_length, export_text_onnx, templates_of
+    from opentrans.deploy.text_graph import (
+        TEXT_ONNX,
+        context_length,
+        export_text_onnx,
+        templates_of,
+    )
 
     timings: dict[str, float] = {}
     classes, dim = ctx.text_embeds.shape

@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -250,7 +250,7 @@ def check(bundle: Bundle) -> dict:
     """
     m = bundle.manifest
     s = m["sample"]
-    load = lambda key: np.load(os.path.join(bundle.root, s[key]))  # noqa: E731
+    load = lambda key: np.load(os.path.join(bundle.root, s[key]))
     names = list(s["class_names"])
     report = {"backend": bundle.backend, "precision": m["precision"]}
     ids = bundle.tokenizer([t.format(n) for n in names for t in bundle.templates])

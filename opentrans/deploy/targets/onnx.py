@@ -106,6 +106,7 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
         layers = q.qdq_layers(onnx.load(str(path)))
         info.update(quantizer="nncf.quantize (ONNX Q/DQ)", calibration_images=len(images),
                     calibration_data=ctx.options.get("calib_data") or "train split",
+                    calibration_split=None if ctx.options.get("calib_data") else "train",
                     smooth_quant_alpha=alpha if ctx.segmentor.is_vit else None, ignore_ops=ignore,
                     fp32_ops="text_embeds path (similarity MatMul, upsampling)",
                     quantized_layers=sorted(n for n, v in layers.items() if v["activation"] or v["weight"]))

@@ -141,6 +141,7 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
         timings["quantize_s"] = time.perf_counter() - start
         info.update(quantizer="nncf.quantize (PTQ)" if max_drop is None else "nncf.quantize_with_accuracy_control",
                     calibration_images=len(images), calibration_data=ctx.options.get("calib_data") or "train split",
+                    calibration_split=None if ctx.options.get("calib_data") else "train",
                     model_type="transformer" if vit else "cnn",
                     smooth_quant_alpha=(alpha if max_drop is None else -1.0) if vit else None,
                     ignore_ops=ignore, fp32_ops="text_embeds path (similarity MatMul, upsampling)",

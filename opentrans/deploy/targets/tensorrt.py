@@ -324,7 +324,7 @@ class TensorRTRunner:
         return out.cpu().numpy()
 
 
-def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
     """Build ``model.engine`` in ``ctx.build_dir`` from the ONNX :func:`plan_engine` picks for the installed
     TensorRT and ``ctx.precision`` (the fp32 ``model.onnx`` and, where made, the fp16/Q/DQ ONNX are kept beside it).
 
