@@ -159,7 +159,10 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="structured: re-apply the kept channels/heads/width of this prune output (kept_indices.json) to "
                    "the unpruned --model/--pretrained (or --from) model, instead of scoring.")
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=3, show_default=True,
-              help="structured: rounds of the before/after torch CPU latency measurement (0: skip).")
+              help="structured: rounds of the before/after latency measurement (0: skip).")
+@click.option("--latency-backends", default="torch,openvino", show_default=True, metavar="LIST",
+              help="structured: where latency is measured before/after: torch (eager dense path) and/or openvino "
+                   "(whole segmentor as an f32 IR).")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="structured only: round kept widths to a multiple of this.")
 @click.option("--rate", type=float, default=0.1, show_default=True,
@@ -179,7 +182,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="imp: re-apply this masks.safetensors (from an earlier imp run) instead of pruning anew.")
 @_out_option()
 def prune(from_dir, model, pretrained, image_size, method, sparsity, importance, structures, head_sparsity,
-          width_sparsity, ranking, transfer_from, latency_repeats, round_to, rate, recovery_steps,
+          width_sparsity, ranking, transfer_from, latency_repeats, latency_backends, round_to, rate, recovery_steps,
           distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, out):
     """Prune the CLIP image encoder: structured channels (torch-pruning) or OpenTrans IMP (global magnitude)."""
     if method == "structured":
@@ -195,7 +198,8 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
                               recovery_steps=recovery_steps, distill_data=distill_data, distill_limit=distill_limit,
                               batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data, eval_limit=eval_limit,
                               structures=structures, head_sparsity=head_sparsity, width_sparsity=width_sparsity,
-                              ranking=ranking, transfer_from=transfer_from, latency_repeats=latency_repeats)
+                              ranking=ranking, transfer_from=transfer_from, latency_repeats=latency_repeats,
+                              latency_backends=latency_backends)
     else:
         from opentrans.prune.imp_stage import imp_stage
 

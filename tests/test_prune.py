@@ -241,6 +241,8 @@ def test_prune_stage_writes_model_reports_and_manifest(tmp_path):
     md = (first / "prune_report.md").read_text()
     assert "random-init weights" in md and "| channels | `transformer.resblocks.0.mlp.c_fc` | 256 | 256 | 192 |" in md
     assert figures["latency_ms_before"] > 0 and figures["latency_ms_after"] > 0 and "Latency, torch CPU" in md
+    assert figures["latency_ms_before_openvino"] > 0 and figures["latency_ms_after_openvino"] > 0
+    assert "Latency, OpenVINO CPU f32" in md and not list(first.glob(".latency-*"))  # the IRs were temporary
 
     figures2 = prune_stage(first, None, "none", second, 0.5)
     assert figures2["params_m_before"] == pytest.approx(figures["params_m_after"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,19 +84,26 @@ def render_markdown(report: dict, model: str, weights: str) -> str:
         lines.append(f"| Weights, whole segmentor (MB, fp32) | {report['weights_mb_before']:.4g} | "
                      f"{report['weights_mb_after']:.4g} | {_change(report['weights_mb_before'], report['weights_mb_after'])} |")
     lat = report.get("latency")
+    lat_ov = report.get("latency_openvino")
     if lat:
         lines.append(f"| Latency, torch CPU, {lat['threads']} threads (ms, median) | {lat['ms_before']:.4g} | "
                      f"{lat['ms_after']:.4g} | {_change(lat['ms_before'], lat['ms_after'])} |")
+    if lat_ov:
+        lines.append(f"| Latency, OpenVINO CPU f32, {lat_ov['threads']} threads (ms, median) | "
+                     f"{lat_ov['ms_before']:.4g} | {lat_ov['ms_after']:.4g} | "
+                     f"{_change(lat_ov['ms_before'], lat_ov['ms_after'])} |")
     lines += [
         "",
         "GMACs: matrix products and convolutions of the dense path the segmentor runs (element-wise ops not "
         "counted). Params: every parameter of the image tower.",
     ]
     if lat:
-        lines.append(f"Latency: image encoder dense path, batch 1, measured before and after pruning in the same run "
-                     f"(torch.utils.benchmark, interleaved, {lat['repeats']} rounds); speed-up "
-                     f"{lat['speedup']:.2f}x for a MAC ratio (before / after) of {lat['mac_ratio']:.2f}x "
-                     f"(ratio {lat['speedup'] / lat['mac_ratio']:.2f}).")
+        lines.append(f"Latency (torch): image encoder dense path, batch 1, measured before and after pruning in the "
+                     f"same run (interleaved, {lat['repeats']} rounds); speed-up {lat['speedup']:.2f}x for a MAC "
+                     f"ratio (before / after) of {lat['mac_ratio']:.2f}x (ratio {lat['speedup'] / lat['mac_ratio']:.2f}).")
+    if lat_ov:
+        lines.append(f"Latency (OpenVINO): whole segmentor graph (ONNX -> IR, f32 inference precision, 11 classes), "
+                     f"batch 1, same run, interleaved; speed-up {lat_ov['speedup']:.2f}x.")
     lines += ["", "| Structure | Layer | original | before | after |", "|---|---|---:|---:|---:|"]
     lines += [f"| {row.get('structure', 'channels')} | `{row['layer']}` | {row['original']} | {row['before']} | "
               f"{row['after']} |" for row in report["layers"]]
@@ -112,29 +120,71 @@ def render_markdown(report: dict, model: str, weights: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``--latency-backends`` choices: the image encoder's dense path in eager torch, and the whole segmentor graph
+#: exported to ONNX and converted to an OpenVINO IR (f32 inference precision).
+LATENCY_BACKENDS = ("torch", "openvino")
+
+
 def measure_latency(models: dict[str, torch.nn.Module], images: torch.Tensor, repeats: int = 3,
-                    threads: int | None = None) -> dict[str, float]:
-    """Median latency in milliseconds of ``model.dense_features(images)`` for each model, measured interleaved
-    (round-robin: ``repeats`` rounds, each timing every model once with :class:`torch.utils.benchmark.Timer`
-    ``timeit(1)``, after one warm-up call per model) with a fixed number of threads (default: torch's current
-    setting), so every model sees the same machine load.
+                    threads: int | None = None, backends: tuple[str, ...] = ("torch",),
+                    work_dir: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    """Median latency in milliseconds of each model on each back end, measured interleaved (round-robin over the
+    models, :func:`opentrans.bench.latency.interleaved_ms`) with a fixed number of threads, so every model sees the
+    same machine load and the before/after ratio is a side-by-side measurement.
+
+    * ``torch``: ``model.dense_features(images)`` (the image encoder's dense path), eager, ``threads`` threads.
+    * ``openvino``: the whole segmentor (``images`` and 11 random class embeddings in, logits out), exported with
+      :func:`opentrans.deploy.export.export_onnx` into ``work_dir`` and compiled by OpenVINO with the f32
+      inference-precision hint and ``threads`` inference threads.
+
+    Args:
+        models: ``{name: OpenVocabSegmentor}``; images: ``(1, 3, H, W)`` float32.
+        repeats: timed rounds (one warm-up call per model first).
+        backends: a subset of :data:`LATENCY_BACKENDS`.
+        work_dir: folder for the ONNX/IR files of the ``openvino`` back end (required with it).
 
     Returns:
-        ``{name: median ms}``.
+        ``{backend: {name: median ms}}``.
+
+    Raises:
+        OpenTransError: ``openvino`` without the openvino package or without ``work_dir``.
     """
-    from torch.utils import benchmark
+    from opentrans.bench.latency import interleaved_ms
 
     threads = threads or torch.get_num_threads()
-    timers = {name: benchmark.Timer("m.dense_features(x)", globals={"m": m, "x": images}, num_threads=threads)
-              for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for m in models.values():
-            m.eval().dense_features(images)  # warm-up
-        for _ in range(repeats):
-            for name, timer in timers.items():
-                times[name].append(timer.timeit(1).median * 1e3)
-    return {name: float(torch.tensor(t).median()) for name, t in times.items()}
+    out: dict[str, dict[str, float]] = {}
+    if "torch" in backends:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                calls = {name: (lambda m=m: m.eval().dense_features(images)) for name, m in models.items()}
+                out["torch"] = interleaved_ms(calls, repeats)
+        finally:
+            torch.set_num_threads(previous)
+    if "openvino" in backends:
+        if work_dir is None:
+            raise OpenTransError("OpenVINO latency needs a work folder for the exported models")
+        from opentrans.deploy.targets.openvino import check_available
+
+        check_available()
+        import numpy as np
+        import openvino as ov
+
+        from opentrans.deploy.export import export_onnx
+
+        x = images.numpy().astype(np.float32)
+        dim = next(iter(models.values())).embed_dim
+        text = np.random.default_rng(0).standard_normal((11, dim)).astype(np.float32)
+        calls = {}
+        for name, m in models.items():
+            onnx_path = export_onnx(m.eval(), Path(work_dir) / f"latency_{name}.onnx")
+            compiled = ov.Core().compile_model(ov.convert_model(str(onnx_path)), "CPU",
+                                               {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+            request = compiled.create_infer_request()
+            calls[name] = lambda r=request: r.infer({"images": x, "text_embeds": text})
+        out["openvino"] = interleaved_ms(calls, repeats)
+    return out
 
 
 def _state_mb(seg: torch.nn.Module) -> float:
@@ -204,7 +254,8 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
                 lr: float = 1e-5, seed: int = 0, eval_data: str | None = None, eval_limit: int | None = 8,
                 structures: str | tuple[str, ...] = "channels", head_sparsity: float | None = None,
                 width_sparsity: float | None = None, ranking: str | None = None,
-                transfer_from: str | os.PathLike | None = None, latency_repeats: int = 3) -> dict:
+                transfer_from: str | os.PathLike | None = None, latency_repeats: int = 3,
+                latency_backends: str | tuple[str, ...] = LATENCY_BACKENDS) -> dict:
     """Prune a model's image encoder and write the result into ``out_dir``.
 
     Args:
@@ -227,7 +278,9 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
         structures, head_sparsity, width_sparsity, ranking: what to prune and how (see :func:`prune_structured`).
         transfer_from: a structured-prune output directory (or its ``kept_indices.json``): re-apply its kept
             indices to this (unpruned) model instead of scoring.
-        latency_repeats: rounds of the before/after torch latency measurement (0: not measured).
+        latency_repeats: rounds of the before/after latency measurement (0: not measured).
+        latency_backends: ``torch`` and/or ``openvino`` (comma-separated string or tuple; see
+            :func:`measure_latency`), measured before and after pruning in the same run.
 
     Returns:
         The manifest's figures: ``params_m_before/after`` (M params), ``gmacs_before/after`` (GMACs, dense path,
@@ -255,6 +308,15 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
     check_recovery_options(recovery_steps, batch_size, lr)
     if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 0:
         raise OpenTransError(f"--latency-repeats {latency_repeats}: must be an integer >= 0")
+    if isinstance(latency_backends, str):
+        latency_backends = tuple(b.strip() for b in latency_backends.split(",") if b.strip())
+    unknown = [b for b in latency_backends if b not in LATENCY_BACKENDS]
+    if unknown or not latency_backends:
+        raise OpenTransError(f"--latency-backends {','.join(latency_backends)}: choose from {', '.join(LATENCY_BACKENDS)}")
+    if latency_repeats and "openvino" in latency_backends:
+        from opentrans.deploy.targets.openvino import check_available
+
+        check_available()
     if recovery_steps > 0 and distill_data is None:
         raise OpenTransError(f"--recovery-steps {recovery_steps} needs --distill-data (a folder of images); "
                              f"or pass --recovery-steps 0")
@@ -349,11 +411,14 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
         report = {"model": spec.model, "weights": spec.weights, **report}
         if latency_repeats:
             probe = torch.randn(1, 3, *spec.image_size, generator=torch.Generator().manual_seed(0))
-            ms = measure_latency({"before": teacher, "after": seg}, probe, latency_repeats)
-            report["latency"] = {"ms_before": ms["before"], "ms_after": ms["after"],
-                                 "speedup": ms["before"] / ms["after"],
-                                 "mac_ratio": report["gmacs_before"] / report["gmacs_after"],
-                                 "repeats": latency_repeats, "threads": torch.get_num_threads(), "batch": 1}
+            with tempfile.TemporaryDirectory(prefix=".latency-", dir=out_dir) as work:
+                per_backend = measure_latency({"before": teacher, "after": seg}, probe, latency_repeats,
+                                              backends=latency_backends, work_dir=work)
+            for backend, ms in per_backend.items():
+                report["latency" if backend == "torch" else f"latency_{backend}"] = {
+                    "backend": backend, "ms_before": ms["before"], "ms_after": ms["after"],
+                    "speedup": ms["before"] / ms["after"], "mac_ratio": report["gmacs_before"] / report["gmacs_after"],
+                    "repeats": latency_repeats, "threads": torch.get_num_threads(), "batch": 1}
         if distill is not None and recovery_steps > 0:
             probe = torch.stack([distill[i] for i in range(min(len(distill), batch_size))])
             loss_pruned = evaluate_distill_loss(seg, teacher, probe)
@@ -385,9 +450,11 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
             "sparsity_target": report["sparsity_target"],
             "file_mb": report["file_mb"],
         }
-        if "latency" in report:
-            rec.figures |= {"latency_ms_before": report["latency"]["ms_before"],
-                            "latency_ms_after": report["latency"]["ms_after"], "speedup": report["latency"]["speedup"]}
+        for key, suffix in (("latency", ""), ("latency_openvino", "_openvino")):
+            if key in report:
+                rec.figures |= {f"latency_ms_before{suffix}": report[key]["ms_before"],
+                                f"latency_ms_after{suffix}": report[key]["ms_after"],
+                                f"speedup{suffix}": report[key]["speedup"]}
         if evalset is not None:
             rec.figures["teacher_miou"] = report["fidelity"]["teacher_miou"]
             rec.figures["feature_cosine"] = report["fidelity"]["feature_cosine"]
