@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, skip_where_tensorrt_exists
 from opentrans.artifacts import is_complete, read_json
 from opentrans.data import open_dataset
 from opentrans.deploy import PARITY_THRESHOLDS, deploy_stage, export_onnx, load_runner, read_build, source_model_dir
@@ -281,12 +281,7 @@ def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
 
 
 def test_nvidia_target_without_tensorrt_raises_before_writing(tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError):
-        pass
-    else:
-        pytest.skip("checks the error for machines without TensorRT, and TensorRT is installed here")
+    skip_where_tensorrt_exists()
     with pytest.raises(OpenTransError, match="TensorRT is not installed here.*--target jetson"):
         _deploy(tmp_path / "out" / "trt", TINY_RN, "nvidia", "fp16")
     assert _leftovers(tmp_path) == []

@@ -19,7 +19,7 @@ import onnx
 import open_clip
 import pytest
 import torch
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, skip_where_tensorrt_exists
 
 from opentrans.data import open_dataset
 from opentrans.deploy import clip_tokenizer
@@ -222,12 +222,7 @@ def test_nvidia_target_without_tensorrt_is_one_line_and_exit_1(tmp_path):
 
     from opentrans.cli import cli
 
-    try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError):
-        pass
-    else:
-        pytest.skip("checks the error for machines without TensorRT, and TensorRT is installed here")
+    skip_where_tensorrt_exists()
     result = CliRunner().invoke(cli, ["deploy", "--model", TINY_RN, "--target", "nvidia", "--precision", "int8",
                                       "--data", CAMVID_SPEC, "--out", str(tmp_path / "trt")])
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -15,7 +15,7 @@ What trains under a plan (:func:`apply_freeze_plan`):
   parameter gets ``requires_grad`` when any of its slices trains, and a gradient hook zeroes the rows of its
   frozen slices (:func:`row_masked_parameters`); the trainer also writes those rows back after every
   optimizer step, because AdamW's decoupled weight decay would shrink them even with a zero gradient;
-* the segmentor's ``head`` (:class:`~opentrans.models.segmentor.LinearHead`);
+* the segmentor's ``head`` (:class:`~opentrans.models.heads.LinearHead` or a registered decoder);
 * nothing else: the text tower, ``logit_scale``, LayerNorms/BatchNorms, embeddings, ``proj`` and the
   excluded patch/stem conv stay frozen.
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.models import dense as _dense
-from opentrans.models.heads import LinearHead, build_head
+from opentrans.models.heads import build_head
 from opentrans.models.prompts import PromptModule
 
 #: Training-free dense modes (see :mod:`opentrans.models.dense`); a ModifiedResNet supports only ``maskclip``.
@@ -70,7 +70,7 @@ class OpenVocabSegmentor(nn.Module):
               :mod:`opentrans.models.diffusion_refine`).
 
             Only ``maskclip`` exists for a ModifiedResNet image tower.
-        head: a registered head (:mod:`opentrans.models.heads`): ``linear`` (:class:`LinearHead`, default),
+        head: a registered head (:mod:`opentrans.models.heads`): ``linear`` (:class:`~opentrans.models.heads.LinearHead`, default),
             ``none``, or a paper's decoder (:mod:`opentrans.models.decoders`); ``head_options`` are its options.
 
     Learnable prompt tokens (:mod:`opentrans.models.prompts`) are attached with :meth:`set_prompts` and live
