@@ -149,7 +149,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
 @click.option("--structures", default="channels", show_default=True, metavar="LIST",
               help="structured only: what to prune, comma-separated from channels (ViT MLP hidden / ResNet "
                    "bottleneck), heads (ViT attention heads / ResNet attention-pool heads), width (residual width / "
-                   "ResNet layer4 channels through the attention pool).")
+                   "ResNet residual channels of every stage, layer4 through the attention pool).")
 @click.option("--head-sparsity", type=float, help="structured: fraction of heads to remove (default: --sparsity).")
 @click.option("--width-sparsity", type=float, help="structured: fraction of residual width to remove (default: --sparsity).")
 @click.option("--ranking", type=click.Choice(["per-layer", "global"]),
@@ -455,10 +455,15 @@ def segment(image, classes, from_dir, model, pretrained, image_size, out):
     if not names:
         raise OpenTransError("--classes: give at least one class name")
     runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
-    text = seg.encode_classes(names, model_name=spec.model).numpy()
+    # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
+    encode = getattr(runner, "encode_classes", None)
+    if encode is not None:
+        text, text_source = encode(names), "the build's text-encoder graph"
+    else:
+        text, text_source = seg.encode_classes(names, model_name=spec.model).numpy(), "the PyTorch text tower"
     result = segment_image(runner, image, names, text, spec.image_size, spec.mean, spec.std, out)
     shares = ", ".join(f"{k} {v:.1f} %" for k, v in sorted(result["shares"].items(), key=lambda kv: -kv[1]))
-    click.echo(f"wrote {out} ({runner.name}, {spec.weights}): {shares}")
+    click.echo(f"wrote {out} ({runner.name}, {spec.weights}; classes encoded by {text_source}): {shares}")
 
 
 @cli.command(epilog="Example: opentrans run recipes/quickstart.yaml")

@@ -98,6 +98,13 @@ def test_eval_and_segment_on_artifacts(tiny_run, tmp_path):
     overlay = Image.open(out)
     assert overlay.width == 480 and overlay.height > 360  # the image plus a legend below it
     assert not np.array_equal(np.asarray(overlay)[:360], np.asarray(Image.open(image).convert("RGB")))
+    build = invoke("segment", image, "--classes", "road,car,sky", "--from", run_dir / "deploy" / "onnx-fp32",
+                   "--out", tmp_path / "overlay_build.png")
+    assert build.exit_code == 0, build.output
+    assert "classes encoded by the build's text-encoder graph" in build.output
+    assert "classes encoded by the PyTorch text tower" in result.output
+    # the build (same weights, its own text graph) labels the image like the PyTorch model it came from
+    assert build.output.split("): ")[1] == result.output.split("): ")[1]
 
 
 def test_bad_input_one_line_and_nothing_written(tmp_path):

@@ -22,6 +22,7 @@ from opentrans.prune.structured import prune_structured, structure_sizes, taylor
 
 VIT_WIDTH, VIT_HEADS, HEAD_DIM, VIT_LAYERS = 64, 2, 32, 3  # opentrans-tiny-vit.json
 RN_WIDTH, RN_HEADS = 256, 8  # opentrans-tiny-rn.json: layer4 output 8 * 32, attnpool heads = width*32 // 32
+RN_STAGE_WIDTHS = {"layer1": 32, "layer2": 64, "layer3": 128, "layer4": RN_WIDTH}  # residual width per stage
 TEXT = torch.randn(3, 32, generator=torch.Generator().manual_seed(3))  # (C, D) class embeddings
 
 
@@ -66,7 +67,7 @@ def test_pruning_zeroed_heads_keeps_the_function_exactly():
 
 
 @torch.no_grad()
-def test_resnet_attnpool_heads_and_layer4_width():
+def test_resnet_attnpool_heads_and_all_stage_width():
     seg, spec = build_segmentor(TINY_RN, "none")
     pool = seg.visual.attnpool
     inner, head_dim = pool.q_proj.out_features, pool.q_proj.out_features // RN_HEADS
@@ -87,14 +88,57 @@ def test_resnet_attnpool_heads_and_layer4_width():
     torch.testing.assert_close(seg.clip.encode_image(images[..., :64, :64]), pooled_ref, rtol=1e-5, atol=1e-5)
 
     report = prune_structured(seg, 0.5, "lamp", round_to=8, model_name=spec.model, structures="width,heads")
-    v = seg.visual
-    assert report["structures"]["width"]["kept"] == RN_WIDTH // 2
-    for block in v.layer4:
-        assert block.conv3.out_channels == block.bn3.num_features == RN_WIDTH // 2
-    assert v.layer4[0].downsample[1].out_channels == RN_WIDTH // 2
-    assert v.attnpool.positional_embedding.shape[1] == v.attnpool.k_proj.in_features == RN_WIDTH // 2
+    assert report["structures"]["width"]["kept"] == sum(RN_STAGE_WIDTHS.values()) // 2  # global: layer-adaptive
+    sizes = structure_sizes(seg, "width")
+    assert list(sizes) == list(RN_STAGE_WIDTHS)
+    assert all(c % 8 == 0 and c <= RN_STAGE_WIDTHS[k] for k, c in sizes.items())
+    _assert_rn_stage_shapes(seg.visual, sizes)
     assert seg(images, TEXT).shape == (2, 3, *spec.image_size)
     assert seg.clip.encode_image(images[..., :64, :64]).shape == (2, 32)
+
+
+def _assert_rn_stage_shapes(v, sizes: dict[str, int]) -> None:
+    """Every tensor of each stage's residual stream has the stage's pruned width (see structured._resnet_stage_set)."""
+    stages = list(RN_STAGE_WIDTHS)
+    for k, stage in enumerate(stages):
+        c, blocks = sizes[stage], list(getattr(v, stage))
+        for j, block in enumerate(blocks):
+            assert block.conv3.out_channels == block.conv3.weight.shape[0] == block.bn3.num_features == c
+            assert block.bn3.running_mean.shape == (c,)
+            if j > 0:
+                assert block.conv1.in_channels == block.conv1.weight.shape[1] == c
+        assert blocks[0].downsample[1].weight.shape[0] == blocks[0].downsample[2].num_features == c
+        if k + 1 < len(stages):
+            nxt = getattr(v, stages[k + 1])[0]
+            assert nxt.conv1.weight.shape[1] == nxt.downsample[1].weight.shape[1] == nxt.conv1.in_channels == c
+    c4 = sizes["layer4"]
+    assert v.attnpool.positional_embedding.shape[1] == v.attnpool.k_proj.in_features == c4
+
+
+@torch.no_grad()
+def test_resnet_width_of_a_middle_stage_removes_zeroed_channels_exactly():
+    """Channels of layer2's residual stream whose producers (every conv3/bn3, the downsample conv/BN) are zero
+    carry 0 everywhere, so removing them with their consumers (layer2 conv1 inputs, layer3.0 conv1/downsample
+    inputs) keeps the function exactly."""
+    from opentrans.prune.structured import apply_kept_indices
+
+    seg, spec = build_segmentor(TINY_RN, "none")
+    dead = [0, 5, 17, 40, 41, 63]
+    for block in seg.visual.layer2:
+        convs_bns = [(block.conv3, block.bn3)]
+        if block.downsample is not None:
+            convs_bns.append((block.downsample[1], block.downsample[2]))
+        for conv, bn in convs_bns:
+            conv.weight[dead] = 0
+            bn.weight[dead] = 0
+            bn.bias[dead] = 0
+    images = _images(spec)
+    reference = seg(images, TEXT)
+    kept = [i for i in range(RN_STAGE_WIDTHS["layer2"]) if i not in dead]
+    apply_kept_indices(seg, {"width": {"layer2": kept}})
+    assert structure_sizes(seg, "width") == RN_STAGE_WIDTHS | {"layer2": len(kept)}
+    _assert_rn_stage_shapes(seg.visual, structure_sizes(seg, "width"))
+    torch.testing.assert_close(seg(images, TEXT), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", [TINY_VIT, TINY_RN])
@@ -107,7 +151,9 @@ def test_head_and_width_pruned_round_trip_and_onnx_parity(arch, tmp_path):
     report = prune_structured(seg, 0.5, "magnitude", round_to=8, model_name=spec.model,
                               structures="channels,heads,width", width_sparsity=0.25)
     width = report["structures"]["width"]["kept"]
-    assert width == (48 if arch == TINY_VIT else 192)
+    assert width == (48 if arch == TINY_VIT else 360)
+    if arch == TINY_RN:  # every stage keeps 3/4 of its residual width
+        assert structure_sizes(seg, "width") == {"layer1": 24, "layer2": 48, "layer3": 96, "layer4": 192}
     save_segmentor(seg, spec, tmp_path)
     raw = json.loads((tmp_path / SPEC_FILE).read_text())
     assert raw["modules"] and all(m["type"].startswith("Pruned") for m in raw["modules"].values())
@@ -118,6 +164,9 @@ def test_head_and_width_pruned_round_trip_and_onnx_parity(arch, tmp_path):
     with torch.no_grad():
         expected = seg(images, TEXT)
         assert torch.equal(loaded(images, TEXT), expected)
+    if arch == TINY_RN:
+        _assert_rn_stage_shapes(loaded.visual, structure_sizes(seg, "width"))
+        assert {"clip.visual.layer1.0.conv3.weight", "clip.visual.layer2.0.conv1.weight"} <= set(raw["shapes"])
     if arch == TINY_VIT:
         assert loaded.visual.transformer.resblocks[0].attn.embed_dim == width
         assert loaded.visual.ln_post.normalized_shape == (width,)
@@ -204,6 +253,44 @@ def test_transfer_reproduces_shapes_and_outputs(tmp_path):
     with pytest.raises(OpenTransError, match="invalid kept indices"):
         prune_stage(base, None, "none", tmp_path / "bad", transfer_from=tmp_path / "broken.json", latency_repeats=0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_resnet_all_stage_width_transfer_composes_and_old_layer4_files_apply(tmp_path):
+    """RN width kept indices are recorded per stage relative to the original and compose over two prunes;
+    re-applied to the unpruned weights they reproduce the model. A kept file from before all-stage width (only
+    ``layer4``) still applies: the other stages stay whole."""
+    base, p1, p2, same, old = (tmp_path / n for n in ("base", "p1", "p2", "same", "old"))
+    seg, spec = build_segmentor(TINY_RN, "none")
+    save_segmentor(seg, spec, base)
+    prune_stage(base, None, "none", p1, 0.25, structures="width", latency_repeats=0)
+    prune_stage(p1, None, "none", p2, 0.5, structures="channels,heads,width", latency_repeats=0)
+    kept = json.loads((p2 / KEPT_FILE).read_text())
+    first = json.loads((p1 / KEPT_FILE).read_text())["structures"]["width"]
+    width = kept["structures"]["width"]
+    assert list(width) == list(RN_STAGE_WIDTHS)
+    for stage, c in RN_STAGE_WIDTHS.items():
+        assert len(first[stage]) == 3 * c // 4 and len(width[stage]) == c // 2
+        assert set(width[stage]) <= set(first[stage])  # indices into the original, composed
+    prune_stage(base, None, "none", same, transfer_from=p2, latency_repeats=0)
+    pruned, _ = load_segmentor(p2)
+    again, _ = load_segmentor(same)
+    for s in ("channels", "heads", "width"):
+        assert structure_sizes(again, s) == structure_sizes(pruned, s)
+    _assert_rn_stage_shapes(again.visual, structure_sizes(again, "width"))
+    images = _images(spec)
+    with torch.no_grad():
+        assert torch.equal(again(images, TEXT), pruned(images, TEXT))
+
+    legacy = {"format": kept["format"], "model": kept["model"], "base": "original",
+              "structures": {"width": {"layer4": width["layer4"]}}}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    prune_stage(base, None, "none", old, transfer_from=tmp_path / "legacy.json", latency_repeats=0)
+    loaded, _ = load_segmentor(old)
+    assert structure_sizes(loaded, "width") == RN_STAGE_WIDTHS | {"layer4": RN_WIDTH // 2}
+    legacy["structures"]["width"]["layer3"] = [0, RN_STAGE_WIDTHS["layer3"]]  # out of range
+    (tmp_path / "broken.json").write_text(json.dumps(legacy))
+    with pytest.raises(OpenTransError, match="layer3: invalid kept indices"):
+        prune_stage(base, None, "none", tmp_path / "bad", transfer_from=tmp_path / "broken.json", latency_repeats=0)
 
 
 def test_cli_structures_and_bad_input(tmp_path):

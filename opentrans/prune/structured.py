@@ -14,8 +14,12 @@ architecture so pruning composes:
 * ``width``: the residual width. ViT: ``conv1`` outputs, ``class_embedding``, ``positional_embedding``,
   ``ln_pre``, every ``ln_1``/``ln_2``/``ls_*``, attention ``in_proj`` inputs and ``out_proj`` outputs, ``mlp.c_fc``
   inputs and ``mlp.c_proj`` outputs, ``ln_post`` and the rows of ``proj``, all with one index set.
-  ModifiedResNet: the output channels of ``layer4`` (``conv3``/``bn3``/``downsample`` of every block, ``conv1``
-  inputs of the later blocks) through the attention pool (``positional_embedding`` columns, ``q/k/v_proj`` inputs).
+  ModifiedResNet: the residual-stream (output) channels of every stage ``layer1..layer4``, one unit set per
+  stage shared by all its blocks (``conv3``/``bn3`` and ``downsample`` conv/BN outputs, ``conv1`` inputs of the
+  later blocks), together with the stage's consumers: the next stage's first block (``conv1`` and ``downsample``
+  conv inputs), and for ``layer4`` the attention pool (``positional_embedding`` columns, ``q/k/v_proj`` inputs).
+  Kept indices are recorded per stage (``{"layer1": [...], ..., "layer4": [...]}``); older files that name only
+  ``layer4`` still apply (the other stages stay whole).
 
 Heads and width are pruned by a consistent ``index_select`` of every tensor listed above (torch-pruning cannot
 head-prune open_clip's fused ``nn.MultiheadAttention``, see docs/pitfalls.md). Because the attention's inner
@@ -419,9 +423,21 @@ def _width_set(visual: nn.Module) -> _UnitSet:
         if isinstance(visual.proj, torch.Tensor):
             slices.append(_Slice(visual, "proj", 0))
         return _UnitSet("width", "width", visual.conv1.out_channels, tuple(slices), lambda n: _linear_resize(*touched))
-    blocks = list(visual.layer4)
-    pool = visual.attnpool
-    slices, touched = [], [pool.q_proj, pool.k_proj, pool.v_proj]
+    raise OpenTransError(f"cannot prune the width of {type(visual).__name__}")
+
+
+#: The residual stages of a ModifiedResNet, each one ``width`` unit set (its output channels).
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _resnet_stage_set(visual: ModifiedResNet, k: int) -> _UnitSet:
+    """The residual-stream (output) channels of stage ``RESNET_STAGES[k]``: ``conv3``/``bn3`` outputs of every
+    block and ``downsample`` conv/BN outputs, ``conv1`` (and any ``downsample``) inputs of its later blocks, and
+    the consumers of the stage: the next stage's first block (``conv1`` and ``downsample`` conv inputs), or for
+    ``layer4`` the attention pool (``positional_embedding`` columns, ``q/k/v_proj`` inputs)."""
+    name = RESNET_STAGES[k]
+    blocks = list(getattr(visual, name))
+    slices, touched = [], []
     for j, block in enumerate(blocks):
         slices.append(_Slice(block.conv3, "weight", 0))
         slices += _norm_slices(block.bn3)
@@ -435,13 +451,33 @@ def _width_set(visual: nn.Module) -> _UnitSet:
             touched.append(block.conv1)
             if block.downsample is not None:
                 slices.append(_Slice(block.downsample[1], "weight", 1))
-    slices.append(_Slice(pool, "positional_embedding", 1))
-    slices += [_Slice(getattr(pool, f"{x}_proj"), "weight", 1) for x in "qkv"]
-    return _UnitSet("width", "layer4", blocks[-1].conv3.out_channels, tuple(slices), lambda n: _linear_resize(*touched))
+    if k + 1 < len(RESNET_STAGES):
+        nxt = getattr(visual, RESNET_STAGES[k + 1])[0]
+        slices.append(_Slice(nxt.conv1, "weight", 1))
+        touched.append(nxt.conv1)
+        if nxt.downsample is not None:
+            slices.append(_Slice(nxt.downsample[1], "weight", 1))
+            touched.append(nxt.downsample[1])
+        else:
+            raise OpenTransError(f"{RESNET_STAGES[k + 1]}.0 has no downsample: cannot prune the width of {name}")
+    else:
+        pool = visual.attnpool
+        slices.append(_Slice(pool, "positional_embedding", 1))
+        slices += [_Slice(getattr(pool, f"{x}_proj"), "weight", 1) for x in "qkv"]
+        touched += [pool.q_proj, pool.k_proj, pool.v_proj]
+    return _UnitSet("width", name, blocks[-1].conv3.out_channels, tuple(slices), lambda n: _linear_resize(*touched))
+
+
+def _width_sets(visual: nn.Module) -> list[_UnitSet]:
+    """The ``width`` unit sets: one for a ViT (``width``), one per residual stage for ModifiedResNet
+    (``layer1..layer4``)."""
+    if isinstance(visual, ModifiedResNet):
+        return [_resnet_stage_set(visual, k) for k in range(len(RESNET_STAGES))]
+    return [_width_set(visual)]
 
 
 def _unit_sets(visual: nn.Module, structure: str) -> list[_UnitSet]:
-    return _head_sets(visual) if structure == "heads" else [_width_set(visual)]
+    return _head_sets(visual) if structure == "heads" else _width_sets(visual)
 
 
 def _select_(s: _Slice, idx: torch.Tensor) -> None:
@@ -590,21 +626,20 @@ def taylor_scores(seg: OpenVocabSegmentor, images: torch.Tensor, structures: tup
 
 def structure_sizes(seg: OpenVocabSegmentor, structure: str) -> dict[str, int]:
     """Current units per layer of ``structure``: channels (see :func:`prunable_widths`), heads per attention,
-    or the residual width (``{"width": W}`` for a ViT, ``{"layer4": C}`` for ModifiedResNet)."""
+    or the residual width (``{"width": W}`` for a ViT, ``{"layer1": C1, ..., "layer4": C4}`` for ModifiedResNet)."""
     if structure == "channels":
         return prunable_widths(seg)
     if structure == "heads":
         return {us.name: us.count for us in _head_sets(seg.visual)}
-    return {us.name: us.count for us in [_width_set(seg.visual)]}
+    return {us.name: us.count for us in _width_sets(seg.visual)}
 
 
 @functools.lru_cache(maxsize=8)
 def _architecture_sizes(model_name: str) -> dict[str, tuple[tuple[str, int], ...]]:
     visual = create_architecture(model_name).visual
-    width = _width_set(visual)
     return {"channels": tuple((layer.name, _width(layer.module)) for layer in _prunable_layers(visual)),
             "heads": tuple((us.name, us.count) for us in _head_sets(visual)),
-            "width": ((width.name, width.count),)}
+            "width": tuple((us.name, us.count) for us in _width_sets(visual))}
 
 
 def original_sizes(seg: OpenVocabSegmentor, model_name: str | None, structure: str) -> dict[str, int]:
