@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ TINY_RN = "opentrans-tiny-rn"
 def pytest_configure(config):
     if not (CAMVID / "val.txt").exists():
         raise pytest.UsageError(f"CamVid not found at {CAMVID}; set OPENTRANS_DATA to the shared data folder")
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global torch RNG state, so a test's random draws (module inits that take no
+    seed) do not depend on which tests ran before it."""
+    import torch
+
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +64,17 @@ def skip_where_tensorrt_exists() -> None:
     except (ImportError, OSError):
         return
     pytest.skip("checks the error for machines without TensorRT, and TensorRT is installed here")
+
+
+def fake_trtexec(tmp_path: Path, version_tag: str) -> Path:
+    """A stand-in ``trtexec`` that reports TensorRT ``version_tag`` on ``--help`` and appends the arguments of every
+    other call to ``args-<version_tag>.txt`` beside it (each call ends with a ``--`` line)."""
+    exe = tmp_path / f"trtexec-{version_tag}"
+    exe.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        if [ "$1" = "--help" ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT {version_tag}] # trtexec --help"; exit 0; fi
+        printf '%s\\n' "$@" >> "$(dirname "$0")/args-{version_tag}.txt"
+        echo "--" >> "$(dirname "$0")/args-{version_tag}.txt"
+        """))
+    exe.chmod(0o755)
+    return exe

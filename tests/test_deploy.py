@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, skip_where_tensorrt_exists
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, fake_trtexec, skip_where_tensorrt_exists
 from opentrans.artifacts import is_complete, read_json
 from opentrans.data import open_dataset
 from opentrans.deploy import PARITY_THRESHOLDS, deploy_stage, export_onnx, load_runner, read_build, source_model_dir
@@ -225,18 +224,6 @@ def test_quantize_rejects_bad_smooth_quant_alpha():
         quantize_openvino_int8(None, [], np.zeros((1, 4), np.float32), True, 4, smooth_quant_alpha=1.5)
 
 
-def _fake_trtexec(tmp_path: Path, version_tag: str) -> Path:
-    exe = tmp_path / f"trtexec-{version_tag}"
-    exe.write_text(textwrap.dedent(f"""\
-        #!/usr/bin/env bash
-        if [ "$1" = "--help" ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT {version_tag}] # trtexec --help"; exit 0; fi
-        printf '%s\\n' "$@" >> "$(dirname "$0")/args-{version_tag}.txt"
-        echo "--" >> "$(dirname "$0")/args-{version_tag}.txt"
-        """))
-    exe.chmod(0o755)
-    return exe
-
-
 def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
     path, figures = builds["vit-jetson"]
     build = _check_build_dir(path, "jetson", "fp16", ["model.onnx", "model_fp16.onnx"])
@@ -261,7 +248,7 @@ def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
 
     # run the script against a fake trtexec: TensorRT 10.3 gets --fp16 and the profile shapes
     h, w = build["image_size"]
-    env = {**os.environ, "TRTEXEC": str(_fake_trtexec(tmp_path, "v100300"))}
+    env = {**os.environ, "TRTEXEC": str(fake_trtexec(tmp_path, "v100300"))}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "args-v100300.txt").read_text().split("--\n")[0].split()  # the image engine's call
@@ -269,7 +256,7 @@ def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
     assert f"--maxShapes=images:4x3x{h}x{w},text_embeds:64x32" in args
     assert f"--optShapes=images:1x3x{h}x{w},text_embeds:11x32" in args
     # TensorRT 11 has no --fp16: the fp16 engine comes from the fp16 ONNX, without precision flags
-    env["TRTEXEC"] = str(_fake_trtexec(tmp_path, "v110000"))
+    env["TRTEXEC"] = str(fake_trtexec(tmp_path, "v110000"))
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "args-v110000.txt").read_text().split("--\n")[0].split()

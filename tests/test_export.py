@@ -11,15 +11,13 @@ import os
 import py_compile
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import onnx
 import open_clip
 import pytest
 import torch
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, skip_where_tensorrt_exists
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, fake_trtexec, skip_where_tensorrt_exists
 
 from opentrans.data import open_dataset
 from opentrans.deploy import clip_tokenizer
@@ -243,18 +241,6 @@ def bundle(tmp_path_factory):
     return out, figures
 
 
-def _fake_trtexec(tmp_path: Path, version_tag: str) -> Path:
-    exe = tmp_path / f"trtexec-{version_tag}"
-    exe.write_text(textwrap.dedent(f"""\
-        #!/usr/bin/env bash
-        if [ "$1" = "--help" ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT {version_tag}] # trtexec --help"; exit 0; fi
-        printf '%s\\n' "$@" >> "$(dirname "$0")/args-{version_tag}.txt"
-        echo "--" >> "$(dirname "$0")/args-{version_tag}.txt"
-        """))
-    exe.chmod(0o755)
-    return exe
-
-
 def test_jetson_bundle_contents(bundle):
     path, figures = bundle
     for name in ("model.onnx", "model_fp16.onnx", "text_encoder.onnx", "tokenizer.py", "bpe_simple_vocab_16e6.txt.gz",
@@ -274,7 +260,7 @@ def test_jetson_build_script_per_tensorrt_version(bundle, tmp_path):
     path, _ = bundle
     script = path / "build_engine.sh"
     for tag, onnx_file, flags in (("v100300", "model.onnx", ["--fp16"]), ("v110000", "model_fp16.onnx", [])):
-        env = {**os.environ, "TRTEXEC": str(_fake_trtexec(tmp_path, tag))}
+        env = {**os.environ, "TRTEXEC": str(fake_trtexec(tmp_path, tag))}
         done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 0, done.stderr
         image, text = (c.split() for c in (tmp_path / f"args-{tag}.txt").read_text().split("--\n")[:2])

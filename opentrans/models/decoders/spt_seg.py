@@ -32,6 +32,11 @@ Interpretations and departures (stated, not hidden):
   zero-initialised projection, so an untrained head is the identity and leaves the training-free segmentor
   unchanged (exactly: ``F + 0``).
 * The code's Hi-Fi branch skips its ``h_proj``; LITv2's HiLo applies it, and so does this head.
+* Caveat of the token mask (as in the code): ``clamp(cos(Y, p), 0, 1)`` is 0 at every token when all of them point
+  away from the random prompt ``p``, and then no gradient reaches ``p`` or anything before the mask. On the flat
+  features of random-init CLIP weights this happened for 8 of 20 seeds of ``p`` (tiny ViT, 2 CamVid-sized inputs);
+  the zero-initialised output keeps the head the identity either way. Check ``finetune_report``'s loss curve, or
+  re-seed, if the decoder does not train.
 * Head split: ``hi_ratio`` is the share of heads in the high-frequency branch (the code's ``alpha = 0.9`` is the
   low-frequency share, so ``hi_ratio = 0.1``; with 8 heads: 1 high-, 7 low-frequency heads, as
   ``int(8 * 0.9) = 7`` there). Attention dropout (0.1 in the code) is not used.
