@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opentrans.bench.latency import interleaved_times
 from opentrans.data import open_dataset
 from opentrans.deploy.stage import deploy_stage
 from opentrans.evaluate import TorchRunner, agreement
@@ -65,20 +66,12 @@ class CompiledOpenVINO:
 
 
 def interleaved_latency(runners: dict, images: np.ndarray, text: np.ndarray, warmup: int, repeats: int) -> dict:
-    """Milliseconds per call for each runner: ``warmup`` untimed calls each, then ``repeats`` rounds in which every
-    runner is timed once, the order reversed every other round. Returns ``{name: {median_ms, p90_ms, min_ms}}``."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run(images, text)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    order = list(runners)
-    for r in range(repeats):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
-            runners[name](images, text)
-            times[name].append(1e3 * (time.perf_counter() - start))
+    """Milliseconds per call for each runner, timed interleaved (:func:`opentrans.bench.latency.interleaved_times`:
+    ``warmup`` untimed calls each, then ``repeats`` rounds, the order reversed every other round).
+    Returns ``{name: {median_ms, p90_ms, min_ms}}``."""
+    calls = {name: (lambda run=run: run(images, text)) for name, run in runners.items()}
     return {name: {"median_ms": statistics.median(t), "p90_ms": float(np.percentile(t, 90)), "min_ms": min(t)}
-            for name, t in times.items()}
+            for name, t in interleaved_times(calls, repeats, warmup).items()}
 
 
 def main() -> None:

@@ -102,3 +102,16 @@ def test_peak_rss_is_the_workers_own():
         child = pool.submit(peak_rss_mb).result()
     assert parent > 300 and child < parent - 200, (parent, child)
     del ballast
+
+
+def test_interleaved_times_alternates_order_and_counts_calls():
+    from opentrans.bench.latency import interleaved_ms, interleaved_times
+
+    log = []
+    calls = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    times = interleaved_times(calls, repeats=3, warmup=2)
+    assert log == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then a-b, b-a, a-b
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in times.values() for t in v)
+    assert set(interleaved_ms(calls, repeats=1, warmup=0)) == {"a", "b"}
+    with pytest.raises(ValueError):
+        interleaved_times(calls, repeats=0)

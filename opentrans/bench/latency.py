@@ -47,13 +47,13 @@ def measure_latency(runner: Runner, images: np.ndarray, text_embeds: np.ndarray,
     }
 
 
-def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall-clock milliseconds of each zero-argument call, measured **interleaved**: ``warmup`` untimed calls
-    each, then ``repeats`` rounds that time every call once, the order reversed every other round, so load drift
-    and turbo affect all of them alike (a ratio of two results is a side-by-side measurement).
+def interleaved_times(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock milliseconds of every call of each zero-argument function, measured **interleaved**: ``warmup``
+    untimed calls each, then ``repeats`` rounds that time every function once, the order reversed every other
+    round, so load drift and turbo affect all of them alike (a ratio of two results is a side-by-side measurement).
 
     Returns:
-        ``{name: median ms}``.
+        ``{name: [ms per call, one per round]}``.
 
     Raises:
         ValueError: ``repeats`` < 1 or ``warmup`` < 0.
@@ -70,4 +70,13 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup:
             start = time.perf_counter()
             calls[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds per call of each function, measured by :func:`interleaved_times`: ``{name: median ms}``.
+
+    Raises:
+        ValueError: ``repeats`` < 1 or ``warmup`` < 0.
+    """
+    return {name: float(np.median(t)) for name, t in interleaved_times(calls, repeats, warmup).items()}
