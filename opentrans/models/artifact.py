@@ -18,6 +18,7 @@ from torch import nn
 
 from opentrans.artifacts import atomic_path, read_json, write_json
 from opentrans.errors import OpenTransError
+from opentrans.models.attention import PrunedMultiheadAttention, attention_structure, rebuild_attention
 from opentrans.models.clip import create_architecture, load_clip
 from opentrans.models.prompts import build_prompts
 from opentrans.models.segmentor import OpenVocabSegmentor
@@ -89,8 +90,6 @@ def changed_shapes(seg: OpenVocabSegmentor, model_name: str) -> dict[str, list[i
 def save_segmentor(seg: OpenVocabSegmentor, spec: SegmentorSpec, out_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` atomically; returns the weights path."""
     out_dir = Path(out_dir)
-    from opentrans.models.attention import attention_structure
-
     spec.shapes = changed_shapes(seg, spec.model)
     spec.modules = attention_structure(seg)
     spec.head, spec.head_options = seg.head_type, dict(seg.head_options)
@@ -113,7 +112,7 @@ def _resize_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = module.weight.shape[0]
-    elif type(module).__name__ == "PrunedMultiheadAttention":  # head/width-pruned attention
+    elif isinstance(module, PrunedMultiheadAttention):  # head/width-pruned attention
         module.embed_dim = module.in_proj_weight.shape[1]
 
 
@@ -175,8 +174,6 @@ def segmentor_from_spec(spec: SegmentorSpec) -> OpenVocabSegmentor:
     seg = OpenVocabSegmentor(create_architecture(spec.model), spec.image_size, spec.dense_mode, spec.head,
                              spec.head_options)
     if spec.modules:
-        from opentrans.models.attention import rebuild_attention
-
         try:
             rebuild_attention(seg, spec.modules)
         except (AttributeError, KeyError) as exc:
