@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opentrans.bench.latency import interleaved_times
+from opentrans.timing import interleaved_times
 from opentrans.data import open_dataset
 from opentrans.deploy.stage import deploy_stage
 from opentrans.evaluate import TorchRunner, agreement

@@ -109,27 +109,13 @@ def package_versions() -> dict[str, str]:
 
 
 def machine_description() -> dict[str, Any]:
-    """CPU model, logical core count, torch thread count and ISA flags that matter for inference."""
+    """CPU model, its ISA (:meth:`opentrans.hardware.CpuIsa.to_json`: flags, VNNI, native bf16, AMX), logical core
+    count and torch thread count: recorded in every manifest and bench header next to the figures."""
     import torch
 
-    model, flags = platform.processor() or "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
-    return {
-        "cpu": model,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "isa": [f for f in wanted if f in flags],
-    }
+    from opentrans.hardware import cpu_isa
+
+    return {**cpu_isa().to_json(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def is_complete(stage_dir: str | os.PathLike) -> bool:
@@ -214,6 +200,7 @@ class StageRecord:
                 "figures": self.figures,
                 "wall_time_s": round(wall, 2),
                 "versions": package_versions(),
+                "machine": machine_description(),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         )

@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from opentrans import __version__
-from opentrans.errors import OpenTransError
+from opentrans.errors import OpenTransError, OpenTransWarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """:class:`OpenTransWarning` as one ``Warning: ...`` line on stderr; other warnings as Python prints them."""
+    if issubclass(category, OpenTransWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 
 class _Group(click.Group):
-    """Turns :class:`OpenTransError` into a one-line ``Error: ...`` and exit status 1."""
+    """Turns :class:`OpenTransError` into a one-line ``Error: ...`` and exit status 1, and prints each
+    :class:`OpenTransWarning` once as a ``Warning: ...`` line."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except OpenTransError as exc:
-            raise click.ClickException(str(exc)) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("once", OpenTransWarning)
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except OpenTransError as exc:
+                raise click.ClickException(str(exc)) from None
 
 
 def _image_size(ctx, param, value):
@@ -289,7 +305,9 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
                     "--data camvid:../shared/data/camvid --out runs/x/deploy/openvino-int8")
 @model_options
 @click.option("--target", required=True, help="onnx, openvino, jetson or nvidia.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32, fp16 or int8 (what the target supports).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32, fp16 or int8 (what the target supports), or auto (onnx, openvino): build fp32, bf16 where "
+                   "the CPU has it natively, and int8, time them here side by side, keep the fastest that passes parity.")
 @click.option("--data", required=True, metavar="FORMAT:PATH",
               help="Dataset for the parity check (val images) and INT8 calibration (train images).")
 @click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -314,12 +332,15 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--parity-limit", type=click.IntRange(min=1), default=8, show_default=True,
               help="Number of real val images the export is compared with PyTorch on.")
 @click.option("--opset", type=click.IntRange(min=14, max=20), default=17, show_default=True)
+@click.option("--cpu-isa", type=click.Choice(["native", "portable", "vnni"]), default=None,
+              help="CPU targets: the CPU the build is for (default native = this machine's). INT8 keeps every "
+                   "layer's weights within 7 bits where the CPU lacks VNNI (portable: always, safe on any x86).")
 @click.option("--dynamic-hw", is_flag=True,
               help="Export the image graph with dynamic height/width (ViT position embeddings resized in the graph).")
 @_out_option()
 def deploy(from_dir, model, pretrained, image_size, target, precision, data, calib_size, parity_limit, opset, out,
            dynamic_hw=False, calib_data=None, smooth_quant_alpha=0.6, ignore_ops=(), max_drop=None,
-           drop_metric="agreement", sensitivity=False, sensitivity_images=4):
+           drop_metric="agreement", sensitivity=False, sensitivity_images=4, cpu_isa=None):
     """Export and verify: ONNX (fp32 / fp16 / INT8 Q/DQ), OpenVINO IR (fp32 / fp16 / NNCF INT8), Jetson bundle,
     TensorRT engine."""
     from opentrans.deploy.stage import deploy_stage
@@ -328,7 +349,8 @@ def deploy(from_dir, model, pretrained, image_size, target, precision, data, cal
                            precision=precision, data=data, parity_limit=parity_limit, calib_size=calib_size,
                            opset=opset, image_size=image_size, dynamic_hw=dynamic_hw, calib_data=calib_data,
                            smooth_quant_alpha=smooth_quant_alpha, ignore_ops=list(ignore_ops), max_drop=max_drop,
-                           drop_metric=drop_metric, sensitivity=sensitivity, sensitivity_images=sensitivity_images)
+                           drop_metric=drop_metric, sensitivity=sensitivity, sensitivity_images=sensitivity_images,
+                           cpu_isa=cpu_isa)
     _print_figures("deploy", figures, out)
 
 

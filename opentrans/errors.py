@@ -6,3 +6,8 @@ class OpenTransError(Exception):
 
     The message is a single line that says what went wrong and, where possible, what to do.
     """
+
+
+class OpenTransWarning(UserWarning):
+    """Something the user should know but that does not stop the command (e.g. bf16 asked for on a CPU without
+    native bf16). The CLI prints each one once as a ``Warning: ...`` line on stderr."""

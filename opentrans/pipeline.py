@@ -41,6 +41,7 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     """(label, directory, options, thunk) for each stage of the recipe, in order."""
     from opentrans.bench import bench_stage
     from opentrans.deploy.stage import deploy_stage
+    from opentrans.deploy.targets import CPU_TARGETS
     from opentrans.finetune.stage import analyze_stage, finetune_stage
     from opentrans.prune.stage import prune_stage
 
@@ -71,6 +72,8 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
             out = root / "deploy" / f"{b.target}-{b.precision}"
             opts = {"target": b.target, "precision": b.precision, "parity_limit": d.parity_limit,
                     "calib_size": d.calib_size, "opset": d.opset}
+            if b.target in CPU_TARGETS:
+                opts["cpu_isa"] = d.cpu_isa
             if b.precision == "int8":  # quantisation options apply to INT8 builds only (the stage rejects them otherwise)
                 opts.update(calib_data=d.calib_data, smooth_quant_alpha=d.smooth_quant_alpha,
                             ignore_ops=list(d.ignore_ops), max_drop=d.max_drop if b.target == "openvino" else None,

@@ -96,7 +96,8 @@ class DeployOptions:
 
     INT8 builds use ``calib_data`` (``FORMAT:PATH`` dataset or a folder of images; default: the recipe's data,
     train split), ``calib_size``, ``smooth_quant_alpha`` (-1: off), ``ignore_ops`` (regex patterns kept in float),
-    ``max_drop``/``drop_metric`` (accuracy control, openvino) and ``sensitivity`` (per-layer report); see
+    ``max_drop``/``drop_metric`` (accuracy control, openvino) and ``sensitivity`` (per-layer report);
+    ``cpu_isa`` (``native``, ``portable`` or ``vnni``) applies to the CPU targets (onnx, openvino); see
     :func:`~opentrans.deploy.stage.deploy_stage`.
     """
 
@@ -111,6 +112,7 @@ class DeployOptions:
     drop_metric: str = "agreement"
     sensitivity: bool = False
     sensitivity_images: int = 4
+    cpu_isa: str | None = None
 
 
 @dataclass

@@ -105,7 +105,7 @@ def test_peak_rss_is_the_workers_own():
 
 
 def test_interleaved_times_alternates_order_and_counts_calls():
-    from opentrans.bench.latency import interleaved_ms, interleaved_times
+    from opentrans.timing import interleaved_ms, interleaved_times
 
     log = []
     calls = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}

@@ -22,6 +22,7 @@ from opentrans.deploy import PARITY_THRESHOLDS, deploy_stage, export_onnx, load_
 from opentrans.deploy.export import onnx_opset
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
 from opentrans.errors import OpenTransError
+from opentrans.hardware import cpu_isa
 from opentrans.evaluate import TorchRunner, agreement
 from opentrans.models.artifact import build_segmentor, save_segmentor
 
@@ -161,6 +162,11 @@ def test_openvino_int8_is_quantised_and_keeps_the_text_path_fp32(builds):
     assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8 for op in model.get_ops())
     assert build["calibration_images"] == 4 and build["calibration_split"] == "train"
     assert build["smooth_quant_alpha"] == 0.6 and build["model_type"] == "transformer"
+    # --cpu-isa native: INT8 weights within 7 bits on a CPU without VNNI, NNCF's default where it has VNNI/AMX
+    isa = cpu_isa()
+    assert build["cpu_isa"] == {"mode": "native", "overflow_fix": "first_layer_only" if isa.vnni else "enable",
+                                "built_on": json.loads(json.dumps(isa.to_json()))}
+    assert build["overflow_fix"] == build["cpu_isa"]["overflow_fix"]
     # nothing that depends on text_embeds is quantised (the class list changes on the device)
     text = next(p for p in model.get_parameters() if p.get_friendly_name() == "text_embeds")
     stack, seen = [text], set()
@@ -283,6 +289,16 @@ def test_nvidia_target_without_tensorrt_raises_before_writing(tmp_path):
 def test_unknown_target_or_precision_raises_and_writes_nothing(tmp_path, target, precision, message):
     with pytest.raises(OpenTransError, match=message):
         _deploy(tmp_path / "out" / "x", TINY_RN, target, precision)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("target, cpu_isa_mode, message", [
+    ("jetson", "portable", "--cpu-isa: applies to the CPU targets onnx, openvino"),
+    ("onnx", "avx9", "--cpu-isa avx9: choose one of native, portable, vnni"),
+])
+def test_cpu_isa_refusals_write_nothing(tmp_path, target, cpu_isa_mode, message):
+    with pytest.raises(OpenTransError, match=message):
+        _deploy(tmp_path / "out" / "x", TINY_RN, target, "int8", cpu_isa=cpu_isa_mode)
     assert _leftovers(tmp_path) == []
 
 

@@ -80,6 +80,20 @@ def test_count_encoder_cost_counts_attention_matmuls(tiny_vit):
     assert cost["params_m"] == sum(p.numel() for p in seg.visual.parameters()) / 1e6
 
 
+@pytest.mark.slow
+def test_count_encoder_cost_vit_b16_analytic():
+    # ViT-B-16 at 224x224 (random init: the count depends on shapes only): 14x14 patches + CLS, width 768, MLP 3072,
+    # 12 heads, 12 blocks, output 512. The dense (MaskCLIP) path runs 11 blocks in full and the last block's value
+    # path (V projection and out_proj) and proj: 16.42 GMACs, whatever attention kernel torch dispatches to.
+    seg, _ = build_segmentor("ViT-B-16", "none", image_size=(224, 224))
+    n, patches, w, mlp = 197, 196, 768, 3072
+    full_block = n * w * 3 * w + 2 * n * n * w + n * w * w + 2 * n * w * mlp
+    expected = patches * w * 3 * 16 * 16 + 11 * full_block + 2 * n * w * w + patches * w * 512
+    gmacs = count_encoder_cost(seg)["gmacs"]
+    assert gmacs * 1e9 == pytest.approx(expected, abs=0.5)
+    assert round(gmacs, 2) == 16.42
+
+
 @pytest.mark.parametrize(("sparsity", "round_to", "expected"), [
     (0.3, 8, 176),  # 256 * 0.7 = 179.2 -> nearest multiple of 8
     (0.3, None, 179),

@@ -47,6 +47,11 @@ DROP_METRICS = ("agreement", "miou")
 #: Operation types whose inputs a quantised layer has (OpenVINO and ONNX names).
 LAYER_TYPES = ("MatMul", "Convolution", "Conv", "Gemm", "ScaledDotProductAttention")
 _LOW_PRECISION = ("i8", "u8", "i4", "u4")
+#: NNCF ``OverflowFix`` policies (values of ``nncf.OverflowFix``): ``enable`` keeps every layer's INT8 weights
+#: within 7 bits, so that CPUs without VNNI, whose int8 kernels add u8 x s8 products in pairs in int16, cannot
+#: saturate; ``first_layer_only`` (NNCF's default) only the first convolution's. Chosen per build by
+#: :func:`opentrans.hardware.int8_overflow_fix` from ``--cpu-isa``.
+OVERFLOW_FIXES = ("enable", "first_layer_only", "disable")
 
 
 def check_smooth_quant_alpha(alpha: float) -> float:
@@ -107,11 +112,27 @@ def _quiet_nncf():
         nncf.nncf_logger.setLevel(level)
 
 
-def _advanced(smooth_quant_alpha: float):
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+def check_overflow_fix(overflow_fix: str) -> str:
+    """``overflow_fix`` if it is one of :data:`OVERFLOW_FIXES`.
+
+    Raises:
+        OpenTransError: any other value.
+    """
+    if overflow_fix not in OVERFLOW_FIXES:
+        raise OpenTransError(f"overflow fix {overflow_fix!r}: choose one of {', '.join(OVERFLOW_FIXES)}")
+    return overflow_fix
+
+
+def _advanced(smooth_quant_alpha: float, overflow_fix: str):
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+    )
 
     return AdvancedQuantizationParameters(
-        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(smooth_quant_alpha)))
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(smooth_quant_alpha)),
+        overflow_fix=OverflowFix(check_overflow_fix(overflow_fix)))
 
 
 def _calibration_dataset(calib_images: Iterable[np.ndarray], text_embeds: np.ndarray, subset_size: int | None):
@@ -164,7 +185,7 @@ def _ov_ignored_scope(ov_model, ignore_patterns: Sequence[str]):
 def quantize_openvino_int8(ov_model, calib_images: Iterable[np.ndarray], text_embeds: np.ndarray,
                            model_type_transformer: bool, subset_size: int,
                            smooth_quant_alpha: float = DEFAULT_SMOOTH_QUANT_ALPHA,
-                           ignore_patterns: Sequence[str] = ()):
+                           ignore_patterns: Sequence[str] = (), overflow_fix: str = "enable"):
     """INT8 post-training quantisation (NNCF, symmetric/"performance" preset) of an fp32 OpenVINO image graph.
 
     Args:
@@ -178,13 +199,16 @@ def quantize_openvino_int8(ov_model, calib_images: Iterable[np.ndarray], text_em
         smooth_quant_alpha: SmoothQuant migration strength for MatMuls in (0, 1], or -1 to disable; ignored
             when ``model_type_transformer`` is False.
         ignore_patterns: regular expressions of further operation names to keep in floating point.
+        overflow_fix: one of :data:`OVERFLOW_FIXES`; the default ``enable`` is safe on every x86 CPU, and
+            ``first_layer_only`` keeps full 8-bit weights for CPUs with VNNI/AMX (see :mod:`opentrans.hardware`).
 
     Returns:
         A new ``openvino.Model`` with FakeQuantize operations on the image encoder.
 
     Raises:
         OpenTransError: ``subset_size`` < 1, an alpha outside (0, 1] other than -1, no calibration images,
-            a model without a ``text_embeds`` input, or an ignore pattern that is invalid or matches nothing.
+            a model without a ``text_embeds`` input, an ignore pattern that is invalid or matches nothing, or an
+            unknown ``overflow_fix``.
     """
     import nncf
 
@@ -195,7 +219,8 @@ def quantize_openvino_int8(ov_model, calib_images: Iterable[np.ndarray], text_em
         return nncf.quantize(
             ov_model, dataset,
             model_type=nncf.ModelType.TRANSFORMER if model_type_transformer else None,
-            subset_size=int(subset_size), ignored_scope=scope, advanced_parameters=_advanced(smooth_quant_alpha),
+            subset_size=int(subset_size), ignored_scope=scope,
+            advanced_parameters=_advanced(smooth_quant_alpha, overflow_fix),
         )
 
 
@@ -238,13 +263,13 @@ def quantize_openvino_accuracy_control(
                                                              tuple[float, list[float]]],
         max_drop: float, model_type_transformer: bool, subset_size: int,
         smooth_quant_alpha: float = DEFAULT_SMOOTH_QUANT_ALPHA, ignore_patterns: Sequence[str] = (),
-        max_iterations: int | None = None):
+        max_iterations: int | None = None, overflow_fix: str = "enable"):
     """INT8 quantisation with NNCF's accuracy control: layers are reverted to floating point, most harmful first,
     until the metric drop on ``validation_items`` is at most ``max_drop`` (absolute, in the metric's units).
 
     Args:
         ov_model: fp32 ``openvino.Model`` (inputs ``images`` (B,3,H,W), ``text_embeds`` (C,D)).
-        calib_images, text_embeds, model_type_transformer, subset_size, ignore_patterns: as
+        calib_images, text_embeds, model_type_transformer, subset_size, ignore_patterns, overflow_fix: as
             :func:`quantize_openvino_int8`.
         smooth_quant_alpha: checked, but SmoothQuant is always OFF here (recorded as ``smooth_quant_alpha: -1``
             in the report): NNCF 3.4's accuracy restorer puts a reverted layer's original (unsmoothed) weights back
@@ -298,7 +323,7 @@ def quantize_openvino_accuracy_control(
             drop_type=nncf.DropType.ABSOLUTE,
             model_type=nncf.ModelType.TRANSFORMER if model_type_transformer else None,
             subset_size=int(subset_size), ignored_scope=scope,
-            advanced_quantization_parameters=_advanced(smooth_quant_alpha),
+            advanced_quantization_parameters=_advanced(smooth_quant_alpha, overflow_fix),
             advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
                 intermediate_model_dir=tmp, **restorer),
         )
@@ -388,7 +413,7 @@ def image_layers(model) -> list[str]:
 def quantize_onnx_qdq(onnx_path: str | os.PathLike, calib_images: Iterable[np.ndarray], text_embeds: np.ndarray,
                       out_path: str | os.PathLike, *, model_type_transformer: bool = True,
                       subset_size: int | None = None, smooth_quant_alpha: float = DEFAULT_SMOOTH_QUANT_ALPHA,
-                      ignore_patterns: Sequence[str] = ()) -> Path:
+                      ignore_patterns: Sequence[str] = (), overflow_fix: str = "enable") -> Path:
     """INT8 ONNX with explicit QuantizeLinear/DequantizeLinear nodes (NNCF on an ``onnx.ModelProto``), e.g. for
     TensorRT (>= 8.6 builds INT8 engines from Q/DQ graphs without a calibrator) or ONNX Runtime.
 
@@ -405,6 +430,7 @@ def quantize_onnx_qdq(onnx_path: str | os.PathLike, calib_images: Iterable[np.nd
         subset_size: calibration samples NNCF reads (default: all of ``calib_images``).
         smooth_quant_alpha: as :func:`quantize_openvino_int8`.
         ignore_patterns: regular expressions of further node names to keep in float32.
+        overflow_fix: as :func:`quantize_openvino_int8` (``first_layer_only`` for TensorRT engines and VNNI CPUs).
 
     Returns:
         ``out_path``.
@@ -424,7 +450,7 @@ def quantize_onnx_qdq(onnx_path: str | os.PathLike, calib_images: Iterable[np.nd
         raise OpenTransError(f"{onnx_path}: opset {opset}; Q/DQ INT8 needs opset >= 13 (per-channel weights)")
     quantized = quantize_onnx_model(model, calib_images, text_embeds, model_type_transformer=model_type_transformer,
                                     subset_size=subset_size, smooth_quant_alpha=smooth_quant_alpha,
-                                    ignore_patterns=ignore_patterns)
+                                    ignore_patterns=ignore_patterns, overflow_fix=overflow_fix)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         onnx.save(quantized, str(tmp))
@@ -434,7 +460,7 @@ def quantize_onnx_qdq(onnx_path: str | os.PathLike, calib_images: Iterable[np.nd
 def quantize_onnx_model(model, calib_images: Iterable[np.ndarray], text_embeds: np.ndarray, *,
                         model_type_transformer: bool = True, subset_size: int | None = None,
                         smooth_quant_alpha: float = DEFAULT_SMOOTH_QUANT_ALPHA, ignore_patterns: Sequence[str] = (),
-                        compress_weights: bool = True):
+                        compress_weights: bool = True, overflow_fix: str = "enable"):
     """:func:`quantize_onnx_qdq` on an in-memory ``onnx.ModelProto``; returns the Q/DQ ``ModelProto``.
 
     ``compress_weights=False`` keeps float32 weight initializers followed by a QuantizeLinear/DequantizeLinear
@@ -451,7 +477,7 @@ def quantize_onnx_model(model, calib_images: Iterable[np.ndarray], text_embeds: 
     dataset, subset_size = _calibration_dataset(calib_images, text_embeds, subset_size)
     extra = match_ignored([n.name for n in model.graph.node], check_ignore_patterns(ignore_patterns))
     scope = nncf.IgnoredScope(names=sorted(set(text_path_nodes(model)) | set(extra)))
-    advanced = _advanced(smooth_quant_alpha)
+    advanced = _advanced(smooth_quant_alpha, overflow_fix)
     advanced.backend_params[BackendParameters.COMPRESS_WEIGHTS] = bool(compress_weights)
     with _quiet_nncf():
         return nncf.quantize(

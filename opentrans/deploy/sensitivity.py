@@ -111,7 +111,7 @@ def quantizable_layers(qdq_model) -> list[tuple[str, str]]:
 def layer_sensitivity(onnx_path: str | os.PathLike, calib_images: Sequence[np.ndarray], images: np.ndarray,
                       text_embeds: np.ndarray, *, mode: str = "only", model_type_transformer: bool = True,
                       smooth_quant_alpha: float | None = None, ignore_patterns: Sequence[str] = (),
-                      layers: Sequence[str] | None = None) -> dict[str, Any]:
+                      layers: Sequence[str] | None = None, overflow_fix: str = "enable") -> dict[str, Any]:
     """Measure the INT8 cost of each quantisable layer of an fp32 ONNX image graph (see the module docstring).
 
     Args:
@@ -120,7 +120,7 @@ def layer_sensitivity(onnx_path: str | os.PathLike, calib_images: Sequence[np.nd
         images: float32 (N,3,H,W) normalised evaluation images (a few: every layer runs them all).
         text_embeds: float32 (C,D).
         mode: ``only`` or ``all-but``.
-        model_type_transformer, smooth_quant_alpha, ignore_patterns: as
+        model_type_transformer, smooth_quant_alpha, ignore_patterns, overflow_fix: as
             :func:`opentrans.deploy.quantize.quantize_onnx_qdq` (the same settings as the build being analysed).
         layers: measure only these layer names (default: every quantisable layer).
 
@@ -151,7 +151,8 @@ def layer_sensitivity(onnx_path: str | os.PathLike, calib_images: Sequence[np.nd
     fp32 = onnx.load(str(onnx_path))
     qdq = quantize_onnx_model(fp32, calib_images, text, model_type_transformer=model_type_transformer,
                               smooth_quant_alpha=DEFAULT_SMOOTH_QUANT_ALPHA if smooth_quant_alpha is None
-                              else smooth_quant_alpha, ignore_patterns=ignore_patterns, compress_weights=False)
+                              else smooth_quant_alpha, ignore_patterns=ignore_patterns, compress_weights=False,
+                              overflow_fix=overflow_fix)
     candidates = quantizable_layers(qdq)
     if layers is not None:
         known = dict(candidates)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from opentrans.artifacts import StageRecord, atomic_path, write_json
+from opentrans.deploy.auto import AUTO, AUTO_ROUNDS, AUTO_WARMUP, DECISION_FILE, Candidate, auto_candidates, choose
 from opentrans.deploy.export import DEFAULT_OPSET, INPUT_NAMES, check_opset, export_onnx
 from opentrans.deploy.quantize import (
     DEFAULT_SMOOTH_QUANT_ALPHA,
@@ -38,6 +39,7 @@ from opentrans.deploy.targets import (
     PARITY_FILE,
     TARGETS,
     TEXT_EMBEDS_FILE,
+    CPU_TARGETS,
     BuildContext,
     check_target,
     target_module,
@@ -85,6 +87,9 @@ PARITY_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
     "fp32": {"max_abs_diff": ("<=", 1e-3), "cosine": (">=", 0.99999), "pixel_agreement": (">=", 99.5)},
     "fp16": {"max_abs_diff": ("<=", 0.5), "cosine": (">=", 0.999), "pixel_agreement": (">=", 97.0)},
     "int8": {"cosine": (">=", 0.99), "pixel_agreement": (">=", 90.0)},
+    # bf16 (``--precision auto`` on CPUs with native bf16: the fp32 IR run with OpenVINO's bf16 hint): 8 significant
+    # bits, fewer than fp16's 11 (measured max |diff| 3e-2 on ViT-B-32); the fp16 gate applies.
+    "bf16": {"max_abs_diff": ("<=", 0.5), "cosine": (">=", 0.999), "pixel_agreement": (">=", 97.0)},
 }
 
 
@@ -98,6 +103,25 @@ def check_parity(figures: dict[str, float], precision: str) -> list[str]:
         if not ok:
             failures.append(f"{key} {value:.6g} {'>' if op == '<=' else '<'} {bound:g}")
     return failures
+
+
+def _cpu_isa_record(target: str, mode: str | None) -> dict[str, Any]:
+    """``build.json["cpu_isa"]``: the ``--cpu-isa`` mode (None for GPU targets), NNCF's overflow-fix policy for
+    INT8 weights and the ISA of the CPU the build was made and checked on.
+
+    Raises:
+        OpenTransError: ``mode`` given for a GPU target, or unknown.
+    """
+    from opentrans.hardware import check_cpu_isa_mode, cpu_isa, int8_overflow_fix
+
+    isa = cpu_isa()
+    if target not in CPU_TARGETS:
+        if mode is not None:
+            raise OpenTransError(f"--cpu-isa: applies to the CPU targets {', '.join(CPU_TARGETS)} (asked: {target}, "
+                                 f"whose INT8 accumulates in int32 on the GPU)")
+        return {"mode": None, "overflow_fix": "first_layer_only", "built_on": isa.to_json()}
+    mode = check_cpu_isa_mode(mode or "native")
+    return {"mode": mode, "overflow_fix": int8_overflow_fix(mode, isa), "built_on": isa.to_json()}
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -120,6 +144,72 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old)
 
 
+def _build_and_check(target: str, candidate: Candidate, build_dir: Path, onnx_path: Path, context: dict[str, Any],
+                     seg, val, text: np.ndarray) -> tuple[Any, dict[str, Any], list[str]]:
+    """Build ``candidate`` for ``target`` in ``build_dir`` from the fp32 export ``onnx_path`` (consumed: converted,
+    replaced or removed by the target) and check it against PyTorch on ``val``.
+
+    Returns:
+        ``(BuildOutput, parity figures, failed thresholds)``; the runner of a bf16 candidate is the fp32 IR compiled
+        with the bf16 inference hint, checked against the ``bf16`` gate.
+    """
+    from opentrans.deploy.targets.openvino import OpenVINORunner
+    from opentrans.evaluate import TorchRunner, agreement
+
+    ctx = BuildContext(precision=candidate.build_precision, build_dir=build_dir, onnx_path=onnx_path, **context)
+    built = target_module(target).build(ctx)
+    if candidate.precision != candidate.build_precision:  # bf16: same IR, other inference precision
+        built.runner = OpenVINORunner(build_dir / built.file, name=f"openvino-{candidate.precision}",
+                                      inference_precision=candidate.inference_precision)
+        built.checked_precision = candidate.precision
+        built.info["inference_precision"] = candidate.inference_precision
+        built.info["parity_inference_precision"] = built.runner.inference_precision
+    figures = agreement(TorchRunner(seg), built.runner, val, text)
+    return built, figures, check_parity(figures, built.checked_precision)
+
+
+def _build_auto(target: str, candidates: list[Candidate], tmp: Path, onnx_path: Path, context: dict[str, Any],
+                seg, val, text: np.ndarray) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``--precision auto`` (see :mod:`opentrans.deploy.auto`): build and check every candidate in its own folder
+    under ``tmp``, time the passing ones interleaved on one val image, move the kept build's files into ``tmp``.
+
+    Returns:
+        ``(BuildOutput of the kept build, its parity figures, decision)``; the decision (``decision.json``) has
+        ``kept``, ``cpu``, ``rounds`` and one row per candidate (precision, median_ms, figures, passed, failures,
+        kept, why).
+
+    Raises:
+        OpenTransError: the fp32 candidate fails its parity gate; errors of the targets.
+    """
+    from opentrans.hardware import cpu_isa
+    from opentrans.timing import interleaved_times
+
+    results = {}
+    for cand in candidates:
+        folder = tmp / ".auto" / cand.precision
+        folder.mkdir(parents=True)
+        shutil.copyfile(onnx_path, folder / onnx_path.name)
+        results[cand.precision] = _build_and_check(target, cand, folder, folder / onnx_path.name, context, seg, val,
+                                                   text)
+    image = np.ascontiguousarray(val[0][0][None].numpy(), dtype=np.float32)
+    timed = {p: (lambda r=built.runner: r(image, text)) for p, (built, _, failures) in results.items() if not failures}
+    times = interleaved_times(timed, repeats=AUTO_ROUNDS, warmup=AUTO_WARMUP)
+    rows = [{"precision": p, "median_ms": float(np.median(times[p])) if p in times else None,
+             "figures": {k: figures[k] for k in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou")},
+             "passed": not failures, "failures": failures} for p, (_, figures, failures) in results.items()]
+    kept = choose(rows)
+    built, figures, _ = results[kept]
+    folder = tmp / ".auto" / kept
+    for name in built.model_files:
+        os.replace(folder / name, tmp / name)
+    if onnx_path.exists() and onnx_path.name not in built.model_files:
+        onnx_path.unlink()  # e.g. openvino: the IR replaces the export
+    shutil.rmtree(tmp / ".auto")
+    decision = {"kept": kept, "cpu": cpu_isa().summary(), "rounds": AUTO_ROUNDS, "batch": 1,
+                "images": f"{val.name} val image 0", "candidates": rows}
+    return built, figures, decision
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
@@ -132,7 +222,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                  max_classes: int | None = None, calib_data: str | None = None, ignore_ops: list[str] | None = None,
                  max_drop: float | None = None, drop_metric: str = "agreement", sensitivity: bool = False,
                  sensitivity_images: int = 4, sensitivity_top: int | None = None,
-                 dynamic_hw: bool = False) -> dict[str, Any]:
+                 dynamic_hw: bool = False, cpu_isa: str | None = None) -> dict[str, Any]:
     """Build a ``target`` artifact at ``precision`` for a model, check it against PyTorch, write it to ``out_dir``.
 
     Args:
@@ -141,7 +231,9 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
         out_dir: the build directory to write (absent, empty, or an earlier deploy build, which is replaced
             only once the new build has passed).
         target: one of :data:`opentrans.deploy.targets.TARGETS` (``onnx``, ``openvino``, ``jetson``, ``nvidia``).
-        precision: one of ``PRECISIONS[target]`` (``fp32``, ``fp16``, ``int8``).
+        precision: one of ``PRECISIONS[target]`` (``fp32``, ``fp16``, ``int8``), or ``auto`` for the CPU targets:
+            build fp32, bf16 (openvino, CPUs with native bf16 only) and int8, check each, time them side by side and
+            keep the fastest that passes its gate (:mod:`opentrans.deploy.auto`; ``decision.json`` records it).
         data: ``FORMAT:PATH`` dataset; its class names become the text embeddings, its ``val`` split is used for
             the parity check and its ``train`` split for INT8 calibration.
         parity_limit: number of validation images in the parity check.
@@ -166,6 +258,11 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
             (at most ``parity_limit``), most costly first; ``sensitivity_top`` rows in the Markdown table.
         dynamic_hw: export the image graph with dynamic height/width (ViT position embeddings resized in the
             graph; see :mod:`opentrans.deploy.export`); the parity check runs at the model's input size.
+        cpu_isa: CPU targets (onnx, openvino): the CPU the build is for, one of
+            :data:`opentrans.hardware.CPU_ISA_MODES` (default ``native``: this machine's). It decides NNCF's INT8
+            overflow fix (:func:`opentrans.hardware.int8_overflow_fix`: every layer's weights within 7 bits for
+            CPUs without VNNI, ``portable`` always); ``build.json["cpu_isa"]`` records mode, fix and this CPU's
+            ISA. GPU targets (jetson, nvidia) accumulate INT8 in int32 and take no ``cpu_isa``.
 
     Every build also carries the text tower as its own graph (``text_encoder.onnx``, ``text_encoder.xml`` for
     openvino), the CLIP tokenizer files, and ``build.json["text_encoder"]`` with its parity against PyTorch
@@ -180,30 +277,33 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
     Raises:
         OpenTransError: (one line, nothing written) an unknown target or precision (the message lists the
             target's precisions), a bad calibration source (e.g. a folder without images), an INT8-only option
-            with another precision, an unavailable back end
+            with another precision, ``cpu_isa`` for a GPU target or an unknown mode, an unavailable back end
             (``nvidia`` without TensorRT), a bad opset, data spec, limit or output directory, model errors from
             :func:`~opentrans.models.artifact.resolve_model`; and an artifact that fails its parity thresholds
             (figures in the message; nothing written either).
     """
     started = time.perf_counter()
     from opentrans.data import open_dataset, parse_data_spec
-    from opentrans.evaluate import TorchRunner, agreement
+    from opentrans.hardware import cpu_isa as read_cpu_isa
     from opentrans.models.artifact import resolve_model
 
-    check_target(target, precision)
+    auto = precision == AUTO
+    candidates = auto_candidates(target, read_cpu_isa().native_bf16) if auto else []
+    check_target(target, "fp32" if auto else precision)
     opset = check_opset(opset)
     parse_data_spec(data)
     if parity_limit < 1:
         raise OpenTransError(f"--parity-limit {parity_limit}: must be at least 1")
-    if precision == "int8" and calib_size < 1:
+    quantises = precision in ("int8", AUTO)
+    if quantises and calib_size < 1:
         raise OpenTransError(f"--calib-size {calib_size}: must be at least 1")
     check_smooth_quant_alpha(smooth_quant_alpha)
     ignore_ops = check_ignore_patterns(ignore_ops)
     int8_only = {"--calib-data": calib_data is not None, "--ignore-ops": bool(ignore_ops),
                  "--max-drop": max_drop is not None, "--sensitivity": sensitivity}
     for flag, given in int8_only.items():
-        if given and precision != "int8":
-            raise OpenTransError(f"{flag}: applies to --precision int8 only (asked: {precision})")
+        if given and not quantises:
+            raise OpenTransError(f"{flag}: applies to --precision int8 (or auto) only (asked: {precision})")
     if max_drop is not None and target != "openvino":
         raise OpenTransError(f"--max-drop: accuracy-controlled quantisation is built for --target openvino only "
                              f"(asked: {target})")
@@ -213,6 +313,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
         raise OpenTransError(f"--drop-metric {drop_metric}: choose {', '.join(DROP_METRICS)}")
     if sensitivity_images < 1 or (sensitivity_top is not None and sensitivity_top < 1):
         raise OpenTransError("--sensitivity-images and --sensitivity-top: must be at least 1")
+    isa_record = _cpu_isa_record(target, cpu_isa)
     if calib_data is not None:
         from opentrans.deploy.calibration import calibration_source
 
@@ -228,7 +329,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                              f"{spec.image_size[0]}x{spec.image_size[1]}; re-run prune/finetune to change it")
     val = open_dataset(data, "val", spec.image_size, spec.mean, spec.std, limit=parity_limit)
     calib: list[np.ndarray] = []
-    if precision == "int8":
+    if quantises:
         from opentrans.deploy.calibration import calibration_images
 
         calib = calibration_images(calib_data or data, spec.image_size, spec.mean, spec.std, calib_size)
@@ -242,10 +343,12 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                "opset": opset, "image_size": list(spec.image_size), "smooth_quant_alpha": smooth_quant_alpha,
                "max_batch": max_batch, "max_classes": max_classes, "calib_data": calib_data, "ignore_ops": ignore_ops,
                "max_drop": max_drop, "drop_metric": drop_metric, "sensitivity": sensitivity,
-               "sensitivity_images": sensitivity_images, "sensitivity_top": sensitivity_top, "dynamic_hw": dynamic_hw}
+               "sensitivity_images": sensitivity_images, "sensitivity_top": sensitivity_top, "dynamic_hw": dynamic_hw,
+               "cpu_isa": isa_record["mode"]}
     target_options = {"smooth_quant_alpha": smooth_quant_alpha, "max_batch": max_batch, "ignore_ops": ignore_ops,
                       "max_drop": max_drop, "drop_metric": drop_metric, "calib_data": calib_data,
-                      "ignore_index": val.ignore_index, "dynamic_hw": dynamic_hw}
+                      "ignore_index": val.ignore_index, "dynamic_hw": dynamic_hw,
+                      "overflow_fix": isa_record["overflow_fix"]}
     if max_classes is not None:
         target_options["max_classes"] = max_classes
 
@@ -266,9 +369,8 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
             export_s = time.perf_counter() - start
             _save_npy(tmp / TEXT_EMBEDS_FILE, text)
             write_json(tmp / CLASSES_FILE, names)
-            ctx = BuildContext(
-                segmentor=seg, spec=spec, precision=precision, build_dir=tmp, onnx_path=onnx_path, opset=opset,
-                class_names=names, text_embeds=text,
+            context = dict(
+                segmentor=seg, spec=spec, opset=opset, class_names=names, text_embeds=text,
                 calibration=lambda: list(calib),
                 sample_images=val[0][0][None].numpy(), options=target_options,
                 validation=lambda: [(val[i][0][None].numpy(), val[i][1].numpy()) for i in range(len(val))])
@@ -278,9 +380,23 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                 n = min(sensitivity_images, len(val))
                 report = layer_sensitivity(onnx_path, calib, np.stack([val[i][0].numpy() for i in range(n)]), text,
                                            model_type_transformer=seg.is_vit, smooth_quant_alpha=smooth_quant_alpha,
-                                           ignore_patterns=ignore_ops)
+                                           ignore_patterns=ignore_ops, overflow_fix=isa_record["overflow_fix"])
                 write_sensitivity_report(report, tmp, top_n=sensitivity_top)
-            built = target_module(target).build(ctx)
+            decision = None
+            if auto:
+                built, figures, decision = _build_auto(target, candidates, tmp, onnx_path, context, seg, val, text)
+                precision = decision["kept"]
+                write_json(tmp / DECISION_FILE, decision)
+            else:
+                built, figures, failures = _build_and_check(target, Candidate(precision, precision, None), tmp,
+                                                            onnx_path, context, seg, val, text)
+                if failures:
+                    summary = ", ".join(f"{k} {figures[k]:.6g}"
+                                        for k in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou"))
+                    raise OpenTransError(
+                        f"deploy {target}-{precision}: parity check against PyTorch failed on {len(val)} {val.name} val "
+                        f"images ({spec.weights}): {'; '.join(failures)} (measured {summary}); nothing written to "
+                        f"{out_dir}")
             if precision == "int8":
                 quantized = built.info.pop("quantized_layers", None)
                 accuracy = built.info.pop("quant_report", None)
@@ -300,16 +416,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
             text_onnx = tmp / TEXT_ONNX
             text_info = build_text_graph(tmp, target, seg, spec, names, onnx_path=text_onnx if text_onnx.exists() else None,
                                          opset=opset)
-
-            figures = agreement(TorchRunner(seg), built.runner, val, text)
-            failures = check_parity(figures, built.checked_precision)
             size_mb = sum((tmp / f).stat().st_size for f in built.model_files) / 1e6
-            summary = ", ".join(f"{k} {figures[k]:.6g}" for k in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou"))
-            if failures:
-                raise OpenTransError(
-                    f"deploy {target}-{precision}: parity check against PyTorch failed on {len(val)} {val.name} val images "
-                    f"({spec.weights}): {'; '.join(failures)} (measured {summary}); nothing written to {out_dir}")
-
             figures.update(size_mb=size_mb, export_s=export_s, **built.timings, target=target, precision=precision,
                            checked_precision=built.checked_precision, parity_images=len(val))
             write_json(tmp / PARITY_FILE, {
@@ -333,12 +440,18 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
                 "std": list(spec.std), "class_names": names, "text_embeds": TEXT_EMBEDS_FILE,
                 "model": spec.model, "pretrained": spec.pretrained, "weights": spec.weights, "opset": opset,
                 "spec": dataclasses.asdict(spec), "source": source, "dynamic_hw": dynamic_hw, "text_encoder": text_info,
+                "cpu_isa": isa_record, "auto": None if decision is None else {
+                    "file": DECISION_FILE, "kept": decision["kept"],
+                    "candidates": {r["precision"]: r["median_ms"] for r in decision["candidates"]}},
                 **built.info,
             })
             for path in sorted(tmp.rglob("*")):
                 if path.is_file():
                     rec.add_output(path)
             rec.figures = dict(figures)
+            if decision is not None:
+                rec.figures["auto"] = {r["precision"]: {"median_ms": r["median_ms"], "kept": r["kept"], "why": r["why"]}
+                                       for r in decision["candidates"]}
         _publish(tmp, out_dir)
     finally:
         if tmp.exists():

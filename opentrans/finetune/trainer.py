@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from opentrans.artifacts import atomic_path, read_json, write_json
 from opentrans.data import SegDataset, collate
-from opentrans.errors import OpenTransError
+from opentrans.errors import OpenTransError, OpenTransWarning
 from opentrans.finetune.losses import LOSSES, segmentation_loss
 from opentrans.models.segmentor import OpenVocabSegmentor
 
@@ -68,28 +69,26 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield batch
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        return False
-    flags = set()
-    for line in path.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 def resolve_amp(amp: str) -> bool:
-    """Whether to autocast to bf16: ``off`` no, ``bf16`` yes, ``auto`` when :func:`cpu_supports_bf16`.
+    """Whether to autocast to bf16: ``off`` no, ``bf16`` yes, ``auto`` where the CPU has native bf16
+    (:attr:`opentrans.hardware.CpuIsa.native_bf16`).
+
+    ``bf16`` on a CPU without native bf16 is honoured but warns (:class:`~opentrans.errors.OpenTransWarning`):
+    there bf16 is emulated and several times slower than fp32.
 
     Raises:
         OpenTransError: an unknown mode.
     """
+    from opentrans.hardware import cpu_isa
+
     if amp not in AMP_MODES:
         raise OpenTransError(f"--amp {amp}: choose one of {', '.join(AMP_MODES)}")
-    return amp == "bf16" or (amp == "auto" and cpu_supports_bf16())
+    isa = cpu_isa()
+    if amp == "bf16" and not isa.native_bf16:
+        warnings.warn(f"--amp bf16: this CPU has no native bf16 ({isa.summary()}); bf16 is emulated and usually "
+                      f"several times slower than fp32 here (--amp auto picks fp32 on it)", OpenTransWarning,
+                      stacklevel=2)
+    return amp == "bf16" or (amp == "auto" and isa.native_bf16)
 
 
 def check_train_options(steps: int, batch_size: int, lr: float, grad_accum: int = 1,

@@ -149,7 +149,7 @@ def measure_latency(models: dict[str, torch.nn.Module], images: torch.Tensor, re
     Raises:
         OpenTransError: ``openvino`` without the openvino package or without ``work_dir``.
     """
-    from opentrans.bench.latency import interleaved_ms
+    from opentrans.timing import interleaved_ms
 
     threads = threads or torch.get_num_threads()
     out: dict[str, dict[str, float]] = {}

@@ -49,6 +49,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "jetson": ("jetson", "jetson"),
     "nvidia": ("tensorrt", "tensorrt"),
 }
+#: Targets that run on the CPU of the machine they are deployed to (``--cpu-isa`` applies to them).
+CPU_TARGETS = ("onnx", "openvino")
 #: Precisions each target can build.
 PRECISIONS: dict[str, tuple[str, ...]] = {
     "onnx": ("fp32", "fp16", "int8"),
@@ -75,7 +77,8 @@ class BuildContext:
             (only called by targets that quantise).
         sample_images: float32 (1, 3, H, W): one real validation image (for bundles that ship a sample).
         options: target-specific options (``smooth_quant_alpha``, ``max_batch``, ``max_classes``; for int8
-            ``ignore_ops``, ``max_drop``, ``drop_metric``, ``calib_data``, ``ignore_index``).
+            ``ignore_ops``, ``max_drop``, ``drop_metric``, ``calib_data``, ``ignore_index``, ``overflow_fix``
+            (see :data:`opentrans.deploy.quantize.OVERFLOW_FIXES`)).
     """
 
     segmentor: torch.nn.Module
@@ -182,9 +185,12 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
     """A runner for a deploy build directory or a model directory.
 
     * a deploy build (``build.json``): the runner of its back end on its model file: ONNX Runtime for
-      ``onnx`` and ``jetson`` bundles (the bundle's ONNX at its precision, ``build.json["file"]``), OpenVINO for ``openvino`` (compiled
+      ``onnx`` and ``jetson`` bundles (the bundle's ONNX at its precision, ``build.json["file"]``; a bundle's Q/DQ
+      graph run as written, see :class:`~opentrans.deploy.targets.onnx.OnnxRuntimeRunner` ``reference_qdq``),
+      OpenVINO for ``openvino`` (compiled
       with ``openvino_precision``: ``f32`` by default, ``None`` for the device default, which is bf16 on CPUs
-      with avx512_bf16), TensorRT for ``nvidia``;
+      with avx512_bf16; a bf16 build of ``--precision auto`` always with its recorded ``inference_precision``),
+      TensorRT for ``nvidia``;
     * a model directory (``model.json`` from prune/finetune): :class:`opentrans.evaluate.TorchRunner`.
 
     The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W). A deploy
@@ -223,11 +229,13 @@ def _build_runner(path: Path, openvino_precision: str | None):
         from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
 
         name = f"onnxruntime-{precision}" + ("" if backend == "onnxruntime" else " (jetson bundle)")
-        return OnnxRuntimeRunner(model_file, name=name)
+        return OnnxRuntimeRunner(model_file, name=name, reference_qdq=backend == "jetson")
     if backend == "openvino":
         from opentrans.deploy.targets.openvino import OpenVINORunner
 
-        return OpenVINORunner(model_file, name=f"openvino-{precision}", inference_precision=openvino_precision)
+        # a bf16 build (``--precision auto``) is the fp32 IR run at the bf16 hint it was checked with
+        hint = build.get("inference_precision") or openvino_precision
+        return OpenVINORunner(model_file, name=f"openvino-{precision}", inference_precision=hint)
     if backend == "tensorrt":
         from opentrans.deploy.targets.tensorrt import TensorRTRunner, check_available
 

@@ -223,7 +223,9 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     from opentrans.deploy import clip_tokenizer
     from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
+    from opentrans.deploy.export import fold_constants
     from opentrans.deploy.targets.tensorrt import prepare_onnx
+    from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
     from opentrans.deploy.text_graph import (
         TEXT_ONNX,
         context_length,
@@ -246,6 +248,7 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
 
     # the image graph at the bundle's precision, for TensorRT 11 (and the parity check)
     start = time.perf_counter()
+    fold_constants(ctx.onnx_path)  # TensorRT parses no bicubic Resize: fold the positional-embedding resize
     plan = plan_engine("11.0.0", ctx.precision)
     graph = prepare_onnx(plan, ctx.build_dir, ctx.onnx_path, ctx.calibration, ctx.text_embeds,
                          is_vit=ctx.segmentor.is_vit, smooth_quant_alpha=ctx.options.get("smooth_quant_alpha"),
@@ -254,6 +257,9 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
         timings["prepare_onnx_s"] = time.perf_counter() - start
     if not (ctx.build_dir / TEXT_ONNX).exists():
         export_text_onnx(ctx.segmentor, ctx.build_dir / TEXT_ONNX, opset=ctx.opset)
+    # every graph build_engine.sh hands to TensorRT must parse there: checked here, before anything is published
+    parse_check = {name: check_tensorrt_parsable(ctx.build_dir / name)
+                   for name in sorted({MODEL_FILE, graph.name, TEXT_ONNX})}
 
     script = ctx.build_dir / SCRIPT_FILE
     write_text(script, build_script(ctx.precision, image_shapes, text_shapes))
@@ -301,10 +307,13 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     write_text(ctx.build_dir / README_FILE, _readme(ctx, ctx.precision, image_shapes, classes, dim, files))
     info = {"opset": ctx.opset, "engine_precision": ctx.precision, "trtexec_shapes": image_shapes,
             "text_trtexec_shapes": text_shapes, "engine_built": False, "dynamic_hw": dynamic_hw,
-            "parity_checked_with": f"onnxruntime CPU on {graph.name} (no GPU here)",
+            "tensorrt_parse_check": parse_check,
+            "parity_checked_with": f"onnxruntime CPU on {graph.name}, graph optimisations off so Q/DQ runs as "
+                                   f"written (int32-accumulation semantics, as TensorRT; no GPU here)",
             "onnx_files": {p: ONNX_FILES[plan_engine("11.0.0", p).onnx] for p in sorted({"fp32", ctx.precision})},
             "sample": {"images": SAMPLE_IMAGES, "logits": SAMPLE_LOGITS, "logits_from": "torch fp32"},
             "runner": RUNNER_FILE, "manifest": MANIFEST_FILE}
     return BuildOutput(file=graph.name, model_files=model_files,
-                       runner=OnnxRuntimeRunner(graph, name=f"onnxruntime-{ctx.precision} (jetson bundle)"),
+                       runner=OnnxRuntimeRunner(graph, name=f"onnxruntime-{ctx.precision} (jetson bundle)",
+                                                reference_qdq=True),
                        checked_precision=ctx.precision, info=info, timings=timings)

@@ -36,12 +36,17 @@ class OnnxRuntimeRunner:
         path: the ``.onnx`` file.
         name: reported back end name, e.g. ``onnxruntime-fp32``.
         threads: intra-op threads (``None``: ONNX Runtime's default, one per physical core).
+        reference_qdq: run with graph optimisations off, so a Q/DQ graph is executed as written (each
+            DequantizeLinear, then float arithmetic: the INT8 semantics a TensorRT engine implements with int32
+            accumulation) instead of ONNX Runtime's fused int8 CPU kernels, which on CPUs without VNNI add
+            u8 x s8 products in int16 and can saturate. For checking GPU-bound (jetson, nvidia) Q/DQ graphs here.
 
     Raises:
         OpenTransError: the file does not exist.
     """
 
-    def __init__(self, path: str | os.PathLike, name: str = "onnxruntime-fp32", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, name: str = "onnxruntime-fp32", threads: int | None = None,
+                 reference_qdq: bool = False):
         self.path = Path(path)
         if not self.path.exists():
             raise OpenTransError(f"{self.path}: file not found")
@@ -50,6 +55,8 @@ class OnnxRuntimeRunner:
         opts.log_severity_level = 3  # fp16 graphs warn about every op without an fp16 CPU kernel
         if threads:
             opts.intra_op_num_threads = int(threads)
+        if reference_qdq:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         self.image_shape = tuple(shapes["images"][1:])  # (3, H, W)
@@ -100,14 +107,17 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
         alpha = ctx.options.get("smooth_quant_alpha", q.DEFAULT_SMOOTH_QUANT_ALPHA)
         ignore = list(ctx.options.get("ignore_ops") or ())
         images = ctx.calibration()
+        overflow_fix = ctx.options.get("overflow_fix", "enable")
         q.quantize_onnx_qdq(path, images, ctx.text_embeds, path, model_type_transformer=ctx.segmentor.is_vit,
-                            subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=ignore)
+                            subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=ignore,
+                            overflow_fix=overflow_fix)
         timings["quantize_s"] = time.perf_counter() - start
         layers = q.qdq_layers(onnx.load(str(path)))
         info.update(quantizer="nncf.quantize (ONNX Q/DQ)", calibration_images=len(images),
                     calibration_data=ctx.options.get("calib_data") or "train split",
                     calibration_split=None if ctx.options.get("calib_data") else "train",
                     smooth_quant_alpha=alpha if ctx.segmentor.is_vit else None, ignore_ops=ignore,
+                    overflow_fix=overflow_fix,
                     fp32_ops="text_embeds path (similarity MatMul, upsampling)",
                     quantized_layers=sorted(n for n, v in layers.items() if v["activation"] or v["weight"]))
     return BuildOutput(file=MODEL_FILE, model_files=[MODEL_FILE],

@@ -123,10 +123,12 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
         max_drop = ctx.options.get("max_drop")
         images = ctx.calibration()
         vit = ctx.segmentor.is_vit
+        overflow_fix = ctx.options.get("overflow_fix", "enable")
         start = time.perf_counter()
         if max_drop is None:
             model = q.quantize_openvino_int8(model, images, ctx.text_embeds, model_type_transformer=vit,
-                                             subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=ignore)
+                                             subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=ignore,
+                                             overflow_fix=overflow_fix)
             quant_report = None
         else:
             metric = ctx.options.get("drop_metric", "agreement")
@@ -135,7 +137,7 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
                 model, images, ctx.text_embeds, items, q.drop_metric(metric, len(ctx.class_names),
                                                                      ctx.options.get("ignore_index", 255)),
                 max_drop=float(max_drop), model_type_transformer=vit, subset_size=len(images),
-                smooth_quant_alpha=alpha, ignore_patterns=ignore)
+                smooth_quant_alpha=alpha, ignore_patterns=ignore, overflow_fix=overflow_fix)
             quant_report.update(drop_metric=metric, validation_images=len(items),
                                 method="nncf.quantize_with_accuracy_control")
         timings["quantize_s"] = time.perf_counter() - start
@@ -145,6 +147,7 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
                     model_type="transformer" if vit else "cnn",
                     smooth_quant_alpha=(alpha if max_drop is None else -1.0) if vit else None,
                     ignore_ops=ignore, fp32_ops="text_embeds path (similarity MatMul, upsampling)",
+                    overflow_fix=overflow_fix,
                     fake_quantize_ops=sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops()),
                     quantized_layers=sorted(n for n, t in q.quantized_ops(model).items() if t in q.LAYER_TYPES))
         if quant_report is not None:

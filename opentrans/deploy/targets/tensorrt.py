@@ -39,6 +39,9 @@ import numpy as np
 
 from opentrans.errors import OpenTransError
 
+#: TensorRT major version -> the key of :data:`opentrans.deploy.tensorrt_support.VERSIONS` its graphs are checked with.
+TENSORRT_SUPPORT_VERSION = {10: "10.3", 11: "11"}
+
 MODEL_FILE = "model.engine"
 ONNX_FILE = "model.onnx"
 FP16_ONNX_FILE = "model_fp16.onnx"
@@ -260,11 +263,13 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
 
 
 def prepare_onnx(plan: EnginePlan, build_dir: Path, fp32_onnx: Path, calibration=None, text_embeds=None,
-                 is_vit: bool = True, smooth_quant_alpha: float | None = None, ignore_ops=()) -> Path:
+                 is_vit: bool = True, smooth_quant_alpha: float | None = None, ignore_ops=(),
+                 overflow_fix: str = "first_layer_only") -> Path:
     """Write (if needed) the ONNX ``plan`` parses into ``build_dir`` and return its path: the fp32 export, an fp16
     copy (:func:`opentrans.deploy.quantize.convert_onnx_fp16`) or a Q/DQ INT8 copy
     (:func:`opentrans.deploy.quantize.quantize_onnx_qdq`, calibrated on ``calibration()`` images float32 (1,3,H,W)
-    with ``text_embeds`` (C,D)).
+    with ``text_embeds`` (C,D)). TensorRT accumulates INT8 in int32, so ``overflow_fix`` defaults to NNCF's
+    ``first_layer_only``: full 8-bit weights elsewhere.
 
     Raises:
         OpenTransError: int8 without calibration images; errors of the quantiser.
@@ -281,7 +286,8 @@ def prepare_onnx(plan: EnginePlan, build_dir: Path, fp32_onnx: Path, calibration
         raise OpenTransError("TensorRT int8: no calibration images for the Q/DQ ONNX")
     alpha = q.DEFAULT_SMOOTH_QUANT_ALPHA if smooth_quant_alpha is None else smooth_quant_alpha
     return q.quantize_onnx_qdq(fp32_onnx, images, text_embeds, out, model_type_transformer=is_vit,
-                               subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=list(ignore_ops))
+                               subset_size=len(images), smooth_quant_alpha=alpha, ignore_patterns=list(ignore_ops),
+                               overflow_fix=overflow_fix)
 
 
 class TensorRTRunner:
@@ -333,7 +339,9 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     Raises:
         OpenTransError: TensorRT missing; errors of :func:`prepare_onnx` and :func:`build_engine`.
     """
+    from opentrans.deploy.export import fold_constants
     from opentrans.deploy.targets import BuildOutput
+    from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
 
     trt = _import_tensorrt()
     plan = plan_engine(trt.__version__, ctx.precision)
@@ -343,16 +351,19 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     profile = engine_profile(ctx.spec.image_size, dim, classes, max_batch, max_classes,
                              dynamic_hw=bool(ctx.options.get("dynamic_hw")), stride=ctx.segmentor.stride)
     start = time.perf_counter()
+    fold_constants(ctx.onnx_path)  # TensorRT parses no bicubic Resize: fold the positional-embedding resize
     onnx_path = prepare_onnx(plan, ctx.build_dir, ctx.onnx_path, ctx.calibration, ctx.text_embeds,
                              is_vit=ctx.segmentor.is_vit, smooth_quant_alpha=ctx.options.get("smooth_quant_alpha"),
                              ignore_ops=ctx.options.get("ignore_ops") or ())
     prepare_s = time.perf_counter() - start
+    parse_check = check_tensorrt_parsable(onnx_path, versions=(TENSORRT_SUPPORT_VERSION[plan.major],))
     start = time.perf_counter()
     build_engine(onnx_path, ctx.build_dir / MODEL_FILE, plan, profile)
     return BuildOutput(file=MODEL_FILE, model_files=[MODEL_FILE],
                        runner=TensorRTRunner(ctx.build_dir / MODEL_FILE, name=f"tensorrt-{ctx.precision}"),
                        checked_precision=ctx.precision,
                        info={"tensorrt": trt.__version__, "engine_plan": plan.to_json(), "max_batch": max_batch,
+                             "tensorrt_parse_check": parse_check,
                              "max_classes": max_classes, "onnx": onnx_path.name,
                              "profile": {k: [list(s) for s in v] for k, v in profile.items()}},
                        timings={"prepare_onnx_s": prepare_s, "engine_build_s": time.perf_counter() - start})
