@@ -308,8 +308,9 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--precision", default="fp32", show_default=True,
               help="fp32, fp16 or int8 (what the target supports), or auto (onnx, openvino): build fp32, bf16 where "
                    "the CPU has it natively, and int8, time them here side by side, keep the fastest that passes parity.")
-@click.option("--data", required=True, metavar="FORMAT:PATH",
-              help="Dataset for the parity check (val images) and INT8 calibration (train images).")
+@click.option("--data", metavar="FORMAT:PATH",
+              help="Dataset for the parity check (val images) and INT8 calibration (train images); default: the "
+                   "dataset the --from artifact was finetuned on, as its manifest records it.")
 @click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Number of INT8 calibration images.")
 @click.option("--calib-data", metavar="FORMAT:PATH|DIR",
@@ -343,8 +344,11 @@ def deploy(from_dir, model, pretrained, image_size, target, precision, data, cal
            drop_metric="agreement", sensitivity=False, sensitivity_images=4, cpu_isa=None):
     """Export and verify: ONNX (fp32 / fp16 / INT8 Q/DQ), OpenVINO IR (fp32 / fp16 / NNCF INT8), Jetson bundle,
     TensorRT engine."""
-    from opentrans.deploy.stage import deploy_stage
+    from opentrans.deploy.stage import deploy_stage, recorded_data
 
+    if data is None:
+        data = recorded_data(from_dir)
+        click.echo(f"--data: {data} (recorded in {from_dir}/manifest.json)", err=True)
     figures = deploy_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, target=target,
                            precision=precision, data=data, parity_limit=parity_limit, calib_size=calib_size,
                            opset=opset, image_size=image_size, dynamic_hw=dynamic_hw, calib_data=calib_data,

@@ -74,7 +74,7 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
                     "calib_size": d.calib_size, "opset": d.opset}
             if b.target in CPU_TARGETS:
                 opts["cpu_isa"] = d.cpu_isa
-            if b.precision == "int8":  # quantisation options apply to INT8 builds only (the stage rejects them otherwise)
+            if b.precision in ("int8", "auto"):  # quantisation options apply to builds that may be INT8 only
                 opts.update(calib_data=d.calib_data, smooth_quant_alpha=d.smooth_quant_alpha,
                             ignore_ops=list(d.ignore_ops), max_drop=d.max_drop if b.target == "openvino" else None,
                             drop_metric=d.drop_metric, sensitivity=d.sensitivity,

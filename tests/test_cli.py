@@ -107,6 +107,21 @@ def test_eval_and_segment_on_artifacts(tiny_run, tmp_path):
     assert build.output.split("): ")[1] == result.output.split("): ")[1]
 
 
+def test_deploy_data_defaults_to_the_artifacts_recorded_dataset(tiny_run, tmp_path):
+    """The card's own usage: ``opentrans deploy --from runs/x/finetune --target ...`` without --data."""
+    run_dir, _, _ = tiny_run
+    out = tmp_path / "onnx"
+    result = invoke("deploy", "--from", run_dir / "finetune", "--target", "onnx", "--parity-limit", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"--data: {CAMVID_SPEC} (recorded in {run_dir / 'finetune'}/manifest.json)" in result.output
+    assert json.loads((out / "manifest.json").read_text())["options"]["data"] == CAMVID_SPEC
+    # a prune artifact records no dataset: one line, nothing written
+    refused = CliRunner().invoke(cli, ["deploy", "--from", str(run_dir / "prune"), "--target", "onnx",
+                                       "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "records no dataset" in refused.output
+    assert refused.output.strip().count("\n") == 0 and not (tmp_path / "x").exists()
+
+
 def test_bad_input_one_line_and_nothing_written(tmp_path):
     out = tmp_path / "prune"
     cmd = [sys.executable, "-m", "opentrans.cli", "prune", "--model", TINY_VIT, "--sparsity", "1.5", "--out", str(out)]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from opentrans.artifacts import atomic_path, write_json, write_text
+from opentrans.deploy.auto import decision_markdown
 
 
 def pareto_front(rows: list[dict]) -> list[str]:
@@ -22,6 +23,15 @@ def pareto_front(rows: list[dict]) -> list[str]:
     return front
 
 
+def _isa(machine: dict) -> str:
+    """``avx2, fma (VNNI no, native bf16 no)`` from :func:`opentrans.artifacts.machine_description`."""
+    if machine.get("isa") is None:
+        return "unknown"
+    flags = ", ".join(machine["isa"]) or "no AVX2"
+    return (f"{flags} (VNNI {'yes' if machine.get('vnni') else 'no'}, "
+            f"native bf16 {'yes' if machine.get('native_bf16') else 'no'})")
+
+
 def markdown_table(rows: list[dict], header: dict) -> str:
     """The bench table as markdown, headed by the machine, input size and weights it was measured with."""
     m = header["machine"]
@@ -31,7 +41,7 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         "",
         f"- Weights: **{header['weights']}**",
         f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}, "
-        f"ISA {', '.join(m['isa']) or 'n/a'}; load average at the end {_loads(header)}",
+        f"ISA {_isa(m)}; load average at the end {_loads(header)}",
         f"- Roofline (peak GEMM, OpenVINO, measured in this run): "
         + (", ".join(f"{k} {v:.0f} GMAC/s" for k, v in peaks.items()) or "not measured"),
         f"- Input: {header['image_size'][0]}x{header['image_size'][1]} (HxW); latency at batch {header['batch']} "
@@ -110,6 +120,7 @@ def model_card(row: dict, header: dict) -> str:
         f"{_fmt(row['miou'])} %, pixel accuracy {_fmt(row['pixel_acc'])} %; agreement with {header['reference']}: "
         f"{_fmt(row['agreement'])} % of pixels, teacher mIoU {_fmt(row['teacher_miou'])} %.",
         "",
+        *([] if not row.get("decision") else ["## Precision decision", "", decision_markdown(row["decision"])]),
     ])
 
 

@@ -56,6 +56,14 @@ def _parity_agreement(path: Path) -> float | None:
     return float(load_manifest(path)["figures"]["pixel_agreement"])
 
 
+def _auto_decision(path: Path) -> dict | None:
+    """The ``decision.json`` of a ``deploy --precision auto`` build (None for other artifacts)."""
+    from opentrans.artifacts import read_json
+    from opentrans.deploy.auto import DECISION_FILE
+
+    return read_json(path / DECISION_FILE) if (path / DECISION_FILE).exists() else None
+
+
 def _display_name(path: Path) -> str:
     return str(path.relative_to(path.parents[1])) if len(path.parents) > 1 else path.name
 
@@ -108,7 +116,7 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
         rows = []
         for art, res in results.items():
             lat1 = res["latency"][batch_sizes[0]]
-            peak_key = "int8" if res["precision"] == "int8" else "fp32"
+            peak_key = res["precision"] if res["precision"] in ("int8", "bf16") else "fp32"
             achieved = res["gmacs"] / (lat1["median_ms"] / 1e3 / lat1["batch"])
             agree = label_agreement(ref_labels, res["argmax"], len(dataset.class_names))
             rows.append({
@@ -121,7 +129,7 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
                 "peak_rss_mb": res["peak_rss_mb"], "params_m": res["params_m"], "gmacs": res["gmacs"],
                 "achieved_gmac_per_s": achieved, "roofline_precision": peak_key,
                 "roofline_fraction": achieved / peaks[peak_key] if peaks else None,
-                "weights": res["spec"].weights, "lineage": res["spec"].lineage,
+                "weights": res["spec"].weights, "lineage": res["spec"].lineage, "decision": _auto_decision(art),
             })
         front = pareto_front(rows)
         for r in rows:

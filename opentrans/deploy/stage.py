@@ -105,6 +105,23 @@ def check_parity(figures: dict[str, float], precision: str) -> list[str]:
     return failures
 
 
+def recorded_data(from_dir: str | os.PathLike | None) -> str:
+    """The dataset (``FORMAT:PATH``) a model directory's manifest records (finetune's ``data`` option), the default
+    of ``deploy --data``.
+
+    Raises:
+        OpenTransError: no ``from_dir`` (a fresh ``--model``), or a manifest that records no dataset.
+    """
+    from opentrans.artifacts import load_manifest
+
+    if from_dir is None:
+        raise OpenTransError("--data: required with --model (only a --from artifact records the data it was made with)")
+    data = load_manifest(from_dir).get("options", {}).get("data")
+    if not data:
+        raise OpenTransError(f"--data: required; {from_dir}/manifest.json records no dataset (e.g. a prune artifact)")
+    return str(data)
+
+
 def _cpu_isa_record(target: str, mode: str | None) -> dict[str, Any]:
     """``build.json["cpu_isa"]``: the ``--cpu-isa`` mode (None for GPU targets), NNCF's overflow-fix policy for
     INT8 weights and the ISA of the CPU the build was made and checked on.
