@@ -425,20 +425,27 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
 @click.option("--bg-threshold", type=click.FloatRange(0, 1, max_open=True),
               help="Pixels whose top class probability is below this go to the dataset's background class.")
 @click.option("--templates", type=click.Path(dir_okay=False, path_type=Path),
-              help="Prompt templates, one per line with {} for the class (default: 6 built-in templates).")
+              help="Prompt templates, one per line with {} for the class, or imagenet80 (CLIP's 80 ImageNet "
+                   "templates; default: 6 built-in templates).")
+@click.option("--logit-scale", type=float, help="Softmax temperature of the logits (default: the model's own; "
+                                                "matters for --prompt-sets, --bg-threshold and cliper).")
+@click.option("--protocol", type=click.Choice(["paper"]),
+              help="paper: each dense mode's published settings (short side, windows, templates, temperature, "
+                   "background threshold; docs/training_free.md); options given explicitly win.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics as JSON here (several modes: also .md table and .png plot beside it).")
 def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, limit, short_side, window, stride,
-          prompt_sets, bg_threshold, templates, out):
+          prompt_sets, bg_threshold, templates, logit_scale, protocol, out):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import write_json
     from opentrans.evaluate import evaluate
     from opentrans.models.artifact import dense_mode_override
-    from opentrans.training_free import InferenceOptions, evaluate_modes, markdown_modes, open_inference, write_modes_report
+    from opentrans.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
+                                         protocol_options, write_modes_report)
 
     options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
-                               bg_threshold=bg_threshold, templates=templates)
+                               bg_threshold=bg_threshold, templates=templates, logit_scale=logit_scale)
     if dense_modes is not None and len(dense_modes) > 1:
         from opentrans.models.artifact import SPEC_FILE, resolve_model
 
@@ -446,7 +453,7 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
             raise OpenTransError("several --dense-mode values need a PyTorch model (--model or a prune/finetune "
                                  "directory); a deploy build has its mode baked in")
         seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
-        report = evaluate_modes(seg, spec, dense_modes, data, split, limit, options, desc=True)
+        report = evaluate_modes(seg, spec, dense_modes, data, split, limit, options, desc=True, protocol=protocol)
         click.echo(markdown_modes(report))
         if out is not None:
             paths = write_modes_report(report, out)
@@ -455,16 +462,21 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
     with dense_mode_override(dense_modes[0] if dense_modes else None):
         runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
     fixed = not hasattr(runner, "segmentor")
+    if protocol == "paper":
+        options = protocol_options(options, spec.dense_mode, data)
     runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
     metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
     click.echo(f"{runner.name} ({spec.dense_mode}) on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}; "
                f"{options.describe()}")
+    for note in options.notes:
+        click.echo(f"  note: {note}")
     click.echo(f"mIoU {metrics['miou']:.2f} %   pixel accuracy {metrics['pixel_acc']:.2f} %")
     for name, iou in metrics["per_class_iou"].items():
         click.echo(f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}")
     if out is not None:
         write_json(out, {"runner": runner.name, "dense_mode": spec.dense_mode, "weights": spec.weights,
-                         "dataset": dataset.name, "split": split, "input": options.describe(), **metrics})
+                         "dataset": dataset.name, "split": split, "input": options.describe(),
+                         "notes": list(options.notes), **metrics})
 
 
 @cli.command(epilog='Example: opentrans segment street.png --classes "road,car,sky,building" '

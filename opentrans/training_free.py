@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner, evaluate
 from opentrans.models.inference import (
+    LogitScaleRunner,
     PromptSetRunner,
     ShortSideDataset,
     SlidingWindowRunner,
@@ -48,6 +49,119 @@ def parse_modes(value: str | None) -> list[str] | None:
     return list(dict.fromkeys(modes))
 
 
+#: Each method's published ViT-B/16 evaluation settings, from the authors' configs: ``"*"`` holds the settings of
+#: every dataset, a ``--data`` format key (``coco-object``, ``voc``, ...) what differs for it; ``"source"`` names
+#: the files, ``"notes"`` what OpenTrans does not reproduce. ``templates: "imagenet80"`` is CLIP's 80 ImageNet
+#: templates (``openai_imagenet_template`` in the SCLIP/ClearCLIP/NACLIP repositories, identical to open_clip's
+#: ``OPENAI_IMAGENET_TEMPLATES``); ``templates: None`` with ``needs_templates`` means the authors used a file
+#: OpenTrans does not ship. ``window: None`` is whole-image inference (at ``short_side``).
+PAPER_PROTOCOLS: dict[str, dict] = {
+    "sclip": {
+        "source": "wangf3014/SCLIP@b56bd3014b9e8a3ee3450bcfc53700a67d627b7a clip_segmentor.py L19-21, "
+                  "configs/cfg_*.py (Resize scale=(2048, 336))",
+        "*": {"short_side": 336, "window": (224, 224), "stride": (112, 112), "templates": "imagenet80",
+              "logit_scale": 40.0},
+        "coco-object": {"logit_scale": 50.0, "bg_threshold": 0.1, "prompt_sets": "coco-object"},
+        "voc": {"logit_scale": 65.0, "bg_threshold": 0.1, "prompt_sets": "voc",
+                "notes": ("SCLIP's area_thd=0.1 on VOC-21 (small predicted classes sent to background) is not "
+                          "implemented",)},
+        "notes": ("prompt sets: OpenTrans's built-in coco-object/voc sets differ from the authors' "
+                  "configs/cls_*.txt in a few names; pass theirs with --prompt-sets for an exact match",),
+    },
+    "clearclip": {
+        "source": "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f clearclip_segmentor.py L22-23, "
+                  "configs/cfg_*.py (Resize scale=(2048, 448))",
+        "*": {"short_side": 448, "window": (448, 448), "stride": (224, 224), "templates": "imagenet80",
+              "logit_scale": 50.0},
+        "coco-object": {"bg_threshold": 0.4, "prompt_sets": "coco-object"},
+        "voc": {"bg_threshold": 0.5, "prompt_sets": "voc"},
+        "notes": ("prompt sets: ClearCLIP's configs/cls_*.txt name one prompt per class ('background', 'person'); "
+                  "pass such a file with --prompt-sets for an exact match",
+                  "ClearCLIP pads crops whose size is not a multiple of the patch size; OpenTrans floors them"),
+    },
+    "naclip": {
+        "source": "sinahmr/NACLIP@0cac3a651f753b11315ea799cfbfabf79da1bd76 naclip.py L20-22, "
+                  "configs/cfg_*.py (Resize scale=(2048, 336))",
+        "*": {"short_side": 336, "window": (224, 224), "stride": (112, 112), "templates": "imagenet80",
+              "logit_scale": 40.0},
+        "coco-object": {"bg_threshold": 0.1, "prompt_sets": "coco-object"},
+        "voc": {"bg_threshold": 0.1, "prompt_sets": "voc", "window": None, "stride": None},
+        "notes": ("NACLIP's PAMR post-processing (pamr_steps=10 by default) is not implemented",
+                  "prompt sets: OpenTrans's built-in coco-object/voc sets differ from the authors' "
+                  "configs/cls_*.txt in a few names; pass theirs with --prompt-sets for an exact match"),
+    },
+    "cliper": {
+        "source": "linsun449/cliper.code@c05fa41a4966d0a43af513546b17c346ccd42559 scripts/config/vit-b-16/ovs_*.yaml, "
+                  "modified_clip/model.py L30, L155-163, L221-227",
+        "*": {"short_side": 336, "window": None, "stride": None, "templates": None, "needs_templates": True,
+              "logit_scale": 100.0, "cliper_keep": 0.2},
+        "voc": {"cliper_keep": 0.1},
+        "voc20": {"cliper_keep": 0.1},
+        "coco-object": {"logit_scale": 50.0, "templates": "imagenet80", "needs_templates": False},
+        "cityscapes": {"short_side": 560, "cliper_keep": 0.35, "templates": "imagenet80", "needs_templates": False},
+        "notes": ("CLIPer's label assignment (cam_to_label with bkg_thre/score_threshold) and its 0.5/0.5 mix of "
+                  "whole-image and sliding-window scores (sliding_crop_size in some configs) are not implemented; "
+                  "whole-image inference as in its sliding_crop_size: 0 configs",
+                  "CLIPer rounds both sides to a multiple of the patch size; OpenTrans resizes the short side to "
+                  "336 and floors the long side's patches"),
+    },
+    "maskclip-noresidual": {
+        "source": "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f (the repository that evaluates this "
+                  "baseline, model_type='MaskCLIP'): clearclip_segmentor.py L22-23, configs/cfg_*.py",
+        "*": {"short_side": 448, "window": (448, 448), "stride": (224, 224), "templates": "imagenet80",
+              "logit_scale": 50.0},
+        "coco-object": {"bg_threshold": 0.4, "prompt_sets": "coco-object"},
+        "voc": {"bg_threshold": 0.5, "prompt_sets": "voc"},
+        "notes": ("prompt sets: ClearCLIP's configs/cls_*.txt name one prompt per class; pass such a file with "
+                  "--prompt-sets for an exact match",),
+    },
+}
+
+
+def paper_protocol(mode: str, data_format: str) -> dict:
+    """The settings of ``mode``'s paper for a ``--data`` format (see :data:`PAPER_PROTOCOLS`), merged.
+
+    Returns:
+        ``{"settings": {option: value}, "source": str, "notes": tuple[str, ...]}``; for a mode without a recorded
+        protocol (``maskclip``: MaskCLIP's own mmseg configs were not transcribed) empty settings and one note.
+    """
+    table = PAPER_PROTOCOLS.get(mode)
+    if table is None:
+        return {"settings": {}, "source": "", "notes": (f"no paper protocol recorded for {mode}: the given options "
+                                                         "are used",)}
+    settings = dict(table["*"])
+    extra = dict(table.get(data_format, {}))
+    notes = tuple(table.get("notes", ())) + tuple(extra.pop("notes", ()))
+    settings.update(extra)
+    return {"settings": settings, "source": table["source"], "notes": notes}
+
+
+def protocol_options(options: InferenceOptions, mode: str, data: str) -> InferenceOptions:
+    """``options`` with every option the user left unset taken from ``mode``'s paper protocol for the format of
+    ``data`` (``FORMAT:PATH``); options given explicitly win. ``notes`` lists what is not reproduced.
+
+    Raises:
+        OpenTransError: the protocol needs a template file OpenTrans does not ship (CLIPer's own templates) and
+            none was given.
+    """
+    fmt = data.partition(":")[0]
+    proto = paper_protocol(mode, fmt)
+    settings = dict(proto["settings"])
+    if settings.pop("needs_templates", False) and not options.templates:
+        raise OpenTransError(f"--protocol paper --dense-mode {mode} on {fmt}: CLIPer averages its own 15 templates "
+                             "(linsun449/cliper.code template/car_template.txt), which OpenTrans does not ship; pass "
+                             "that file with --templates")
+    updates = {}
+    for key, value in settings.items():
+        given = getattr(options, key)
+        if key == "stride" and options.window is not None:
+            continue  # a window given by hand keeps its own (or the default) stride
+        if given is None:
+            updates[key] = value
+    source = (f"paper protocol of {mode}: {proto['source']}",) if proto["source"] else ()
+    return replace(options, **updates, notes=tuple(options.notes) + source + tuple(proto["notes"]))
+
+
 @dataclass
 class InferenceOptions:
     """How eval turns a runner into per-image predictions (all optional; defaults reproduce plain eval).
@@ -58,8 +172,14 @@ class InferenceOptions:
         window, stride: sliding-window crop and step ``(h, w)`` in pixels (default stride: half the window).
         prompt_sets: file with one line per class, comma-separated prompts (e.g. a background set).
         bg_threshold: probability below which a pixel goes to the dataset's background class.
-        templates: file of prompt templates (default: the six of :data:`~opentrans.models.segmentor.TEMPLATES`).
+        templates: file of prompt templates, or ``imagenet80`` for CLIP's 80 ImageNet templates (default: the
+            six of :data:`~opentrans.models.segmentor.TEMPLATES`).
         cache_dir: text-embedding cache folder (default ``~/.cache/opentrans/text``).
+        logit_scale: softmax temperature of the logits (a paper's ``logit_scale``; default: the model's own, see
+            :meth:`~opentrans.models.segmentor.OpenVocabSegmentor.logit_scale`). It changes only what a softmax
+            sees (prompt-set maxima, ``bg_threshold``) and, for ``cliper``, its per-layer probabilities.
+        cliper_keep: CLIPer's last-layer keep threshold (default :data:`~opentrans.models.dense.CLIPER_KEEP`).
+        notes: what a paper protocol (:func:`protocol_options`) could not reproduce, reported with the results.
     """
 
     short_side: int | None = None
@@ -69,6 +189,9 @@ class InferenceOptions:
     bg_threshold: float | None = None
     templates: str | os.PathLike | None = None
     cache_dir: str | os.PathLike | None = None
+    logit_scale: float | None = None
+    cliper_keep: float | None = None
+    notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         parts = []
@@ -83,6 +206,10 @@ class InferenceOptions:
             parts.append(f"background below p={self.bg_threshold:g}")
         if self.templates:
             parts.append(f"templates {Path(self.templates).name}")
+        if self.logit_scale is not None:
+            parts.append(f"logit scale {self.logit_scale:g}")
+        if self.cliper_keep is not None:
+            parts.append(f"CLIPer keep {self.cliper_keep:g}")
         return ", ".join(parts) or "whole image at the model's input size"
 
 
@@ -108,6 +235,8 @@ def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, 
     if fixed_size and options.short_side and not options.window:
         raise OpenTransError("--short-side with a deploy build needs --window (the build's input size)")
     templates = read_templates(options.templates) if options.templates else None
+    if options.logit_scale is not None or options.cliper_keep is not None:
+        runner = LogitScaleRunner(runner, seg, options.logit_scale, options.cliper_keep)
     dataset = open_dataset(data, split, spec.image_size, spec.mean, spec.std, limit=limit)
     batch_size = 4
     if options.short_side:
@@ -146,14 +275,18 @@ class _Timed:
 
 
 def evaluate_modes(seg, spec, modes: list[str], data: str, split: str = "val", limit: int | None = None,
-                   options: InferenceOptions | None = None, warmup: int = 1, desc: bool = False) -> dict:
+                   options: InferenceOptions | None = None, warmup: int = 1, desc: bool = False,
+                   protocol: str | None = None) -> dict:
     """mIoU (%) and latency (median ms per image, batch 1) of each dense mode of one PyTorch segmentor.
 
     The segmentor's mode is switched in place (every mode shares the weights) and restored afterwards.
-    ``warmup`` untimed calls on the first image precede each mode's timed evaluation.
+    ``warmup`` untimed calls on the first image precede each mode's timed evaluation. With ``protocol="paper"``
+    each mode runs under its own paper's settings (:func:`protocol_options`; options given explicitly win), and
+    each row records its ``input`` and ``notes``.
 
     Returns:
-        ``{"header": {...}, "rows": [{"mode", "miou", "pixel_acc", "median_ms", "p90_ms", "images"}, ...]}``.
+        ``{"header": {...}, "rows": [{"mode", "miou", "pixel_acc", "median_ms", "p90_ms", "images", "input",
+        "notes"}, ...]}``.
     """
     options = options or InferenceOptions()
     original = seg.dense_mode
@@ -161,8 +294,9 @@ def evaluate_modes(seg, spec, modes: list[str], data: str, split: str = "val", l
     try:
         for mode in modes:
             seg.set_dense_mode(mode)
+            mode_options = protocol_options(options, mode, data) if protocol == "paper" else options
             runner, dataset, text, batch_size = open_inference(TorchRunner(seg, name=f"torch-fp32 {mode}"), seg, spec,
-                                                               data, split, limit, options)
+                                                               data, split, limit, mode_options)
             first = dataset[0][0][None].numpy()
             for _ in range(warmup):
                 runner(first, text)
@@ -171,11 +305,13 @@ def evaluate_modes(seg, spec, modes: list[str], data: str, split: str = "val", l
                                desc=f"eval {mode}" if desc else None)
             rows.append({"mode": mode, "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
                          "median_ms": statistics.median(timed.ms), "p90_ms": float(np.percentile(timed.ms, 90)),
-                         "images": metrics["images"]})
+                         "images": metrics["images"], "input": mode_options.describe(),
+                         "notes": list(mode_options.notes)})
     finally:
         seg.set_dense_mode(original)
     header = {"model": spec.model, "weights": spec.weights, "dataset": dataset.name, "split": split,
-              "images": len(dataset), "input": options.describe(),
+              "images": len(dataset),
+              "input": options.describe() if protocol != "paper" else "each mode's paper protocol (see each row)",
               "image_size": list(spec.image_size), "machine": machine_description()}
     return {"header": header, "rows": rows}
 
@@ -191,6 +327,11 @@ def markdown_modes(report: dict) -> str:
              "| mode | mIoU % | pixel acc. % | median ms | p90 ms |", "|---|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['mode']} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
+    if any(r.get("input", h["input"]) != h["input"] or r.get("notes") for r in report["rows"]):
+        lines.append("")
+        for r in report["rows"]:
+            notes = "; ".join(r.get("notes") or [])
+            lines.append(f"* {r['mode']}: {r.get('input', h['input'])}" + (f". {notes}" if notes else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -293,10 +293,13 @@ def test_bf16_autocast_and_gradient_accumulation(tiny_vit):
     seg.load_state_dict(start)
     bf16 = train_segmentor(seg, ds, text, steps=1, batch_size=2, lr=1e-3, progress=False, amp="bf16")
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)  # really ran in bf16, close
-    # two micro-batches of 1 with the same two images = one batch of 2 (equal pixel counts per image)
+    # two micro-batches of 1 with the same two images ~ one batch of 2: the accumulated loss is the mean of the two
+    # per-image means, the batch loss the mean over all labelled pixels; the two CamVid images have 4903 and 4867
+    # labelled pixels at 64x80, so they differ by (L1 - L2) * 36 / 19540 (rel. 2e-5 with issue 12's MaskCLIP
+    # features, which is why the tolerance is 1e-4 and not the 1e-5 the old residual-free features happened to meet)
     seg.load_state_dict(start)
     accum = train_segmentor(seg, ds, text, steps=1, batch_size=1, lr=1e-3, progress=False, grad_accum=2)
-    assert accum[0] == pytest.approx(fp32[0], rel=1e-5)
+    assert accum[0] == pytest.approx(fp32[0], rel=1e-4)
     # Adam's first step is about -lr * sign(grad): the accumulated gradient must point where the full one does
     # (only the last micro-batch's gradient, say, would disagree on a large share of elements)
     for n, p in seg.named_parameters():

@@ -31,7 +31,10 @@ def test_forward_shapes_and_round_trip(fixture, request, tmp_path):
 
 
 def test_maskclip_uses_value_path_of_last_block(tiny_vit):
-    """The dense features equal ln_post(out_proj(W_v ln_1(x))) @ proj of the last block's input tokens."""
+    """The dense features are MaskCLIP's value path with the last block's residual and FFN, as in the authors'
+    code (chongzhou96/MaskCLIP@245d31f mmseg/models/backbones/vit.py L97-104: ``v += x; v = ffn(norm2(v),
+    identity=v)``): v = x + out_proj(W_v ln_1(x)), ln_post(v + mlp(ln_2(v))) @ proj. Issue 12: this test used
+    to expect the residual-free ln_post(out_proj(W_v ln_1(x))) @ proj, now the ``maskclip-noresidual`` mode."""
     seg, spec = tiny_vit
     v = seg.visual
     images = torch.randn(1, 3, 64, 64)  # the tiny ViT's native grid: no position interpolation involved
@@ -41,10 +44,16 @@ def test_maskclip_uses_value_path_of_last_block(tiny_vit):
             x = blk(x)
         last = v.transformer.resblocks[-1]
         w = last.attn.embed_dim
-        val = F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * w:], last.attn.in_proj_bias[2 * w:])
-        expected = v.ln_post(last.attn.out_proj(val)[:, 1:]) @ v.proj
+        val = last.attn.out_proj(F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * w:], last.attn.in_proj_bias[2 * w:]))
+        val = x + val
+        val = val + last.mlp(last.ln_2(val))
+        expected = v.ln_post(val[:, 1:]) @ v.proj
         got = seg.dense_features(images)
-    torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got, expected)
+        seg.set_dense_mode("maskclip-noresidual")
+        torch.testing.assert_close(seg.dense_features(images),
+                                   v.ln_post(last.attn.out_proj(F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * w:],
+                                                                         last.attn.in_proj_bias[2 * w:]))[:, 1:]) @ v.proj)
     # and differs from the ordinary last-block output (query-key attention is really dropped)
     with torch.no_grad():
         ordinary = v.ln_post(last(x)[:, 1:]) @ v.proj

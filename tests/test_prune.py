@@ -60,9 +60,10 @@ def test_vit_mlp_pruned_by_exact_amount_and_residual_untouched(tiny_vit):
     # Each block loses 128 c_fc rows (+ biases) and 128 c_proj columns.
     removed_params = VIT_LAYERS * 128 * (2 * VIT_WIDTH + 1)
     assert report["params_m_before"] - report["params_m_after"] == pytest.approx(removed_params / 1e6, abs=1e-9)
-    # Dense path at 64x80: 21 tokens; the MLPs of all blocks but the last run (MaskCLIP drops the last one).
+    # Dense path at 64x80: 21 tokens; the MLPs of all blocks run (MaskCLIP, as its authors' code, keeps the last
+    # block's FFN on the value path; issue 12: this used to count VIT_LAYERS - 1 blocks, the residual-free variant).
     tokens = 1 + (64 // 16) * (80 // 16)
-    removed_macs = (VIT_LAYERS - 1) * 2 * tokens * VIT_WIDTH * 128
+    removed_macs = VIT_LAYERS * 2 * tokens * VIT_WIDTH * 128
     assert report["gmacs_before"] - report["gmacs_after"] == pytest.approx(removed_macs / 1e9, abs=1e-12)
 
     logits = _logits(seg, spec)
@@ -74,7 +75,9 @@ def test_count_encoder_cost_counts_attention_matmuls(tiny_vit):
     seg, _ = tiny_vit
     n, patches, w, mlp = 1 + 4 * 5, 4 * 5, VIT_WIDTH, VIT_MLP  # input 64x80, patch 16
     full_block = n * w * 3 * w + 2 * n * n * w + n * w * w + 2 * n * w * mlp  # qkv, QK^T + AV, out_proj, MLP
-    expected = patches * w * 3 * 16 * 16 + (VIT_LAYERS - 1) * full_block + 2 * n * w * w + patches * w * EMBED
+    # last block (MaskCLIP, issue 12): value projection, out_proj and the MLP on the value path
+    last_block = 2 * n * w * w + 2 * n * w * mlp
+    expected = patches * w * 3 * 16 * 16 + (VIT_LAYERS - 1) * full_block + last_block + patches * w * EMBED
     cost = count_encoder_cost(seg)
     assert cost["gmacs"] * 1e9 == pytest.approx(expected, abs=0.5)
     assert cost["params_m"] == sum(p.numel() for p in seg.visual.parameters()) / 1e6

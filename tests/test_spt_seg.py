@@ -100,8 +100,9 @@ def test_filter_follows_the_run_time_grid(tiny_vit):
 def test_gradients_reach_every_parameter(tiny_vit):
     seg, _ = tiny_vit
     # seeded: on flat random-init features the token mask clamp(cos(Y, p), 0, 1) can be 0 at every token for some
-    # draws of p (8 of 20 seeds), and then nothing before it gets a gradient (documented in the decoder)
-    torch.manual_seed(0)
+    # draws of p (8 of 20 seeds), and then nothing before it gets a gradient (documented in the decoder); seed 1
+    # since issue 12 changed the default maskclip features (seed 0 draws such a p on them)
+    torch.manual_seed(1)
     _spt(seg)
     seg.clip.requires_grad_(False)
     torch.nn.init.normal_(seg.head.out_proj.weight, std=0.02)  # at exactly zero only out_proj would get gradients

@@ -10,9 +10,10 @@ The exported graph is :class:`~opentrans.models.segmentor.OpenVocabSegmentor` it
 The text tower is exported as its own graph by :mod:`opentrans.deploy.text_graph`.
 
 **Dynamic height/width** (``dynamic_hw=True``, CLI ``--dynamic-hw``): the patch grid is traced as shapes, not
-constants (:func:`opentrans.models.dense.symbolic_grid`), and the ViT positional embedding is bicubically resized
-inside the graph (an ONNX ``Resize`` with ``cubic_coeff_a=-0.75``, PyTorch's bicubic) from the pretraining grid to
-``(H/patch, W/patch)``; self-attention is traced through :func:`traceable_attention` (PyTorch's MHA bakes the
+constants (:func:`opentrans.models.dense.symbolic_grid`), and the ViT positional embedding is resized inside the
+graph from the pretraining grid to ``(H/patch, W/patch)`` the way the mode's authors resize it
+(:data:`opentrans.models.dense.POS_RESIZE`: an ONNX ``Resize`` for the exact-size bicubic/bilinear ones, two
+interpolation matrices for the DINO-style resize of SCLIP/ClearCLIP/NACLIP); self-attention is traced through :func:`traceable_attention` (PyTorch's MHA bakes the
 token count into the legacy exporter's graph). Measured against eager PyTorch at sizes other than the trace's
 (tiny ViT maskclip/sclip/naclip/cliper, tiny RN; 64x64, 96x128/96x160, 128x96): max |diff| 1.4e-6..1.1e-5.
 Limits: H and W should be multiples of the stride (patch size, 32 for ResNets): the patch convolution floors

@@ -258,8 +258,9 @@ def trainable_param_count(seg: nn.Module) -> int:
 def gradient_free_parameters(seg: OpenVocabSegmentor) -> list[str]:
     """Names of parameters with ``requires_grad`` that get no gradient from the segmentor's logits.
 
-    The dense (MaskCLIP) forward path skips parts of the image encoder: for a ViT the last block's MLP and
-    the query/key rows of its attention, for a ModifiedResNet the attention pool's ``q_proj``/``k_proj``.
+    The dense forward path skips parts of the image encoder: in the ``maskclip`` mode, for a ViT the query/key
+    rows of the last block's attention (and its MLP too in ``maskclip-noresidual``), for a ModifiedResNet the
+    attention pool's ``q_proj``/``k_proj``.
     A plan may mark such layers trainable; they stay unchanged by training. Found with one forward and
     backward pass on a zero image ``(1, 3, H, W)`` and two random class embeddings ``(2, D)``: gradient
     connectivity does not depend on the values. Gradients are cleared afterwards.

@@ -218,6 +218,64 @@ class PromptSetRunner:
         return logits.numpy()
 
 
+class LogitScaleRunner:
+    """A runner at another softmax temperature and, for CLIPer, another keep threshold.
+
+    ``runner(images, text_embeds) -> logits (B, C, H, W)`` of the wrapped runner, computed with
+    ``logit_scale`` as the temperature (e.g. a paper's ``logit_scale``) and ``cliper_keep`` as CLIPer's
+    last-layer threshold (None: unchanged).
+
+    * A PyTorch runner (one with a ``segmentor``): the segmentor's ``logit_temperature``/``cliper_keep`` are set
+      for the duration of each call and restored afterwards.
+    * A deploy build (a fixed graph): for every mode but ``cliper`` the logits are ``scale * cos`` followed by
+      linear resampling, so they are multiplied by ``logit_scale / scale`` (``scale``: what ``segmentor``, the
+      build's source model, carried at export); a ``cliper`` build has its temperature and threshold in the graph.
+
+    Args:
+        runner: the wrapped runner; segmentor: the PyTorch segmentor of the same weights and dense mode.
+
+    Raises:
+        OpenTransError: a ``cliper`` deploy build asked for another temperature or threshold than its graph's,
+            or a non-positive ``logit_scale``.
+    """
+
+    def __init__(self, runner, segmentor, logit_scale: float | None = None, cliper_keep: float | None = None):
+        from opentrans.models import dense
+
+        if logit_scale is not None and not logit_scale > 0:
+            raise OpenTransError(f"--logit-scale {logit_scale}: must be positive")
+        self.runner, self.logit_scale, self.cliper_keep = runner, logit_scale, cliper_keep
+        self.factor = None
+        if getattr(runner, "segmentor", None) is None and logit_scale is not None:
+            baked = float(segmentor.logit_scale().detach())
+            if segmentor.dense_mode == "cliper":
+                if logit_scale != baked or cliper_keep not in (None, dense.CLIPER_KEEP):
+                    raise OpenTransError(f"this cliper build has logit scale {baked:g} and keep {dense.CLIPER_KEEP:g} in "
+                                         "its graph; evaluate the PyTorch model (--from its model directory) to change them")
+            else:
+                self.factor = logit_scale / baked
+        elif getattr(runner, "segmentor", None) is None and cliper_keep not in (None, dense.CLIPER_KEEP):
+            raise OpenTransError("a deploy build has CLIPer's keep threshold in its graph; evaluate the PyTorch model "
+                                 "(--from its model directory) to change it")
+        suffix = "" if logit_scale is None else f"+T{logit_scale:g}"
+        self.name = f"{runner.name}{suffix}" + ("" if cliper_keep is None else f"+keep{cliper_keep:g}")
+
+    def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        seg = getattr(self.runner, "segmentor", None)
+        if seg is None:
+            out = np.asarray(self.runner(images, text_embeds), dtype=np.float32)
+            return out if self.factor is None else out * np.float32(self.factor)
+        saved = seg.logit_temperature, seg.cliper_keep
+        if self.logit_scale is not None:
+            seg.logit_temperature = float(self.logit_scale)
+        if self.cliper_keep is not None:
+            seg.cliper_keep = float(self.cliper_keep)
+        try:
+            return self.runner(images, text_embeds)
+        finally:
+            seg.logit_temperature, seg.cliper_keep = saved
+
+
 def encode_prompt_sets(segmentor, sets: list[list[str]], model_name: str | None = None,
                        cache_dir: str | os.PathLike | None = None, templates=None) -> tuple[np.ndarray, list[int]]:
     """Text embeddings ``(Q, D)`` of every prompt (template ensemble, cached: :func:`cached_text_embeddings`)
@@ -226,13 +284,23 @@ def encode_prompt_sets(segmentor, sets: list[list[str]], model_name: str | None 
     return cached_text_embeddings(segmentor, names, model_name, cache_dir, templates), index
 
 
+#: Built-in template set names for ``--templates``: ``imagenet80`` is CLIP's 80 ImageNet templates, which
+#: SCLIP, ClearCLIP and NACLIP average (``prompts/imagenet_template.py`` ``openai_imagenet_template`` in each
+#: repository, the same 80 strings in the same order as open_clip's ``OPENAI_IMAGENET_TEMPLATES``).
+BUILTIN_TEMPLATES = ("imagenet80",)
+
+
 def read_templates(path: str | os.PathLike) -> tuple[str, ...]:
-    """Prompt templates, one per line, each with one ``{}`` for the class name (e.g. CLIP's 80 ImageNet
-    templates, which SCLIP/ClearCLIP/NACLIP average).
+    """Prompt templates, one per line, each with one ``{}`` for the class name, or a built-in set
+    (:data:`BUILTIN_TEMPLATES`; a file of that name takes precedence).
 
     Raises:
         OpenTransError: a missing file, no template, or a line without exactly one ``{}``.
     """
+    if str(path) == "imagenet80" and not Path(path).exists():
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
     path = Path(path)
     if not path.is_file():
         raise OpenTransError(f"{path}: file not found (one template per line, with {{}} for the class name)")

@@ -57,9 +57,12 @@ class OpenVocabSegmentor(nn.Module):
         dense_mode: how dense features are read from the last block (papers and equations in
             :mod:`opentrans.models.dense`):
 
-            * ``maskclip`` (default): MaskCLIP's value path; the last block's query-key attention, residual and
-              FFN are dropped, each token keeps ``out_proj(W_v ln_1(x))``, then ``ln_post`` and ``proj``. For
-              ModifiedResNet the attention pool's ``v_proj`` and ``c_proj`` are applied to every position.
+            * ``maskclip`` (default): MaskCLIP as its authors' code computes it: the last block's query-key
+              attention is replaced by the identity, its residual and FFN stay (``v = x + out_proj(W_v ln_1(x))``,
+              ``v + mlp(ln_2(v))``), then ``ln_post`` and ``proj``. For ModifiedResNet the attention pool's
+              ``v_proj`` and ``c_proj`` are applied to every position.
+            * ``maskclip-noresidual``: the residual-free, FFN-free baseline the ClearCLIP repository calls MaskCLIP
+              (``ln_post(out_proj(W_v ln_1(x)))``), OpenTrans's ``maskclip`` before issue 12.
             * ``sclip``: correlative self-attention ``softmax(qq^T)+softmax(kk^T)``, residual and FFN kept.
             * ``clearclip``: q-q attention, no residual, no FFN.
             * ``naclip``: k-k attention plus a Gaussian neighbourhood bias, no residual, no FFN.
@@ -75,6 +78,12 @@ class OpenVocabSegmentor(nn.Module):
 
     Learnable prompt tokens (:mod:`opentrans.models.prompts`) are attached with :meth:`set_prompts` and live
     in ``self.prompts`` (None by default).
+
+    Two evaluation settings are plain attributes (not saved with the model; an export bakes their current
+    values into the graph): ``logit_temperature`` (None: CLIP's own logit scale for every mode but ``cliper``,
+    :data:`~opentrans.models.dense.CLIPER_LOGIT_SCALE` for ``cliper``; a float: that softmax temperature, e.g. a
+    paper's ``logit_scale``) and ``cliper_keep`` (CLIPer's last-layer keep threshold,
+    :data:`~opentrans.models.dense.CLIPER_KEEP`).
 
     Raises:
         OpenTransError: an unsupported image tower, dense mode (any mode but ``maskclip`` on a ResNet) or head,
@@ -97,6 +106,17 @@ class OpenVocabSegmentor(nn.Module):
         self.head_options = dict(head_options or {})
         self.head = build_head(head, self.embed_dim, self.head_options)
         self.prompts: PromptModule | None = None
+        self.logit_temperature: float | None = None
+        self.cliper_keep: float = _dense.CLIPER_KEEP
+
+    def logit_scale(self) -> torch.Tensor:
+        """The softmax temperature the logits carry (a scalar tensor): ``logit_temperature`` if set, else
+        :data:`~opentrans.models.dense.CLIPER_LOGIT_SCALE` for ``cliper`` and CLIP's learnt logit scale otherwise."""
+        if self.logit_temperature is not None:
+            return torch.tensor(float(self.logit_temperature))
+        if self.dense_mode == "cliper":
+            return torch.tensor(_dense.CLIPER_LOGIT_SCALE)
+        return self.clip.logit_scale.exp()
 
     def set_head(self, head: str, options: dict | None = None) -> None:
         """Replace the head by a fresh registered head (e.g. a paper's decoder before finetuning).
@@ -182,19 +202,19 @@ class OpenVocabSegmentor(nn.Module):
         return self.head(feats, self.grid_of(images), text_embeds)
 
     def forward(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, C, H, W)``: CLIP's logit scale times the cosine of each patch with each class embedding,
+        """Logits ``(B, C, H, W)``: :meth:`logit_scale` times the cosine of each patch with each class embedding,
         bilinearly upsampled to the input size (for ``cliper``: ``log`` of the fused class scores, see the class
         docstring)."""
         if self.dense_mode == "cliper":
             feats, attn_map = _dense.cliper_features(self.visual, images)  # (L, B, h*w, D), (B, h*w, h*w)
             grid = self.grid_of(images)
             feats = self.head(feats.flatten(0, 1), grid, text_embeds).view_as(feats)
-            scores = _dense.cliper_scores(feats, attn_map, text_embeds, self.clip.logit_scale.exp())
+            scores = _dense.cliper_scores(feats, attn_map, text_embeds, self.logit_scale(), keep=self.cliper_keep)
             scores = _dense.grid_logits_to_image(scores, grid, images.shape[-2:])
             return torch.log(torch.clamp(scores, min=CLIPER_EPS))
         feats = F.normalize(self.dense_features(images, text_embeds), dim=-1)
         text = F.normalize(text_embeds, dim=-1)
-        logits = self.clip.logit_scale.exp() * feats @ text.t()  # (B, h*w, C)
+        logits = self.logit_scale() * feats @ text.t()  # (B, h*w, C)
         b, _, c = logits.shape
         h, w = images.shape[-2] // self.stride, images.shape[-1] // self.stride
         logits = logits.transpose(1, 2).reshape(b, c, h, w)

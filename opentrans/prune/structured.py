@@ -259,7 +259,7 @@ def count_encoder_cost(seg: OpenVocabSegmentor) -> dict:
     What is counted: ``gmacs`` are the multiply-accumulates of every matrix product and convolution that
     :meth:`OpenVocabSegmentor.dense_features` executes, minus its trainable head (for a ViT: patch
     embedding, all blocks but the last in full including the attention ``QK^T`` and ``AV`` products, the
-    last block's MaskCLIP value path and ``proj``; for ModifiedResNet: stem, layer1-4 and the attention
+    last block's MaskCLIP value path (with its MLP in the ``maskclip`` mode) and ``proj``; for ModifiedResNet: stem, layer1-4 and the attention
     pool's ``v_proj``/``c_proj`` at every position). Element-wise work (norms, activations, softmax, bias
     adds, the positional-embedding resize) is not counted. Counted with :class:`torch.utils.flop_counter.
     FlopCounterMode` (MHA fast path disabled so its matmuls are visible; fused attention kernels that it has no
