@@ -124,26 +124,42 @@ def model_card(row: dict, header: dict) -> str:
     ])
 
 
-def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
-    """Scatter of latency (ms, x) against mIoU (%, y), one labelled point per build, Pareto front drawn."""
+def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str, subtitle: str = "") -> Path:
+    """Latency (median ms at batch 1, x) against mIoU (%, y): one numbered point per build, the Pareto front drawn
+    as a step line, and a table beside the axes mapping each number to its build (name, ms, mIoU), front members
+    in bold red. ``title`` is the run, ``subtitle`` the weights and machine (wrapped to the figure's width)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["median_ms"], r["miou"], s=50, zorder=3, color="tab:red" if r["pareto"] else "tab:blue")
-        ax.annotate(r["name"], (r["median_ms"], r["miou"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig = plt.figure(figsize=(12, 5.2))
+    ax = fig.add_axes((0.07, 0.12, 0.46, 0.68))
+    for i, r in enumerate(rows, start=1):
+        color = "tab:red" if r["pareto"] else "tab:blue"
+        ax.scatter(r["median_ms"], r["miou"], s=120, zorder=3, color=color, edgecolor="white", linewidth=0.8)
+        ax.annotate(str(i), (r["median_ms"], r["miou"]), ha="center", va="center", fontsize=7, color="white",
+                    fontweight="bold", zorder=4)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["median_ms"])
     ax.step([r["median_ms"] for r in front], [r["miou"] for r in front], where="post", color="tab:red",
-            alpha=0.6, label="Pareto front")
-    ax.set_xlabel("latency, median ms (batch 1)")
-    ax.set_ylabel("mIoU %")
-    ax.set_title(title, fontsize=9)
+            alpha=0.6, zorder=2, label="Pareto front (faster and at least as accurate)")
+    ax.set_xlabel("latency, median ms per image (batch 1)")
+    ax.set_ylabel("mIoU (%)")
+    ax.margins(x=0.12, y=0.15)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, frameon=False)
+    fig.text(0.01, 0.965, title, fontsize=11, fontweight="bold", va="top")
+    if subtitle:
+        fig.text(0.01, 0.915, "\n".join(textwrap.wrap(subtitle, 150)), fontsize=8, va="top", color="0.3")
+    lines = [f"{i:>2}  {r['name'][:52]:<52} {r['median_ms']:>8.1f} ms {r['miou']:>6.2f} %"
+             for i, r in enumerate(rows, start=1)]
+    fig.text(0.56, 0.80, f"{'#':>2}  {'build':<52} {'latency':>11} {'mIoU':>8}", fontsize=7.5,
+             family="monospace", fontweight="bold", va="top")
+    for k, (line, r) in enumerate(zip(lines, rows)):
+        fig.text(0.56, 0.80 - 0.045 * (k + 1), line, fontsize=7.5, family="monospace", va="top",
+                 color="tab:red" if r["pareto"] else "black", fontweight="bold" if r["pareto"] else "normal")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -157,7 +173,10 @@ def write_bench_report(rows: list[dict], header: dict, out_dir: str | os.PathLik
         write_text(out_dir / "bench.md", markdown_table(rows, header)),
         write_json(out_dir / "bench.json", {"header": header, "rows": rows}),
         write_text(out_dir / "bench.csv", csv_table(rows)),
-        plot_pareto(rows, out_dir / "bench.png", f"{header['run']} ({header['weights']})"),
+        plot_pareto(rows, out_dir / "bench.png", f"Latency vs mIoU: {header['run']}",
+                    f"Weights: {header['weights']}. Machine: {header['machine']['cpu']}, ISA {_isa(header['machine'])}, "
+                    f"{header['machine']['logical_cores']} cores. {header['dataset']} {header['split']}, "
+                    f"{header['images']} images."),
     ]
     for r in rows:
         slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in r["name"]).strip("_")
