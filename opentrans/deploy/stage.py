@@ -51,38 +51,9 @@ from opentrans.errors import OpenTransError
 QUANT_REPORT_FILE = "quant_report.json"
 
 #: Parity thresholds per precision that the parity check exercises, against PyTorch fp32 on real validation
-#: images (figures from :func:`opentrans.evaluate.agreement`; logits are logit_scale x cosine, |logit| <= 100 for
-#: CLIP). ``max_abs_diff`` is an upper bound, the others lower bounds; ``teacher_miou`` is reported, not gated
-#: (with 11 classes and a few images, classes with a handful of pixels make it noisy: 75 % for a sound tiny model).
-#:
-#: * fp32: the same graph re-implemented. Measured max |diff| 1e-6..6e-6 (tiny ViT/RN, ViT-B-32; ONNX Runtime and
-#:   OpenVINO with the f32 hint; bf16, OpenVINO's default here, gives ~3e-2 and must fail). 1e-3 leaves headroom
-#:   for other CPUs' kernels and still catches any graph error; cosine >= 0.99999 is the scale-free check (random-init
-#:   logits are ~0.2 in size); pixel agreement >= 99.5 % lets only near-tied argmaxes flip.
-#: * int8 (OpenVINO NNCF PTQ of the image encoder), measured on CamVid val images with random-init weights, whose
-#:   logits are flat (ViT-B-32: per-pixel class std 0.13, top-1/top-2 gap 0.10), so argmax agreement is fragile:
-#:     sound:    ViT-B-32 (8 images) alpha 0.6: cosine 0.9989, agreement 99.7 %; alpha 0.95: 0.9988, 99.2 %;
-#:               no SmoothQuant: 0.9987, 99.4 %; tiny ViT (2-4 images) 0.9995, 98.2 %; tiny ViT pruned + 3
-#:               finetune steps (2 images) 0.9995, 96.9 %; tiny RN 1.0000, 100 %.
-#:     degraded: calibration on 20x-scaled images (ranges 20x too wide): ViT-B-32 0.9892, 97.5 %; tiny ViT 0.9975, 95.9 %.
-#:     broken:   calibration on unnormalised images: ViT-B-32 -0.22, 1.6 %; tiny ViT 0.53, 12.3 %.
-#:   The gate, cosine >= 0.99 and agreement >= 90 %, passes every sound build with margin on flat logits and fails
-#:   every broken one; it does not separate sound from mildly degraded builds (their agreement overlaps on
-#:   random-init logits), which parity.json and ``bench`` report instead. Trained CLIP logits carry a large common
-#:   offset (cosine near 1 for any build), so there the agreement bound does the work; re-measure it with trained
-#:   weights before tightening it.
-#:   ONNX Q/DQ INT8 (``--target onnx``, NNCF on the ONNX graph, ONNX Runtime CPU; 4 val images): tiny ViT cosine
-#:   0.9995, agreement 98.4 %; tiny RN 0.99998, 100 %; ViT-B-32 (8 calibration images) 0.9995, 99.1 %: the same
-#:   gate applies. Accuracy-controlled OpenVINO INT8 (SmoothQuant off, ``--max-drop 1`` agreement, nothing reverted):
-#:   tiny ViT 0.9999, 99.2 %.
-#: * fp16: fp16 keeps ~3 significant digits. Measured on 4 CamVid val images (random-init weights):
-#:     ONNX fp16 (weights and arithmetic fp16, fp32 I/O, ONNX Runtime CPU): max |diff| tiny ViT 1.0e-2, tiny RN
-#:       3.8e-3, ViT-B-32 1.6e-3; cosine >= 0.99999; agreement 99.92 %, 100 %, 99.98 %.
-#:     OpenVINO fp16 (FP16 weights in the IR, checked at f32 inference precision): max |diff| 2.0e-3, 7.8e-4,
-#:       7.7e-4; cosine >= 0.99999; agreement 99.98 %, 100 %, 99.98 %.
-#:   The gate, max |diff| <= 0.5 logit, cosine >= 0.999, pixel agreement >= 97 %, is shared with TensorRT fp16
-#:   engines (``--target nvidia``, untested here: fp16 accumulation too), so it is kept loose: 50x the worst CPU
-#:   figure. Trained CLIP logits (logit scale 100) have ~100x larger absolute errors; re-measure before tightening.
+#: images (figures from :func:`opentrans.evaluate.agreement`). ``max_abs_diff`` is an upper bound, the others lower
+#: bounds; ``teacher_miou`` is reported, not gated. The measurements behind each bound are in docs/quantization.md
+#: ("Parity thresholds").
 PARITY_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
     "fp32": {"max_abs_diff": ("<=", 1e-3), "cosine": (">=", 0.99999), "pixel_agreement": (">=", 99.5)},
     "fp16": {"max_abs_diff": ("<=", 0.5), "cosine": (">=", 0.999), "pixel_agreement": (">=", 97.0)},
