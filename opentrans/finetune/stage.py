@@ -377,8 +377,8 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             (:mod:`opentrans.finetune.adapters`; ``hclip`` without a plan adapts its own default targets);
             adapters are merged into plain weights before saving.
         adapter_rank: LoRA rank. oft_block: OFT block size (must divide the adapted layers' input widths).
-        adapter_options: keyword options of ``add_hclip`` (``block_size``, ``dcrc``, ``text_targets``; JSON
-            object or dict); only with ``adapter="hclip"``.
+        adapter_options: keyword options of ``add_hclip`` (``block_size``, ``dcrc``, ``text_targets``, ``pop``,
+            ``default_targets``; JSON object or dict); only with ``adapter="hclip"``.
         prompts: None (keep the artifact's prompts, if any), ``none`` (remove them) or a registered prompt kind
             (:func:`~opentrans.models.prompts.prompt_kinds`: ``vpt``, ``spt-seg``, ``ldvc``, ...), built fresh
             with ``prompt_options`` (JSON object or dict) and trained.
