@@ -26,7 +26,7 @@ MODEL = "ViT-B-16"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--towers", default="image,text")
-    ap.add_argument("--estimator", default="opentrans", choices=["opentrans", "weightwatcher", "both"])
+    ap.add_argument("--estimator", default="opentrans", choices=["opentrans", "opentrans-qkv", "weightwatcher", "both"])
     args = ap.parse_args()
     print(f"load average before: {os.getloadavg()}  cores: {os.cpu_count()}  torch threads: {torch.get_num_threads()}")
     seg, _ = build_segmentor(MODEL, "none")

@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--sparsities", default="0.2,0.5,0.8")
     parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--imp-targets", default="extended", choices=["authors", "extended"],
+                        help="IMP target set (a ViT needs extended, ours; authors = every Conv2d but the first)")
     parser.add_argument("--recovery-steps", type=int, default=0)
     parser.add_argument("--data", default=f"camvid:{os.path.normpath(ROOT)}")
     parser.add_argument("--eval-limit", type=int, default=8)
@@ -128,7 +130,7 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()}")
     ov_teacher = _openvino(teacher, x) if args.openvino else None
 
-    masks = current_masks(seg.visual)
+    masks = current_masks(seg.visual, args.imp_targets)
     total = sum(m.numel() for m in masks.values())
     rows, rnd = [], 0
     for level in levels:

@@ -128,14 +128,16 @@ def cli():
 @cli.command(epilog="Example: opentrans analyze --model ViT-B-16 --pretrained none --estimator both "
                     "--towers image,text --out runs/x/analyze")
 @model_options
-@click.option("--estimator", type=click.Choice(["opentrans", "weightwatcher", "both"]), default="opentrans",
-              show_default=True, help="OpenTrans Hill fit with xmin near the ESD peak, weightwatcher, or both.")
+@click.option("--estimator", type=click.Choice(["opentrans", "opentrans-qkv", "weightwatcher", "both"]),
+              default="opentrans", show_default=True,
+              help="opentrans: the OpenTrans authors' estimator and layer set; opentrans-qkv: ours (Q/K/V split, "
+                   "corrected xmin window); weightwatcher; or both (opentrans beside weightwatcher).")
 @click.option("--towers", default="image", show_default=True, help="Comma-separated CLIP towers: image, text.")
 @click.option("--esd-layers", default=None,
               help="Comma-separated layer names for esd.png (default: smallest, median, largest alpha).")
 @_out_option()
 def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_layers, out):
-    """Heavy-tail spectral analysis: power-law alpha of every layer (Q/K/V split) of the chosen towers."""
+    """Heavy-tail spectral analysis: power-law alpha of every analysed layer of the chosen towers."""
     from opentrans.finetune.stage import analyze_stage
 
     figures = analyze_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, image_size=image_size,
@@ -145,9 +147,10 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
 
 
 @cli.command(epilog="Examples: opentrans prune --model ViT-B-16 --pretrained none --sparsity 0.5 --out runs/x/prune; "
-                    "opentrans prune --method imp --model ViT-B-16 --sparsity 0.5 --recovery-steps 20 "
+                    "opentrans prune --method imp --model RN50 --sparsity 0.5 --recovery-steps 20 "
                     "--distill-data camvid:../shared/data/camvid --eval-data camvid:../shared/data/camvid --out runs/x/imp; "
-                    "opentrans prune --method imp --masks runs/x/imp/masks.safetensors --model ViT-B-16 "
+                    "opentrans prune --method imp --imp-targets extended --model ViT-B-16 --sparsity 0.5 --out runs/v/imp; "
+                    "opentrans prune --method imp --masks runs/x/imp/masks.safetensors --model RN50 "
                     "--pretrained /path/ckpt.bin --out runs/y/imp; "
                     "opentrans prune --model ViT-B-16 --structures channels,heads,width --sparsity 0.5 "
                     "--width-sparsity 0.25 --out runs/x/prune; "
@@ -196,15 +199,19 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
 @click.option("--eval-limit", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--masks", "masks", type=click.Path(dir_okay=False, path_type=Path),
               help="imp: re-apply this masks.safetensors (from an earlier imp run) instead of pruning anew.")
+@click.option("--imp-targets", type=click.Choice(["authors", "extended"]), default="authors", show_default=True,
+              help="imp: authors = every Conv2d but the first (the OpenTrans code; nothing to prune in a ViT); "
+                   "extended = ours (ViT Linears + fused Q/K/V; ResNet layer1-4 convs + attention pool).")
 @_out_option()
 def prune(from_dir, model, pretrained, image_size, method, sparsity, importance, structures, head_sparsity,
           width_sparsity, ranking, transfer_from, latency_repeats, latency_backends, round_to, rate, recovery_steps,
-          distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, out):
+          distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, imp_targets, out):
     """Prune the CLIP image encoder: structured channels (torch-pruning) or OpenTrans IMP (global magnitude)."""
     if method == "structured":
         from opentrans.prune.stage import prune_stage
 
-        used = [flag for flag, given in {"--rate": rate != 0.1, "--masks": masks}.items() if given]
+        used = [flag for flag, given in {"--rate": rate != 0.1, "--masks": masks,
+                                         "--imp-targets": imp_targets != "authors"}.items() if given]
         if used:
             raise OpenTransError(f"{used[0]} applies to --method imp only")
         if sparsity is not None and transfer_from is not None:
@@ -232,7 +239,7 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
         figures = imp_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
                             rate=rate, recovery_steps=recovery_steps, distill_data=distill_data,
                             distill_limit=distill_limit, batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data,
-                            eval_limit=eval_limit, masks=masks, image_size=image_size)
+                            eval_limit=eval_limit, masks=masks, image_size=image_size, targets=imp_targets)
     _print_figures("prune", figures, out)
 
 
@@ -246,7 +253,9 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
               show_default=True, help="median: freeze alpha < median (OpenTrans); fraction: freeze the "
               "--freeze-fraction smallest alphas; inverse: freeze alpha > median; random: a seeded control.")
 @click.option("--freeze-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
-@click.option("--estimator", type=click.Choice(["opentrans", "weightwatcher"]), default="opentrans", show_default=True)
+@click.option("--estimator", type=click.Choice(["opentrans", "opentrans-qkv", "weightwatcher"]), default="opentrans",
+              show_default=True, help="Alphas of the plan: the OpenTrans authors' estimator and layer set, ours "
+                                      "(opentrans-qkv: Q/K/V split), or weightwatcher's.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "auto"]), default="off", show_default=True,

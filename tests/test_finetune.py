@@ -48,7 +48,7 @@ def _expected_grad(plan, name: str) -> bool:
 
 def test_apply_freeze_plan_sets_requires_grad_exactly(tiny_vit):
     seg, _ = tiny_vit
-    plan = freeze_plan(analyze_model(seg, ("image",), "opentrans")["opentrans"].layers)
+    plan = freeze_plan(analyze_model(seg, ("image",), "opentrans-qkv")["opentrans-qkv"].layers)
     assert plan.frozen and plan.trainable and any(n.endswith("]") for n in plan.frozen + plan.trainable)
     counts = apply_freeze_plan(seg, plan)
     flags = {n: p.requires_grad for n, p in seg.named_parameters()}
@@ -244,7 +244,7 @@ def _resume_setup():
 
     seg, spec = build_segmentor(TINY_VIT, "none")
     ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=3)
-    apply_freeze_plan(seg, freeze_plan(analyze_model(seg, ("image",), "opentrans")["opentrans"].layers))
+    apply_freeze_plan(seg, freeze_plan(analyze_model(seg, ("image",), "opentrans-qkv")["opentrans-qkv"].layers))
     text = seg.encode_classes(list(ds.class_names), model_name=spec.model)
     return seg, ds, text
 

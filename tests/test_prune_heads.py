@@ -63,7 +63,7 @@ def test_pruning_zeroed_heads_keeps_the_function_exactly():
     pooled = seg.clip.encode_image(torch.nn.functional.interpolate(images, size=(64, 64)))
     torch.testing.assert_close(pooled, pooled_ref, rtol=1e-5, atol=1e-5)
     # IMP still finds the fused Q/K/V of a head-pruned block
-    assert "transformer.resblocks.0.attn.in_proj_weight" in {t.name for t in imp_targets(seg.visual)}
+    assert "transformer.resblocks.0.attn.in_proj_weight" in {t.name for t in imp_targets(seg.visual, "extended")}
 
 
 @torch.no_grad()
@@ -335,7 +335,7 @@ def test_finetuning_an_imp_artifact_keeps_its_zeros(tmp_path):
     from opentrans.prune.imp import artifact_masks, imp_targets, keep_masked_zeros
     from opentrans.prune.imp_stage import imp_stage
 
-    imp_stage(None, TINY_VIT, "none", tmp_path / "imp", 0.3, rate=0.3)
+    imp_stage(None, TINY_VIT, "none", tmp_path / "imp", 0.3, rate=0.3, targets="extended")
     seg, spec = load_segmentor(tmp_path / "imp")
     masks = artifact_masks(tmp_path / "imp")
     assert artifact_masks(tmp_path) is None and masks is not None
@@ -348,7 +348,7 @@ def test_finetuning_an_imp_artifact_keeps_its_zeros(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for t in imp_targets(seg.visual):
+    for t in imp_targets(seg.visual, "extended"):
         w = getattr(t.module, t.param)
         assert torch.all(w[~masks[t.name]] == 0), t.name
         assert (w[masks[t.name]] != 0).all()
@@ -363,7 +363,7 @@ def test_spectral_plan_and_adapters_see_the_pruned_attention():
 
     seg, spec = build_segmentor(TINY_VIT, "none")
     prune_structured(seg, 0.5, "magnitude", model_name=spec.model, structures="heads")
-    layers = analyze_model(seg, ("image",), "opentrans")["opentrans"].layers
+    layers = analyze_model(seg, ("image",), "opentrans-qkv")["opentrans-qkv"].layers
     qkv = [la.name for la in layers if la.name.endswith("]")]
     assert len(qkv) == 3 * VIT_LAYERS
     plan = freeze_plan(layers, "fraction", fraction=0.0)

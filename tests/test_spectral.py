@@ -15,14 +15,18 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
+from opentrans.finetune.freeze import freeze_plan
 from opentrans.finetune.spectral import (
     _import_weightwatcher,
     analyze_model,
     analyze_opentrans,
+    analyze_opentrans_qkv,
     analyze_spectrum,
     analyze_weightwatcher,
+    authors_layers,
     esd,
     fit_power_law,
+    fit_power_law_authors,
     layer_alphas,
     spectral_layers,
     write_alpha_report,
@@ -151,31 +155,41 @@ def test_analyze_stage(tmp_path):
     manifest = load_manifest(out)
     assert manifest["weights"] == "random-init weights"
     assert manifest["figures"] == figures
-    # image: 3 blocks x (Q, K, V, out_proj, c_fc, c_proj); text: 2 blocks x 6; only the patch conv is left out
-    assert figures["layers_analysed"] == 18 + 12 and figures["excluded"] == 1
+    # the authors' layer set: image: the patch conv + 3 blocks x (c_fc, c_proj); text: 2 blocks x 2; left out:
+    # every in_proj_weight and out_proj (5 blocks x 2). (Before the authors' layer set became the default this
+    # test expected our Q/K/V-split counts, 18 + 12 analysed and 1 excluded: see the opentrans-qkv run below.)
+    assert figures["layers_analysed"] == 7 + 4 and figures["excluded"] == 10
     assert figures["estimator"] == "both"
     assert {o["path"] for o in manifest["outputs"]} == {"alphas.csv", "alphas.json", "alphas.png", "esd.png"}
     data = json.loads((out / "alphas.json").read_text())
     assert data["median_alpha"] == pytest.approx(figures["median_alpha"], abs=1e-4)
     assert data["estimator"] == "opentrans" and data["comparison"]["estimator"] == "weightwatcher"
-    assert data["comparison"]["layers_in_both"] == 30
+    assert data["comparison"]["layers_in_both"] == 10  # weightwatcher runs on our layer set: no patch conv
     rows = list(csv.DictReader((out / "alphas.csv").open()))
     assert {"alpha", "alpha_weighted", "stable_rank", "xmin", "ks_distance", "alpha_weightwatcher"} <= set(rows[0])
-    assert any(r["name"].endswith("in_proj_weight[v]") and r["name"].startswith("clip.transformer.") for r in rows)
+    assert rows[0]["name"] == "clip.visual.conv1" and rows[0]["alpha_weightwatcher"] == ""
+    assert not any(r["name"].endswith("]") for r in rows)
     assert (out / "esd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(manifest["options"]["esd_layers"]) == 3
+
+    ours = analyze_stage(None, TINY_VIT, "none", tmp_path / "qkv", estimator="opentrans-qkv", towers=("image", "text"))
+    # our layer set: image: 3 blocks x (Q, K, V, out_proj, c_fc, c_proj); text: 2 blocks x 6; only the patch conv
+    # is left out
+    assert ours["layers_analysed"] == 18 + 12 and ours["excluded"] == 1 and ours["estimator"] == "opentrans-qkv"
+    rows = list(csv.DictReader((tmp_path / "qkv" / "alphas.csv").open()))
+    assert any(r["name"].endswith("in_proj_weight[v]") and r["name"].startswith("clip.transformer.") for r in rows)
 
     bad = tmp_path / "bad"
     with pytest.raises(OpenTransError, match="unknown model"):
         analyze_stage(None, "no-such-model", "none", bad)
     with pytest.raises(OpenTransError, match="--esd-layers"):
-        analyze_stage(None, TINY_VIT, "none", bad, esd_layers=["clip.visual.conv1"])
+        analyze_stage(None, TINY_VIT, "none", bad, esd_layers=["clip.visual.transformer.resblocks.0.attn.out_proj"])
     with pytest.raises(OpenTransError, match="unknown tower"):
         analyze_stage(None, TINY_VIT, "none", bad, towers=("audio",))
     assert not bad.exists()
 
 
-# ----------------------------------------------------------------- the OpenTrans estimator (own implementation)
+# ----------------------------------------------------------------- our opentrans-qkv estimator
 
 def _pareto(n: int, alpha: float, seed: int, scale: float = 1.0) -> np.ndarray:
     u = np.random.default_rng(seed).random(n)
@@ -234,8 +248,11 @@ def test_esd_squares_singular_values_and_pools_conv_slices():
                                      for i in range(3) for j in range(3)]))
     got = esd(conv)
     assert got.shape == (9 * 8,) and np.allclose(got, pooled, rtol=1e-9, atol=1e-9)
-    with pytest.raises(OpenTransError, match="3-D"):
-        esd(torch.zeros(2, 3, 4))
+    conv1d = torch.randn(12, 8, 3, generator=g)  # a Conv1d weight (the authors analyse Conv1d too): 3 slices
+    assert esd(conv1d, conv_norm=0.5).shape == (3 * 8,)
+    assert np.allclose(esd(conv, conv_norm=0.5), 0.5 * pooled, rtol=1e-9, atol=1e-9)  # W * sqrt(0.5)
+    with pytest.raises(OpenTransError, match="1-D"):
+        esd(torch.zeros(2))
 
 
 def test_both_estimators_recover_known_tails_side_by_side():
@@ -243,7 +260,7 @@ def test_both_estimators_recover_known_tails_side_by_side():
     mp.weight.data = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(_linear_with_spectrum(512, 256, 2.0, 1), _linear_with_spectrum(512, 256, 3.0, 2),
                           _linear_with_spectrum(512, 256, 4.0, 3), mp)
-    ours = analyze_opentrans(model, "m.").alphas()
+    ours = analyze_opentrans_qkv(model, "m.").alphas()
     theirs = analyze_weightwatcher(model, "m.").alphas()
     assert list(ours) == list(theirs) == ["m.0", "m.1", "m.2", "m.3"]
     for name, target in (("m.0", 2.0), ("m.1", 3.0), ("m.2", 4.0)):
@@ -257,9 +274,9 @@ def test_both_estimators_recover_known_tails_side_by_side():
 
 def test_qkv_split_covers_both_towers(tiny_vit):
     seg, _ = tiny_vit
-    reports = analyze_model(seg, ("image", "text"), "both")
-    assert list(reports) == ["opentrans", "weightwatcher"]
-    ours, theirs = reports["opentrans"], reports["weightwatcher"]
+    assert list(analyze_model(seg, ("image",), "both")) == ["opentrans", "weightwatcher"]
+    ours = analyze_model(seg, ("image", "text"), "opentrans-qkv")["opentrans-qkv"]
+    theirs = analyze_model(seg, ("image", "text"), "weightwatcher")["weightwatcher"]
     assert [la.name for la in ours.layers] == [la.name for la in theirs.layers]
     names = [la.name for la in ours.layers]
     for tower, blocks in (("clip.visual.transformer", 3), ("clip.transformer", 2)):
@@ -276,13 +293,18 @@ def test_qkv_split_covers_both_towers(tiny_vit):
         analyze_model(seg, ("image",), "hill")
 
 
-def test_resnet_conv_layers_pooled_by_the_opentrans_estimator(tiny_rn):
+def test_resnet_conv_layers_pooled_by_both_opentrans_estimators(tiny_rn):
     seg, _ = tiny_rn
-    report = analyze_model(seg, ("image",), "opentrans")["opentrans"]
+    report = analyze_model(seg, ("image",), "opentrans-qkv")["opentrans-qkv"]
     names = {la.name: la for la in report.layers}
     assert names["clip.visual.conv2"].kind == "Conv2d" and names["clip.visual.conv2"].num_eigs == 4 * 9
     assert "clip.visual.conv1" in dict(report.excluded)
     assert "clip.visual.attnpool.q_proj" in names  # separate Q/K/V Linear modules of the attention pool
+    authors = analyze_model(seg, ("image",), "opentrans")["opentrans"]
+    names = {la.name: la for la in authors.layers}
+    assert names["clip.visual.conv2"].num_eigs == 4 * 9 and "clip.visual.conv1" in names  # the RGB stem too
+    assert "clip.visual.attnpool.q_proj" in names
+    assert "classifier" in dict(authors.excluded)["clip.visual.attnpool.c_proj"]  # (32, 256): aspect ratio 8
 
 
 def test_esd_plot_and_comparison_report(tmp_path, tiny_vit):
@@ -291,9 +313,121 @@ def test_esd_plot_and_comparison_report(tmp_path, tiny_vit):
     paths = write_alpha_report(reports["opentrans"], tmp_path, weights="random-init weights",
                                compare=reports["weightwatcher"])
     data = json.loads(paths[1].read_text())
-    diffs = [abs(r["alpha"] - r["alpha_weightwatcher"]) for r in data["layers"]]
+    diffs = [abs(r["alpha"] - r["alpha_weightwatcher"]) for r in data["layers"]
+             if r["alpha_weightwatcher"] is not None]  # the patch conv has no weightwatcher alpha (null)
+    assert len(diffs) == data["comparison"]["layers_in_both"] == 6
     assert data["comparison"]["max_abs_alpha_diff"] == pytest.approx(max(diffs))
     mats = spectral_layers(seg.visual, "clip.visual.")[0][:2]
     png = write_esd_plot(tmp_path / "esd.png", mats, weights="random-init weights")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alphas.csv", "alphas.json", "alphas.png", "esd.png"]
+
+
+# ----------------------------------------------------------------- the OpenTrans authors' estimator (the default)
+# An independent transcription of github.com/Xujxyang/OpenTrans at aea33ff3682403aec6d55a670030d6cb4b0623cd,
+# utils.py: get_module_names_shapes l. 211-233 (attn_split_qkv l. 184-208), matrix_esd_estimator l. 235-317 with
+# fix_fingers='xmin_peak', net_esd_estimator l. 320-423 (EVALS_THRESH=1e-5, bins=100, conv_norm=0.5), and the
+# median split of plain_train_net.py l. 21-29 and 412-420. Differences, all numerical: float64 on the CPU (theirs
+# float32 on CUDA, .cuda() calls dropped), and the histogram boundaries in that dtype.
+
+def _authors_get_module_names_shapes(model):
+    names, modules = [], []
+    for name, module in model.named_modules():
+        if type(module).__name__.lower() in ["conv2d", "conv1d", "linear"]:
+            if "attn" in name or "attention" in name:
+                m, n = module.weight.shape
+                assert not (m == n // 3 or n == m // 3), "attn_split_qkv would split this Linear (none in CLIP)"
+            names.append(name)
+            modules.append(module)
+    return names, modules
+
+
+def _authors_matrix_esd_estimator(matrix, evals_thresh=0.00001, bins=100):
+    eigs = torch.square(torch.linalg.svdvals(matrix.double()).flatten())
+    eigs, _ = torch.sort(eigs, descending=False)
+    nz_eigs = eigs[eigs > evals_thresh]
+    big_n = len(nz_eigs)
+    if big_n == 0:
+        nz_eigs = eigs
+        big_n = len(nz_eigs)
+    log_nz_eigs = torch.log(nz_eigs)
+    alphas = torch.zeros(big_n - 1, dtype=torch.float64)
+    ds = torch.ones(big_n - 1, dtype=torch.float64)
+    hist_nz_eigs = torch.log10(nz_eigs)
+    min_e, max_e = hist_nz_eigs.min(), hist_nz_eigs.max()
+    counts = torch.histc(hist_nz_eigs, bins, min=min_e, max=max_e)
+    boundaries = torch.linspace(min_e, max_e, bins + 1, dtype=torch.float64)
+    ih = torch.argmax(counts)
+    xmin2 = 10 ** boundaries[ih]
+    xmin_min = torch.log10(0.95 * xmin2)
+    xmin_max = 1.5 * xmin2
+    for i, xmin in enumerate(nz_eigs[:-1]):
+        if xmin < xmin_min:
+            continue
+        if xmin > xmin_max:
+            break
+        n = float(big_n - i)
+        seq = torch.arange(n, dtype=torch.float64)
+        alpha = 1 + n / (torch.sum(log_nz_eigs[i:]) - n * log_nz_eigs[i])
+        alphas[i] = alpha
+        if alpha > 1:
+            ds[i] = torch.max(torch.abs(1 - (nz_eigs[i:] / xmin) ** (-alpha + 1) - seq / n))
+    k = torch.argmin(ds)
+    return alphas[k].item(), ds[k].item()
+
+
+def _authors_net_esd_estimator(net, conv_norm=0.5):
+    out = {"longname": [], "alpha": [], "D": []}
+    for name, m in zip(*_authors_get_module_names_shapes(net)):
+        if type(m).__name__.lower() == "linear" and max(m.weight.shape) / min(m.weight.shape) >= 8:
+            continue
+        matrix = m.weight.data.clone()
+        if len(matrix.shape) > 2:
+            matrix = torch.flatten(matrix, start_dim=2) * math.sqrt(conv_norm)
+            matrix = matrix.transpose(1, 2).transpose(0, 1)
+        alpha, d = _authors_matrix_esd_estimator(matrix)
+        out["longname"].append(name)
+        out["alpha"].append(alpha)
+        out["D"].append(d)
+    return out
+
+
+def _authors_median(lst):
+    s = sorted(lst)
+    n = len(s)
+    return s[n // 2] if n % 2 == 1 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_rn"])
+def test_default_estimator_layers_alphas_and_split_are_the_authors(fixture, request):
+    seg, _ = request.getfixturevalue(fixture)
+    theirs = _authors_net_esd_estimator(seg.visual)
+    report = analyze_model(seg, ("image",))["opentrans"]  # the default estimator
+    assert [la.name for la in report.layers] == ["clip.visual." + n for n in theirs["longname"]]
+    # (rel 1e-6: the eigenvalues come from eigvalsh of the Gram matrix here and from svdvals there; the
+    # rank-3 slices of the patch conv differ by ~2e-7 relative in alpha)
+    assert [la.alpha for la in report.layers] == pytest.approx(theirs["alpha"], rel=1e-6)
+    assert [la.ks_distance for la in report.layers] == pytest.approx(theirs["D"], rel=1e-5, abs=1e-6)
+    mid = _authors_median(theirs["alpha"])
+    frozen = {"clip.visual." + n for n, a in zip(theirs["longname"], theirs["alpha"]) if a < mid}
+    plan = freeze_plan(report.layers)
+    assert set(plan.frozen) == frozen and plan.median_alpha == pytest.approx(mid, rel=1e-6)
+    # the authors analyse the RGB conv and no attention projection
+    assert "clip.visual.conv1" in plan.alphas
+    assert not any(n.endswith("]") or n.endswith("out_proj") for n in plan.alphas)
+    assert [lm.name for lm in authors_layers(seg.visual, "clip.visual.")[0]] == [la.name for la in report.layers]
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 40.0, 1e3])
+def test_authors_fit_with_its_logged_lower_bound_and_conv_scaling(scale):
+    # scale > 1.05 / peak makes log10(0.95 peak) positive, so the lower bound does cut candidates
+    layer = _linear_with_spectrum(300, 120, 2.5, int(scale * 7) + 1)
+    w = layer.weight.data.double() * math.sqrt(scale)
+    alpha, d = _authors_matrix_esd_estimator(w)
+    fit = fit_power_law_authors(esd(w))
+    assert fit.alpha == pytest.approx(alpha, rel=1e-9) and fit.ks_distance == pytest.approx(d, rel=1e-9)
+    # conv weights: (k*k, out, in) slices of W * sqrt(0.5)
+    conv = torch.randn(24, 16, 3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
+    theirs = _authors_matrix_esd_estimator((conv.flatten(2) * math.sqrt(0.5)).transpose(1, 2).transpose(0, 1))
+    ours = fit_power_law_authors(esd(conv, conv_norm=0.5))
+    assert ours.alpha == pytest.approx(theirs[0], rel=1e-9) and ours.ks_distance == pytest.approx(theirs[1], rel=1e-9)

@@ -3,6 +3,8 @@ decoder head (opentrans.models.decoders.spt_seg) on the tiny ViT."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,37 @@ def test_dft_matrix_filter_equals_torch_fft(grid):
     # an all-pass filter (K = 1) is the identity: the transform pair is orthonormal
     ones = torch.stack([torch.ones(3, h, w // 2 + 1), torch.zeros(3, h, w // 2 + 1)]).double()
     torch.testing.assert_close(spectral_filter(x, ones), x, rtol=0, atol=1e-12)
+
+
+def _authors_fre_filter(x, cls, complex_weight):
+    """SPT-SEG's spectral prompt as the authors compute it: an independent transcription of github.com/clearxu/SPT
+    at commit cc648df3076335cea5faa26f4ce1296e7ad0049a, models/backbone/img_encoder.py l. 236-255
+    (``VPTCLIPVisionTransformer.fre_filter`` with p=0; ``complex_weight`` (32, 17, width, 2), l. 177)."""
+    x_cls = torch.mul(x, cls)
+    b, n, c = x_cls.shape
+    a = bb = int(math.sqrt(n))
+    x_cls = x_cls.view(b, a, bb, c)
+    x_cls = x_cls.to(torch.float32)
+    x_cls = torch.fft.rfft2(x_cls, dim=(1, 2), norm="ortho")
+    weight = torch.view_as_complex(complex_weight)
+    x_cls = x_cls * weight
+    x_cls = torch.fft.irfft2(x_cls, s=(a, bb), dim=(1, 2), norm="ortho")
+    return x_cls.reshape(b, n, c)
+
+
+def test_spectral_prompt_is_the_authors_fre_filter(tiny_vit):
+    seg, _ = tiny_vit
+    width = seg.visual.class_embedding.shape[0]
+    prompts = build_prompts("spt-seg", seg.clip, {"tokens": 2, "grid": [4, 4]})  # the authors' grids are square
+    g = torch.Generator().manual_seed(5)
+    complex_weight = torch.randn(4, 3, width, 2, generator=g)  # theirs: (h, w // 2 + 1, width, re/im)
+    with torch.no_grad():
+        prompts.filter.copy_(complex_weight.permute(3, 2, 0, 1))  # ours: (re/im, width, h, w // 2 + 1)
+    patches = torch.randn(2, 16, width, generator=g)
+    cls = torch.randn(2, 1, width, generator=g)
+    with torch.no_grad():
+        ours = prompts.spectral_term(patches, cls, (4, 4))
+    torch.testing.assert_close(ours, _authors_fre_filter(patches, cls, complex_weight), rtol=1e-5, atol=1e-5)
 
 
 def test_shapes_identity_at_init_and_small_spectral_term(tiny_vit):

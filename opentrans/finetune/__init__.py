@@ -6,10 +6,11 @@ power-law exponent alpha of its weight matrix's eigenvalue spectrum (Martin & Ma
 self-regularisation, computed with weightwatcher). Heavy-tailed layers (alpha below the median) count as
 well trained and stay frozen; the rest are finetuned with the segmentation head.
 
-* :mod:`~opentrans.finetune.spectral`: :func:`analyze_model` (OpenTrans and/or weightwatcher estimator,
-  image/text towers, Q/K/V split), :func:`analyze_opentrans`, :func:`analyze_weightwatcher`, :func:`esd`,
-  :func:`fit_power_law`, :func:`analyze_spectrum`, :func:`layer_alphas`, :func:`write_alpha_report`,
-  :func:`write_esd_plot`.
+* :mod:`~opentrans.finetune.spectral`: :func:`analyze_model` (the OpenTrans authors' estimator and layer set,
+  our Q/K/V-split variant ``opentrans-qkv`` and/or weightwatcher; image/text towers), :func:`analyze_opentrans`,
+  :func:`authors_layers`, :func:`fit_power_law_authors`, :func:`analyze_opentrans_qkv`, :func:`fit_power_law`,
+  :func:`analyze_weightwatcher`, :func:`esd`, :func:`analyze_spectrum`, :func:`layer_alphas`,
+  :func:`write_alpha_report`, :func:`write_esd_plot`.
 * :mod:`~opentrans.finetune.freeze`: :func:`freeze_plan` (median, fraction, inverse, random),
   :func:`head_only_plan`, :func:`apply_freeze_plan` (Q/K/V slices via row-masked gradients),
   :func:`gradient_free_parameters`, :func:`trainable_param_count`.
@@ -34,10 +35,13 @@ from opentrans.finetune.spectral import (
     SpectralReport,
     analyze_model,
     analyze_opentrans,
+    analyze_opentrans_qkv,
     analyze_spectrum,
     analyze_weightwatcher,
+    authors_layers,
     esd,
     fit_power_law,
+    fit_power_law_authors,
     layer_alphas,
     write_alpha_report,
     write_esd_plot,
@@ -52,10 +56,13 @@ __all__ = [
     "SpectralReport",
     "analyze_model",
     "analyze_opentrans",
+    "analyze_opentrans_qkv",
     "analyze_spectrum",
     "analyze_weightwatcher",
+    "authors_layers",
     "esd",
     "fit_power_law",
+    "fit_power_law_authors",
     "trainable_param_count",
     "write_esd_plot",
     "analyze_stage",

@@ -16,8 +16,15 @@ What trains under a plan (:func:`apply_freeze_plan`):
   frozen slices (:func:`row_masked_parameters`); the trainer also writes those rows back after every
   optimizer step, because AdamW's decoupled weight decay would shrink them even with a zero gradient;
 * the segmentor's ``head`` (:class:`~opentrans.models.heads.LinearHead` or a registered decoder);
-* nothing else: the text tower, ``logit_scale``, LayerNorms/BatchNorms, embeddings, ``proj`` and the
-  excluded patch/stem conv stay frozen.
+* nothing else: the text tower, ``logit_scale``, LayerNorms/BatchNorms, embeddings, ``proj`` and every layer
+  the estimator did not analyse stay frozen (with ``--estimator opentrans``, the authors' layer set, that is
+  the attention projections; the patch/stem conv is analysed and may train; with ``opentrans-qkv`` the
+  patch/stem conv is the one left out).
+
+This is narrower than the authors' code (github.com/Xujxyang/OpenTrans at aea33ff3, ``plain_train_net.py``
+l. 413-435), which freezes the analysed layers with ``alpha < median`` and sets ``requires_grad=True`` on every
+other parameter of its CLIP backbone (text tower, norms, attention projections and embeddings included); the
+frozen/trainable split of the analysed layers is the same.
 
 Policies (:data:`POLICIES`), over the analysed layers' alphas:
 

@@ -1,13 +1,26 @@
-"""Per-layer heavy-tailed spectral analysis of CLIP's towers (the ``analyze`` stage), two estimators.
+"""Per-layer heavy-tailed spectral analysis of CLIP's towers (the ``analyze`` stage), three estimators.
 
-* :func:`analyze_opentrans` (default): an own reimplementation of the OpenTrans estimator: eigenvalues of
-  ``W^T W`` per layer (:func:`esd`; a conv weight read as ``(k*k, out, in)`` and pooled), then a Hill fit
-  whose ``xmin`` has the smallest KS distance within ``[0.95, 1.5] x`` the ESD peak (:func:`fit_power_law`,
-  ``xmin_peak``). ViT-B-16 image tower (72 layers, Q/K/V split): 9 s on the loaded 2-core machine
-  (``benchmarks/analyze_vit_b16.py``).
-* :func:`analyze_weightwatcher` / :func:`analyze_spectrum`: weightwatcher 0.7.7, described below.
-* :func:`analyze_model`: either or both, over the ``image`` and/or ``text`` tower; :func:`spectral_layers`
-  splits each fused ``in_proj_weight`` into Q, K, V so they are analysed.
+* :func:`analyze_opentrans` (``--estimator opentrans``, the default): the OpenTrans authors' estimator and
+  layer set, as their released code computes them (github.com/Xujxyang/OpenTrans at commit
+  aea33ff3682403aec6d55a670030d6cb4b0623cd, ``utils.py``: ``get_module_names_shapes`` l. 211-233,
+  ``matrix_esd_estimator`` l. 235-317, ``net_esd_estimator`` l. 320-423; called from ``plain_train_net.py``
+  l. 400-411 with ``fix_fingers='xmin_peak'``, ``EVALS_THRESH=1e-5``, ``bins=100`` and the default
+  ``conv_norm=0.5``): :func:`authors_layers` + :func:`esd` with ``conv_norm`` + :func:`fit_power_law_authors`.
+  Only modules whose class is named ``Conv2d``, ``Conv1d`` or ``Linear`` get an alpha, so the fused Q/K/V
+  ``in_proj_weight`` and ``out_proj`` (class ``NonDynamicallyQuantizableLinear``) of ``nn.MultiheadAttention``
+  get none and the RGB patch/stem ``conv1`` does (ViT-B-16 image tower: 25 matrices); conv weights are scaled
+  by ``sqrt(0.5)`` before the ESD; the xmin window's lower bound is ``log10(0.95 * peak)`` (their line; in
+  effect no lower bound).
+* :func:`analyze_opentrans_qkv` (``--estimator opentrans-qkv``, **ours**): the same Hill fit with our
+  corrections: every Q, K and V row block and ``out_proj`` of a fused attention analysed, the RGB-input conv
+  left out (rank <= 3 slices), no conv scaling, and the xmin window ``[0.95, 1.5] x`` the ESD peak with the
+  lower bound unlogged (:func:`fit_power_law`; ViT-B-16 image tower: 72 matrices). It agrees with the authors'
+  estimator on every ViT matrix both analyse (max |diff alpha| 1.5e-4 measured), but the median split over the
+  two layer sets agrees on only 19 of the 24 common ViT-B-16 layers and 47 of the 58 common RN50 layers.
+* :func:`analyze_weightwatcher` / :func:`analyze_spectrum`: weightwatcher 0.7.7, described below (on our
+  Q/K/V-split layer set).
+* :func:`analyze_model`: one estimator or ``both`` (the authors' estimator beside weightwatcher), over the
+  ``image`` and/or ``text`` tower.
 
 For every ``nn.Linear`` and ``nn.Conv2d`` weight W of the module, weightwatcher (Martin & Mahoney,
 "Implicit Self-Regularization in Deep Neural Networks", JMLR 22(165), 2021; Martin, Peng & Mahoney,
@@ -47,6 +60,12 @@ matrices with a true power-law tail.
 
 Cost, 2 CPU cores, one BLAS thread: 11-12 s for the image tower of ViT-B-32 or ViT-B-16 (36 Linear layers
 of 768x768 to 3072x768; SciPy SVD in float64; the patch conv is not analysed).
+
+What the authors' code does beyond the alphas, and this package does not: it analyses their whole CLIP backbone
+(``model.module.backbone``, the text tower included) and then gives ``requires_grad=True`` to *every* backbone
+parameter whose name does not start with a frozen layer's name (LayerNorms, attention projections, embeddings
+too). Here the plan is made over the towers asked for (``image`` in ``finetune``), and only the analysed layers
+the plan marks trainable (and the head/prompts) train (:mod:`opentrans.finetune.freeze`).
 """
 
 from __future__ import annotations
@@ -74,8 +93,12 @@ from opentrans.models.attention import has_fused_qkv
 METHODS = {
     "weightwatcher": "weightwatcher power-law alpha of each layer's ESD (Hill MLE, KS-chosen xmin over all "
                      "eigenvalues, pooled conv slices)",
-    "opentrans": "OpenTrans power-law alpha of each layer's ESD (Hill MLE, xmin with the smallest KS distance "
-                 "within [0.95, 1.5] x the ESD peak, 'xmin_peak'; pooled conv slices; Q/K/V split)",
+    "opentrans": "OpenTrans authors' power-law alpha of each layer's ESD (their utils.py net_esd_estimator: Hill "
+                 "MLE, xmin with the smallest KS distance in [log10(0.95 p), 1.5 p] around the ESD peak p, "
+                 "'xmin_peak'; Conv2d/Conv1d/Linear modules by class name, conv weights scaled by sqrt(0.5))",
+    "opentrans-qkv": "ours: OpenTrans power-law alpha of each layer's ESD (Hill MLE, xmin with the smallest KS "
+                     "distance within [0.95, 1.5] x the ESD peak; pooled conv slices; Q/K/V split, out_proj "
+                     "analysed, RGB-input conv left out)",
 }
 #: Files written by :func:`write_alpha_report`.
 ALPHA_FILES = ("alphas.csv", "alphas.json", "alphas.png")
@@ -384,7 +407,13 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
 # ---------------------------------------------------------------------------------------------------------
 
 #: ``--estimator`` choices of :func:`analyze_model`.
-ESTIMATORS = ("opentrans", "weightwatcher", "both")
+ESTIMATORS = ("opentrans", "opentrans-qkv", "weightwatcher", "both")
+#: The authors' scaling of conv weights before the ESD (``net_esd_estimator(conv_norm=0.5)``: ``W * sqrt(0.5)``).
+CONV_NORM = 0.5
+#: Class names (lower case) the authors' ``get_module_names_shapes`` analyses.
+AUTHORS_CLASSES = ("conv2d", "conv1d", "linear")
+#: The authors skip a Linear whose weight's aspect ratio is at least this ("ignore classifier layer").
+AUTHORS_CLASSIFIER_RATIO = 8
 #: ``--towers`` choices: module-name prefix of each CLIP tower inside the segmentor.
 TOWERS = {"image": "clip.visual.", "text": "clip.transformer."}
 #: Eigenvalues at or below this are dropped before the fit (the OpenTrans/TempBalance ``EVALS_THRESH``).
@@ -459,28 +488,89 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def esd(weight: torch.Tensor) -> np.ndarray:
+def esd(weight: torch.Tensor, conv_norm: float = 1.0) -> np.ndarray:
     """Eigenvalues of ``W^T W``, ascending, float64, negatives from rounding clipped to 0.
 
-    ``W`` ``(out, in)``: ``min(out, in)`` eigenvalues. ``W`` ``(out, in, kh, kw)`` (Conv2d): read as ``kh*kw``
-    matrices ``(out, in)`` (the OpenTrans/TempBalance reshape ``(k*k, out, in)``) whose eigenvalues are
-    pooled, ``kh*kw*min(out, in)`` values. They are the squared singular values of ``W``; they are computed
-    as ``torch.linalg.eigvalsh`` of the smaller Gram matrix (``W^T W`` or ``W W^T``, same non-zero spectrum)
-    in float64, which was 2.5x faster than float32 ``svdvals`` here and keeps the small eigenvalues to
-    about ``1e-16 * lambda_max``. Call inside :func:`single_thread` for speed on a busy machine.
+    ``W`` ``(out, in)``: ``min(out, in)`` eigenvalues. ``W`` ``(out, in, kh, kw)`` (Conv2d) or ``(out, in, k)``
+    (Conv1d): read as ``kh*kw`` (``k``) matrices ``(out, in)`` (the OpenTrans/TempBalance reshape
+    ``(k*k, out, in)``) whose eigenvalues are pooled, ``kh*kw*min(out, in)`` values, after scaling the weight by
+    ``sqrt(conv_norm)`` (the authors' ``conv_norm``: :data:`CONV_NORM` for ``--estimator opentrans``, 1 for
+    ours). They are the squared singular values of ``W``; they are computed as ``torch.linalg.eigvalsh`` of the
+    smaller Gram matrix (``W^T W`` or ``W W^T``, same non-zero spectrum) in float64, which was 2.5x faster than
+    float32 ``svdvals`` here and keeps the small eigenvalues to about ``1e-16 * lambda_max``. Call inside
+    :func:`single_thread` for speed on a busy machine.
 
     Raises:
-        OpenTransError: a weight that is not 2-D or 4-D.
+        OpenTransError: a weight that is not 2-D, 3-D or 4-D.
     """
     w = weight.detach()
-    if w.dim() == 4:
-        w = w.flatten(2).permute(2, 0, 1)  # (k*k, out, in)
-    elif w.dim() != 2:
-        raise OpenTransError(f"cannot take the ESD of a {w.dim()}-D weight {tuple(w.shape)}; expected 2-D or 4-D")
+    if w.dim() not in (2, 3, 4):
+        raise OpenTransError(f"cannot take the ESD of a {w.dim()}-D weight {tuple(w.shape)}; expected 2-D to 4-D")
     w = w.double()
+    if w.dim() > 2:
+        w = w.flatten(2).permute(2, 0, 1) * math.sqrt(conv_norm)  # (k*k, out, in)
     gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
     evals = torch.linalg.eigvalsh(gram).reshape(-1).clamp_min(0.0).numpy()
     return np.sort(evals)
+
+
+def fit_power_law_authors(eigs, bins: int = PEAK_BINS, thresh: float = EVALS_THRESH) -> PowerLawFit:
+    """The OpenTrans authors' power-law fit of an ESD, as their ``matrix_esd_estimator`` computes it with
+    ``fix_fingers='xmin_peak'`` (github.com/Xujxyang/OpenTrans at aea33ff3, ``utils.py`` l. 235-317):
+
+    1. eigenvalues ascending; keep those ``> thresh`` (all of them if none is);
+    2. histogram ``log10(lambda)`` into ``bins`` equal bins between its min and max (``torch.histc``); the peak
+       ``p`` is ``10^(left edge)`` of the first fullest bin;
+    3. candidates ``xmin = lambda_i``, ``i < N - 1``, in ascending order: skipped while
+       ``lambda_i < log10(0.95 p)`` (their line 283: the lower bound is a *logarithm*, so in effect there is
+       none unless ``p > 1.05``), stopping at the first ``lambda_i > 1.5 p``;
+    4. per candidate ``alpha = 1 + n / (sum_{j >= i} ln lambda_j - n ln lambda_i)`` (``n = N - i``) and, if
+       ``alpha > 1``, ``D = max_j |1 - (lambda_j / xmin)^(1 - alpha) - (j - i) / n|``; a candidate that is
+       skipped or has ``alpha <= 1`` keeps ``D = 1`` (and ``alpha`` 0 when skipped);
+    5. the first index with the smallest ``D`` over all ``N - 1`` entries wins (so a spectrum without any
+       fitted candidate gets the entry 0, as theirs does).
+
+    Computed in float64 (theirs: float32 on a GPU); ``xmin`` is the chosen candidate (their ``xmin`` column
+    records the smallest eigenvalue instead). ``alpha_weighted`` and ``stable_rank`` as theirs.
+
+    Raises:
+        OpenTransError: fewer than 2 eigenvalues (their code would fail on an empty candidate list).
+    """
+    x = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
+    nz = x[x > thresh]
+    if nz.size == 0:
+        nz = x
+    total = int(nz.size)
+    if total < 2:
+        raise OpenTransError(f"only {total} eigenvalue(s); the authors' power-law fit needs at least 2")
+    lnx = np.log(nz)
+    h = torch.from_numpy(np.log10(nz))
+    lo, hi = h.min(), h.max()
+    counts = torch.histc(h, bins, min=float(lo), max=float(hi))
+    edges = torch.linspace(float(lo), float(hi), bins + 1, dtype=torch.float64)
+    peak = float(10.0 ** edges[int(torch.argmax(counts))])
+    low, high = math.log10(0.95 * peak), 1.5 * peak
+    alphas = np.zeros(total - 1)
+    ds = np.ones(total - 1)
+    tail_sum = np.cumsum(lnx[::-1])[::-1]  # tail_sum[i] = sum_{j >= i} ln x_j
+    for i in range(total - 1):
+        xmin = nz[i]
+        if xmin < low:
+            continue
+        if xmin > high:
+            break
+        n = total - i
+        with np.errstate(divide="ignore"):
+            alpha = 1.0 + n / (tail_sum[i] - n * lnx[i])
+        alphas[i] = alpha
+        if alpha > 1:
+            ds[i] = float(np.max(np.abs(1.0 - (nz[i:] / xmin) ** (1.0 - alpha) - np.arange(n) / n)))
+    k = int(np.argmin(ds))
+    alpha = float(alphas[k])
+    lam_max = float(nz[-1])
+    return PowerLawFit(alpha=alpha, xmin=float(nz[k]), ks_distance=float(ds[k]), num_tail=total - k,
+                       lambda_max=lam_max, alpha_weighted=float(alpha * math.log10(lam_max)),
+                       stable_rank=float(nz.sum() / lam_max), num_eigs=total, peak=peak)
 
 
 def fit_power_law(eigs, bins: int = PEAK_BINS, window: tuple[float, float] = XMIN_WINDOW,
@@ -600,8 +690,9 @@ def _warning(alpha: float) -> str:
     return "under-trained" if alpha > 6 else "over-trained" if alpha < 2 else ""
 
 
-def analyze_opentrans(module: nn.Module, prefix: str = "", split_qkv: bool = True) -> SpectralReport:
-    """Per-layer alpha with the OpenTrans estimator (:func:`esd` + :func:`fit_power_law`), no weightwatcher.
+def analyze_opentrans_qkv(module: nn.Module, prefix: str = "", split_qkv: bool = True) -> SpectralReport:
+    """Per-layer alpha with **our** variant of the OpenTrans estimator (``--estimator opentrans-qkv``:
+    :func:`esd` + :func:`fit_power_law`, see the module notes), no weightwatcher.
 
     Layers as :func:`spectral_layers`; a layer whose fit fails is moved to ``excluded`` with the reason.
     The eigenvalue computations run in :func:`single_thread`.
@@ -617,6 +708,79 @@ def analyze_opentrans(module: nn.Module, prefix: str = "", split_qkv: bool = Tru
             eigs = esd(lm.weight)
         try:
             fit = fit_power_law(eigs)
+        except OpenTransError as exc:
+            excluded.append((lm.name, f"power-law fit failed: {exc}"))
+            continue
+        layers.append(LayerAlpha(name=lm.name, kind=lm.kind, shape=tuple(lm.weight.shape), alpha=fit.alpha,
+                                 alpha_weighted=fit.alpha_weighted, stable_rank=fit.stable_rank,
+                                 num_eigs=_eig_count(lm.weight), xmin=fit.xmin, warning=_warning(fit.alpha),
+                                 ks_distance=fit.ks_distance))
+    if not layers:
+        raise OpenTransError(f"{type(module).__name__}: no layer could be analysed")
+    return SpectralReport(layers=tuple(layers), excluded=tuple(excluded), seconds=time.perf_counter() - start,
+                          estimator="opentrans-qkv")
+
+
+def authors_layers(module: nn.Module, prefix: str = "") -> tuple[list[LayerMatrix], list[tuple[str, str]]]:
+    """The weight matrices the OpenTrans authors' code gives an alpha, and the left-out ones with their reasons.
+
+    As ``get_module_names_shapes`` and the loop of ``net_esd_estimator`` (github.com/Xujxyang/OpenTrans at
+    aea33ff3, ``utils.py`` l. 211-233 and l. 376-381): every module whose class name, lower-cased, is
+    ``conv2d``, ``conv1d`` or ``linear`` (so not ``NonDynamicallyQuantizableLinear``, the class of
+    ``nn.MultiheadAttention.out_proj``, and not the fused ``in_proj_weight``, which is no module), the RGB
+    patch/stem conv included, except a Linear whose weight has ``max/min >= 8`` ("ignore classifier layer").
+    Left out with a reason: those, and every other Linear/Conv subclass or fused attention projection.
+
+    Raises:
+        OpenTransError: a Linear under an ``attn``/``attention`` name with a ``(E, 3E)`` or ``(3E, E)`` weight
+            (a fused Q/K/V Linear, which the authors split into ``<name>_q/_k/_v``; no CLIP tower has one and a
+            freeze plan could not address the parts), or nothing left to analyse.
+    """
+    layers: list[LayerMatrix] = []
+    excluded: list[tuple[str, str]] = []
+    for name, mod in module.named_modules():
+        full = prefix + name
+        cls = type(mod).__name__
+        if has_fused_qkv(mod):
+            excluded.append((full, "nn.MultiheadAttention fused in_proj_weight (Q,K,V) is not a module: the "
+                                   "authors' get_module_names_shapes does not see it"))
+            continue
+        if cls.lower() not in AUTHORS_CLASSES:
+            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                excluded.append((full, f"class {cls} is not named Conv2d/Conv1d/Linear: the authors' "
+                                       "get_module_names_shapes skips it"))
+            continue
+        w = mod.weight.detach()
+        if ("attn" in full or "attention" in full) and w.dim() == 2 and (
+                w.shape[0] == w.shape[1] // 3 or w.shape[1] == w.shape[0] // 3):
+            raise OpenTransError(f"{full}: a fused Q/K/V Linear {tuple(w.shape)}, which the authors' code splits "
+                                 "into _q/_k/_v parts; not supported")
+        if cls.lower() == "linear" and max(w.shape) / min(w.shape) >= AUTHORS_CLASSIFIER_RATIO:
+            excluded.append((full, f"Linear {tuple(w.shape)} with aspect ratio >= {AUTHORS_CLASSIFIER_RATIO}: "
+                                   "the authors skip it as a classifier layer"))
+            continue
+        layers.append(LayerMatrix(full, cls, w))
+    if not layers:
+        raise OpenTransError(f"{type(module).__name__}: no Conv2d/Conv1d/Linear layer to analyse")
+    return layers, excluded
+
+
+def analyze_opentrans(module: nn.Module, prefix: str = "") -> SpectralReport:
+    """Per-layer alpha with the OpenTrans authors' estimator and layer set (``--estimator opentrans``, the
+    default; module notes): :func:`authors_layers`, :func:`esd` with ``conv_norm =`` :data:`CONV_NORM`,
+    :func:`fit_power_law_authors`. The eigenvalue computations run in :func:`single_thread`.
+
+    Raises:
+        OpenTransError: nothing to analyse (see :func:`authors_layers`).
+    """
+    mats, excluded = authors_layers(module, prefix)
+    start = time.perf_counter()
+    layers = []
+    for lm in mats:
+        with single_thread():
+            eigs = esd(lm.weight, conv_norm=CONV_NORM)
+        try:
+            fit = fit_power_law_authors(eigs)
         except OpenTransError as exc:
             excluded.append((lm.name, f"power-law fit failed: {exc}"))
             continue
@@ -671,8 +835,10 @@ def analyze_model(seg: nn.Module, towers: tuple[str, ...] | list[str] = ("image"
         seg: an :class:`~opentrans.models.segmentor.OpenVocabSegmentor` (names are ``seg.named_modules()``
             names, ``clip.visual.*`` for the image tower, ``clip.transformer.*`` for the text tower).
         towers: any of :data:`TOWERS` (``image``, ``text``).
-        estimator: ``opentrans``, ``weightwatcher`` or ``both``.
-        split_qkv: analyse Q, K, V of fused attention projections separately.
+        estimator: ``opentrans`` (the authors', :func:`analyze_opentrans`), ``opentrans-qkv`` (ours,
+            :func:`analyze_opentrans_qkv`), ``weightwatcher`` or ``both`` (``opentrans`` and ``weightwatcher``).
+        split_qkv: ``opentrans-qkv`` and ``weightwatcher`` only: analyse Q, K, V of fused attention projections
+            separately (the authors' layer set never has them).
 
     Returns:
         ``{estimator: SpectralReport}`` with one or two entries (``opentrans`` first); each report holds
@@ -696,16 +862,38 @@ def analyze_model(seg: nn.Module, towers: tuple[str, ...] | list[str] = ("image"
     names = ["opentrans", "weightwatcher"] if estimator == "both" else [estimator]
     out = {}
     for est in names:
-        fn = analyze_opentrans if est == "opentrans" else analyze_weightwatcher
-        parts = [fn(mod, prefix, split_qkv) for prefix, mod in roots]
+        if est == "opentrans":
+            parts = [analyze_opentrans(mod, prefix) for prefix, mod in roots]
+        else:
+            fn = analyze_opentrans_qkv if est == "opentrans-qkv" else analyze_weightwatcher
+            parts = [fn(mod, prefix, split_qkv) for prefix, mod in roots]
         out[est] = SpectralReport(layers=tuple(la for p in parts for la in p.layers),
                                   excluded=tuple(e for p in parts for e in p.excluded),
                                   seconds=sum(p.seconds for p in parts), estimator=est)
     return out
 
 
-def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: str | None = None) -> Path:
+def estimator_layers(module: nn.Module, prefix: str, estimator: str) -> list[LayerMatrix]:
+    """The matrices ``estimator`` analyses in ``module``: :func:`authors_layers` for ``opentrans`` and ``both``,
+    :func:`spectral_layers` (Q/K/V split) for ``opentrans-qkv`` and ``weightwatcher``.
+
+    Raises:
+        OpenTransError: an unknown estimator, or nothing to analyse.
+    """
+    if estimator not in ESTIMATORS:
+        raise OpenTransError(f"unknown estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}")
+    if estimator in ("opentrans", "both"):
+        return authors_layers(module, prefix)[0]
+    return spectral_layers(module, prefix)[0]
+
+
+def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: str | None = None,
+                   estimator: str = "opentrans") -> Path:
     """Log-log ESD plots with the fitted power law, one panel per layer, written atomically (PNG).
+
+    ``estimator`` ``opentrans`` (or ``both``): the authors' ESD (conv weights scaled by ``sqrt(0.5)``) and fit
+    (:func:`fit_power_law_authors`); otherwise ours (:func:`fit_power_law`; weightwatcher's own fit is not
+    redrawn).
 
     Each panel: the empirical complementary CDF ``P(lambda >= x)`` of the layer's eigenvalues (points),
     the fitted tail ``(n/N) (x/xmin)^(1-alpha)`` from ``xmin`` on (line), and ``xmin``/the ESD peak as
@@ -722,11 +910,12 @@ def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: 
     cols = min(3, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    authors = estimator in ("opentrans", "both")
     for k, lm in enumerate(layers):
         with single_thread():
-            eigs = esd(lm.weight)
+            eigs = esd(lm.weight, conv_norm=CONV_NORM if authors else 1.0)
         eigs = eigs[eigs > EVALS_THRESH]
-        fit = fit_power_law(eigs)
+        fit = fit_power_law_authors(eigs) if authors else fit_power_law(eigs)
         ax = fig.add_subplot(rows, cols, k + 1)
         n_all = eigs.size
         ccdf = 1.0 - np.arange(n_all) / n_all
@@ -740,7 +929,8 @@ def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: 
         ax.set_xlabel("eigenvalue of W^T W", fontsize=7)
         ax.set_ylabel("P(lambda >= x)", fontsize=7)
         ax.legend(fontsize=6)
-    title = "ESD with OpenTrans power-law fit (red: xmin, grey: ESD peak)"
+    title = (f"ESD with the {'OpenTrans authors' if authors else 'opentrans-qkv (ours)'} power-law fit "
+             "(red: xmin, grey: ESD peak)")
     fig.suptitle(f"{title}\n{weights}" if weights else title, fontsize=9)
     fig.tight_layout()
     path = Path(path)

@@ -47,7 +47,7 @@ from opentrans.finetune.freeze import (
 from opentrans.finetune.spectral import (
     TOWERS,
     analyze_model,
-    spectral_layers,
+    estimator_layers,
     write_alpha_report,
     write_esd_plot,
 )
@@ -94,8 +94,9 @@ def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrai
         model, pretrained: open_clip architecture and weights (``--model``/``--pretrained``), if no ``from_dir``.
         out_dir: where ``alphas.csv``, ``alphas.json``, ``alphas.png``, ``esd.png`` and ``manifest.json`` go.
         image_size: network input (H, W) for a fresh model (does not change the alphas).
-        estimator: ``opentrans`` (default), ``weightwatcher`` or ``both`` (the table and plan use the
-            OpenTrans alphas, weightwatcher's are written beside them).
+        estimator: ``opentrans`` (default, the authors' estimator and layer set), ``opentrans-qkv`` (ours),
+            ``weightwatcher`` or ``both`` (the table and plan use the authors' OpenTrans alphas,
+            weightwatcher's, on the Q/K/V-split layer set, are written beside them).
         towers: ``image`` and/or ``text`` (see :data:`~opentrans.finetune.spectral.TOWERS`).
         esd_layers: layer names for ``esd.png`` (ESD log-log plot with the fit); default: the layers
             with the smallest, the median and the largest alpha.
@@ -115,8 +116,8 @@ def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrai
     reports = analyze_model(seg, towers, estimator)
     report = next(iter(reports.values()))
     compare = reports.get("weightwatcher") if len(reports) == 2 else None
-    mats = {lm.name: lm for t in towers for lm in spectral_layers(seg.get_submodule(TOWERS[t].rstrip(".")),
-                                                                    TOWERS[t])[0]}
+    mats = {lm.name: lm for t in towers
+            for lm in estimator_layers(seg.get_submodule(TOWERS[t].rstrip(".")), TOWERS[t], estimator)}
     if esd_layers:
         unknown = [n for n in esd_layers if n not in report.alphas()]
         if unknown:
@@ -133,7 +134,8 @@ def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrai
             rec.add_input(path)
         for path in write_alpha_report(report, out_dir, weights=spec.weights, compare=compare):
             rec.add_output(path)
-        rec.add_output(write_esd_plot(out_dir / "esd.png", [mats[n] for n in chosen], weights=spec.weights))
+        rec.add_output(write_esd_plot(out_dir / "esd.png", [mats[n] for n in chosen], weights=spec.weights,
+                                      estimator=estimator))
         rec.weights = spec.weights
         rec.figures = {
             "layers_analysed": len(report.layers),
@@ -370,15 +372,16 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
         freeze_heavy_tail: use a heavy-tail freeze plan; otherwise train only the head and prompts.
         freeze_policy, freeze_fraction: the plan's policy (``median``, ``fraction``, ``inverse``, ``random``;
             see :func:`~opentrans.finetune.freeze.freeze_plan`; ``random`` is seeded with ``seed``).
-        estimator: ``opentrans`` or ``weightwatcher`` alphas for the plan (image tower, Q/K/V split).
+        estimator: alphas for the plan (image tower): ``opentrans`` (the authors' estimator and layer set),
+            ``opentrans-qkv`` (ours: Q/K/V split, corrected xmin window) or ``weightwatcher`` (Q/K/V split).
         grad_accum, amp, loss: see :func:`~opentrans.finetune.trainer.train_segmentor`.
         adapter: ``none`` (train the plan's layers directly), ``lora``, ``oft`` or ``hclip``: keep every CLIP
             weight frozen and train an adapter on each Linear / Q/K/V layer the plan marks trainable
             (:mod:`opentrans.finetune.adapters`; ``hclip`` without a plan adapts its own default targets);
             adapters are merged into plain weights before saving.
         adapter_rank: LoRA rank. oft_block: OFT block size (must divide the adapted layers' input widths).
-        adapter_options: keyword options of ``add_hclip`` (``block_size``, ``dcrc``, ``text_targets``; JSON
-            object or dict); only with ``adapter="hclip"``.
+        adapter_options: keyword options of ``add_hclip`` (``block_size``, ``dcrc``, ``text_targets``, ``pop``,
+            ``default_targets``; JSON object or dict); only with ``adapter="hclip"``.
         prompts: None (keep the artifact's prompts, if any), ``none`` (remove them) or a registered prompt kind
             (:func:`~opentrans.models.prompts.prompt_kinds`: ``vpt``, ``spt-seg``, ``ldvc``, ...), built fresh
             with ``prompt_options`` (JSON object or dict) and trained.
@@ -433,8 +436,9 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
         _check_choice("--head", head, head_names())
     elif head_options:
         raise OpenTransError("--head-options needs --head NAME")
-    if estimator not in ("opentrans", "weightwatcher"):
-        raise OpenTransError(f"--estimator {estimator}: finetune plans with 'opentrans' or 'weightwatcher'")
+    if estimator not in ("opentrans", "opentrans-qkv", "weightwatcher"):
+        raise OpenTransError(f"--estimator {estimator}: finetune plans with 'opentrans', 'opentrans-qkv' or "
+                             "'weightwatcher'")
     out_dir = _check_out_dir(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
     from opentrans.prune.imp import artifact_masks, keep_masked_zeros

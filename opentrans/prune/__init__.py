@@ -8,7 +8,8 @@ encoder's GMACs and M params;
 :func:`prune_stage` runs the whole stage into an output directory (model, reports, manifest).
 
 :func:`imp_stage` runs OpenTrans iterative magnitude pruning (global L1, ``rate`` of the remaining weights per
-round, label-free distillation recovery, resumable, masks after every round); :func:`apply_masks` transfers
+round, label-free distillation recovery, resumable, masks after every round; by default the authors' targets,
+every Conv2d but the first, or ours with ``targets="extended"``); :func:`apply_masks` transfers
 its masks to a fresh model of the same architecture.
 """
 

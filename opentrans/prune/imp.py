@@ -1,28 +1,34 @@
 """OpenTrans iterative magnitude pruning (IMP): global unstructured L1 pruning of the CLIP image encoder.
 
-As in the OpenTrans paper, IMP is *semantic-agnostic*: it ranks the weights of every Conv2d and Linear layer
-of the image encoder together by their absolute value (global L1 magnitude), removes ``rate`` (default 10 %)
-of the weights that are still there in each round, and recovers after each round by label-free distillation
-from the frozen unpruned model (:mod:`opentrans.prune.distill`). After ``k`` rounds the sparsity is
-``1 - (1 - rate)^k`` (``1 - 0.9^k``) up to the rounding of one weight per round; the last round removes only
-what is needed to land exactly on the target.
+As in the OpenTrans paper, IMP is *semantic-agnostic*: it ranks the weights of the target layers of the image
+encoder together by their absolute value (global L1 magnitude), removes ``rate`` (default 10 %) of the weights
+that are still there in each round, and recovers after each round by label-free distillation from the frozen
+unpruned model (:mod:`opentrans.prune.distill`). After ``k`` rounds the sparsity is ``1 - (1 - rate)^k``
+(``1 - 0.9^k``) up to the rounding of one weight per round; the last round removes only what is needed to land
+exactly on the target.
 
 The library does the masking: :func:`torch.nn.utils.prune.global_unstructured` with
 :class:`~torch.nn.utils.prune.L1Unstructured` computes the new global mask (combined with the existing one
 through a ``PruningContainer``, so ``amount`` counts *remaining* weights) and reparametrises each weight as
-``weight_orig * weight_mask``; :func:`torch.nn.utils.prune.remove` bakes the zeros in at the end of a round.
+``weight_orig * weight_mask``; :func:`torch.nn.utils.prune.remove` bakes the zeros in at the end of a round. This
+mechanism is exactly the authors' (github.com/Xujxyang/OpenTrans at commit
+aea33ff3682403aec6d55a670030d6cb4b0623cd, ``pruning.py`` ``pruning_model`` l. 95-112, called as
+``pruning_model(model.module.backbone, 0.1, exclude_first=True)`` from ``plain_train_net_imp.py`` l. 518).
 
-What is pruned (the *IMP targets*, :func:`imp_targets`):
+What is pruned (the *IMP targets*, :func:`imp_targets`; ``targets`` / ``--imp-targets``):
 
-* ViT: every ``nn.Linear`` of the blocks (``mlp.c_fc``, ``mlp.c_proj``, ``attn.out_proj``) **and** the fused
-  Q/K/V projection ``attn.in_proj_weight`` of each ``nn.MultiheadAttention``. The latter is a bare
-  ``Parameter`` of the MHA module, not a Linear, but it is the Q/K/V linear layer of the paper's
-  architecture, so it is pruned through ``prune`` on ``(mha, "in_proj_weight")``. Not pruned: the patch
-  embedding ``conv1`` (excluded as in the paper), ``proj`` (a bare ``Parameter`` after ``ln_post``),
-  embeddings, norms and all biases.
-* ModifiedResNet: every Conv2d of ``layer1..layer4`` (including ``downsample``) and the attention pool's
-  ``q_proj``, ``k_proj``, ``v_proj``, ``c_proj``. Not pruned: the stem (``conv1``, ``conv2``, ``conv3``, the
-  counterpart of the patch embedding), BatchNorms and biases.
+* ``authors`` (the default): what the authors' code prunes: every ``nn.Conv2d`` of the image encoder except the
+  first in module order (``exclude_first=True`` drops the RGB ``conv1``), and no Linear layer. For a
+  ModifiedResNet that is the stem's ``conv2`` and ``conv3``, every conv of ``layer1..layer4`` and the
+  ``downsample`` convs; the attention pool stays dense. A ViT has no Conv2d besides its patch embedding, so the
+  authors' targets leave nothing to prune there (their code cannot prune a ViT): choose ``extended``.
+* ``extended`` (**ours**): ViT: every ``nn.Linear`` of the blocks (``mlp.c_fc``, ``mlp.c_proj``,
+  ``attn.out_proj``) **and** the fused Q/K/V projection ``attn.in_proj_weight`` of each
+  ``nn.MultiheadAttention`` (a bare ``Parameter`` of the MHA module, pruned through ``prune`` on
+  ``(mha, "in_proj_weight")``); not pruned: the patch embedding ``conv1``, ``proj``, embeddings, norms and all
+  biases. ModifiedResNet: every Conv2d of ``layer1..layer4`` (including ``downsample``) and the attention pool's
+  ``q_proj``, ``k_proj``, ``v_proj``, ``c_proj`` (14.7 M weights for RN50); not pruned: the whole stem
+  (``conv1``, ``conv2``, ``conv3``), BatchNorms and biases.
 
 Some of these weights are read without calling their module (the segmentor's MaskCLIP path reads the last
 block's ``in_proj_weight``; the attention pool passes ``q_proj.weight`` etc. to a functional MHA), so the
@@ -31,8 +37,10 @@ reparametrised weights are refreshed explicitly before every forward (:func:`ref
 
 Masks files are safetensors of ``bool`` tensors keyed by ``<module>.<parameter>`` inside the image tower (e.g.
 ``transformer.resblocks.0.attn.in_proj_weight``), ``True`` = kept, with metadata ``format``
-(:data:`MASKS_FORMAT`) and ``model``. :func:`apply_masks` re-applies one to a fresh model of the same
-architecture (e.g. after reloading pretrained weights).
+(:data:`MASKS_FORMAT`), ``model`` and (since the target sets became an option) ``targets``. Which target set a
+masks dict belongs to is read from its keys (:func:`masks_targets`), so masks written before the option existed
+(all ``extended``) still load. :func:`apply_masks` re-applies one to a fresh model of the same architecture
+(e.g. after reloading pretrained weights).
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ from opentrans.models.segmentor import OpenVocabSegmentor
 MASKS_FORMAT = "opentrans.masks/1"
 #: Default fraction of the remaining weights removed per round (the paper's 10 %).
 DEFAULT_RATE = 0.1
+#: IMP target sets (:func:`imp_targets`): the authors' (default) and ours.
+IMP_TARGETS = ("authors", "extended")
 
 Masks = dict[str, torch.Tensor]  # name -> bool tensor shaped like the weight, True = kept
 
@@ -71,38 +81,75 @@ class Target:
     param: str  # "weight" or "in_proj_weight"
 
 
-def imp_targets(visual: nn.Module) -> list[Target]:
+def imp_targets(visual: nn.Module, targets: str = "authors") -> list[Target]:
     """The weights IMP prunes in ``visual`` (see the module docs), in ``named_modules`` order.
 
+    Args:
+        visual: the image tower (``seg.visual``).
+        targets: ``authors`` (every Conv2d but the first, as the authors' ``pruning_model(..., exclude_first=
+            True)``) or ``extended`` (ours: ViT Linears + fused Q/K/V; ResNet ``layer1..4`` convs + attention pool).
+
     Raises:
-        OpenTransError: an image tower other than ViT or ModifiedResNet.
+        OpenTransError: an unknown target set, an image tower other than ViT or ModifiedResNet, or the authors'
+            set on a ViT (nothing to prune: its only Conv2d is the excluded patch embedding).
     """
-    if isinstance(visual, VisionTransformer):
-        excluded = {"conv1"}
-    elif isinstance(visual, ModifiedResNet):
-        excluded = {"conv1", "conv2", "conv3"}  # the stem
-    else:
+    if targets not in IMP_TARGETS:
+        raise OpenTransError(f"unknown IMP targets '{targets}'; choose one of {', '.join(IMP_TARGETS)}")
+    if not isinstance(visual, (VisionTransformer, ModifiedResNet)):
         raise OpenTransError(f"cannot prune image tower {type(visual).__name__}; supported: ViT, ModifiedResNet")
-    targets = []
+    if targets == "authors":
+        # pruning.py l. 95-105: every nn.Conv2d in module order, parameters_to_prune[1:] (exclude_first)
+        convs = [Target(f"{name}.weight", module, "weight") for name, module in visual.named_modules()
+                 if isinstance(module, nn.Conv2d)][1:]
+        if not convs:
+            raise OpenTransError(f"the authors' IMP targets (every Conv2d but the first) leave nothing to prune in "
+                                 f"{type(visual).__name__}; use --imp-targets extended (ours: Linear layers and "
+                                 "fused Q/K/V)")
+        return convs
+    excluded = {"conv1"} if isinstance(visual, VisionTransformer) else {"conv1", "conv2", "conv3"}  # patch / stem
+    out = []
     for name, module in visual.named_modules():
         if name in excluded:
             continue
         if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
             if not module._qkv_same_embed_dim:
                 raise OpenTransError(f"{name}: MultiheadAttention with separate q/k/v weights is not supported")
-            targets.append(Target(f"{name}.in_proj_weight", module, "in_proj_weight"))
+            out.append(Target(f"{name}.in_proj_weight", module, "in_proj_weight"))
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            targets.append(Target(f"{name}.weight", module, "weight"))
-    return targets
+            out.append(Target(f"{name}.weight", module, "weight"))
+    return out
+
+
+def masks_targets(visual: nn.Module, masks: Masks, source: str = "masks") -> str:
+    """The target set (``authors`` or ``extended``) whose weight names are exactly the keys of ``masks``.
+
+    Raises:
+        OpenTransError: an unsupported image tower, or masks matching neither set (the message names a missing or
+            extra weight of the closer set: masks for another architecture).
+    """
+    names = set(masks)
+    candidates = {}
+    for kind in IMP_TARGETS:
+        if kind == "authors" and isinstance(visual, VisionTransformer):
+            continue  # the authors' set is empty for a ViT (imp_targets refuses it)
+        candidates[kind] = {t.name for t in imp_targets(visual, kind)}
+        if candidates[kind] == names:
+            return kind
+    closest = max(candidates, key=lambda k: len(candidates[k] & names))
+    missing = sorted(candidates[closest] - names)
+    extra = sorted(names - candidates[closest])
+    what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model does not have"
+    raise OpenTransError(f"{source} is for another architecture: it {what}")
 
 
 def _weight(t: Target) -> torch.Tensor:
     return getattr(t.module, t.param)
 
 
-def current_masks(visual: nn.Module) -> Masks:
-    """``weight != 0`` of every IMP target: what an already (unstructured-)pruned model has removed."""
-    return {t.name: (_weight(t) != 0).detach().clone() for t in imp_targets(visual)}
+def current_masks(visual: nn.Module, targets: str = "authors") -> Masks:
+    """``weight != 0`` of every IMP target of the set ``targets`` (see :func:`imp_targets`): what an already
+    (unstructured-)pruned model has removed."""
+    return {t.name: (_weight(t) != 0).detach().clone() for t in imp_targets(visual, targets)}
 
 
 def mask_sparsity(masks: Masks) -> float:
@@ -125,9 +172,10 @@ def layer_sparsity(masks: Masks) -> list[dict]:
 def attach_masks(visual: nn.Module, masks: Masks) -> list[Target]:
     """Reparametrise every IMP target as ``orig * mask`` with :func:`torch.nn.utils.prune.custom_from_mask`.
 
-    The masked weights stay exactly zero while the rest trains; undo with :func:`bake_masks`.
+    The masked weights stay exactly zero while the rest trains; undo with :func:`bake_masks`. The target set is
+    the one ``masks`` belongs to (:func:`masks_targets`).
     """
-    targets = imp_targets(visual)
+    targets = imp_targets(visual, masks_targets(visual, masks))
     for t in targets:
         prune.custom_from_mask(t.module, t.param, masks[t.name].to(_weight(t).dtype))
     return targets
@@ -182,11 +230,14 @@ def sparsity_schedule(start: float, target: float, rate: float, total: int) -> l
     return out
 
 
-def save_masks(masks: Masks, path: str | os.PathLike, model_name: str) -> Path:
-    """Write ``masks`` (bool tensors) as safetensors atomically, with ``format`` and ``model`` metadata."""
+def save_masks(masks: Masks, path: str | os.PathLike, model_name: str, targets: str | None = None) -> Path:
+    """Write ``masks`` (bool tensors) as safetensors atomically, with ``format``, ``model`` and (if given) the
+    ``targets`` set as metadata (provenance only: readers take the set from the keys)."""
+    meta = {"format": MASKS_FORMAT, "model": model_name, "sparsity": f"{mask_sparsity(masks):.6f}"}
+    if targets is not None:
+        meta["targets"] = targets
     with atomic_path(path) as tmp:
-        save_file({k: v.bool().contiguous() for k, v in masks.items()}, str(tmp),
-                  metadata={"format": MASKS_FORMAT, "model": model_name, "sparsity": f"{mask_sparsity(masks):.6f}"})
+        save_file({k: v.bool().contiguous() for k, v in masks.items()}, str(tmp), metadata=meta)
     return Path(path)
 
 
@@ -212,23 +263,22 @@ def read_masks(path: str | os.PathLike) -> tuple[Masks, dict]:
     return {k: v.bool() for k, v in masks.items()}, meta
 
 
-def check_masks(visual: nn.Module, masks: Masks, source: str = "masks") -> None:
-    """Check that ``masks`` fits ``visual``: the same target names and the same shapes.
+def check_masks(visual: nn.Module, masks: Masks, source: str = "masks") -> str:
+    """Check that ``masks`` fits ``visual``: the same target names (of either set) and the same shapes.
+
+    Returns:
+        The target set of ``masks`` (:func:`masks_targets`).
 
     Raises:
         OpenTransError: a masks file for another architecture (or another pruned shape).
     """
-    expected = {t.name: tuple(_weight(t).shape) for t in imp_targets(visual)}
-    got = {k: tuple(v.shape) for k, v in masks.items()}
-    if set(expected) != set(got):
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model does not have"
-        raise OpenTransError(f"{source} is for another architecture: it {what}")
-    for k, shape in expected.items():
-        if got[k] != shape:
-            raise OpenTransError(f"{source} is for another architecture: {k} is {list(got[k])} there, "
+    kind = masks_targets(visual, masks, source)
+    for t in imp_targets(visual, kind):
+        shape, got = tuple(_weight(t).shape), tuple(masks[t.name].shape)
+        if got != shape:
+            raise OpenTransError(f"{source} is for another architecture: {t.name} is {list(got)} there, "
                                  f"{list(shape)} in this model")
+    return kind
 
 
 @torch.no_grad()
@@ -241,7 +291,8 @@ def apply_masks(seg: OpenVocabSegmentor, masks: Masks | str | os.PathLike) -> di
         masks: a masks dict or the path of a masks safetensors file.
 
     Returns:
-        ``{"sparsity": fraction of the target weights now zero, "model": the masks file's model or None}``.
+        ``{"sparsity": fraction of the target weights now zero, "model": the masks file's model or None}``
+        (the target set is the masks' own, :func:`masks_targets`).
 
     Raises:
         OpenTransError: an unreadable masks file, or one for another architecture (checked before any
@@ -252,10 +303,10 @@ def apply_masks(seg: OpenVocabSegmentor, masks: Masks | str | os.PathLike) -> di
     if not isinstance(masks, dict):
         source = f"--masks {masks}"
         masks, meta = read_masks(masks)
-    check_masks(seg.visual, masks, source)
-    for t in imp_targets(seg.visual):
+    kind = check_masks(seg.visual, masks, source)
+    for t in imp_targets(seg.visual, kind):
         _weight(t).mul_(masks[t.name].to(_weight(t).dtype))
-    return {"sparsity": mask_sparsity(current_masks(seg.visual)), "model": meta.get("model")}
+    return {"sparsity": mask_sparsity(current_masks(seg.visual, kind)), "model": meta.get("model")}
 
 
 def artifact_masks(model_dir: str | os.PathLike | None) -> Masks | None:
@@ -289,9 +340,9 @@ def keep_masked_zeros(seg: OpenVocabSegmentor, masks: Masks) -> list:
     Raises:
         OpenTransError: masks for another architecture.
     """
-    check_masks(seg.visual, masks, "the artifact's masks")
+    kind = check_masks(seg.visual, masks, "the artifact's masks")
     handles = []
-    for t in imp_targets(seg.visual):
+    for t in imp_targets(seg.visual, kind):
         mask = masks[t.name].to(_weight(t).dtype)
         with torch.no_grad():
             _weight(t).mul_(mask)

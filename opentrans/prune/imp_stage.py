@@ -46,7 +46,9 @@ from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, sa
 from opentrans.prune.distill import _world, check_recovery_options, evaluate_distill_loss, open_images, recover
 from opentrans.prune.imp import (
     DEFAULT_RATE,
+    IMP_TARGETS,
     apply_masks,
+    artifact_masks,
     attach_masks,
     bake_masks,
     check_masks,
@@ -54,6 +56,7 @@ from opentrans.prune.imp import (
     global_magnitude_round,
     layer_sparsity,
     mask_sparsity,
+    masks_targets,
     read_masks,
     save_masks,
     sparsity_schedule,
@@ -66,6 +69,11 @@ MASKS_FILE = "masks.safetensors"
 CHECKPOINT = Path("checkpoint") / "visual.safetensors"
 REPORT_JSON = "prune_report.json"
 REPORT_MD = "prune_report.md"
+#: How the report describes each IMP target set (a report without ``targets`` predates them: ``extended``).
+TARGETS_TEXT = {
+    "authors": "Conv2d weights except the first conv (the OpenTrans authors' targets; no Linear layer)",
+    "extended": "Linear/Conv2d weights and fused Q/K/V (patch/stem conv excluded; our extended targets)",
+}
 LATENCY_NOTE = ("Unstructured sparsity shrinks the compressed size of the weights but not dense-kernel latency: "
                 "the pruned model keeps every shape, so its GMACs and its dense CPU/GPU latency are unchanged. "
                 "Use `--method structured` to make the model faster.")
@@ -111,8 +119,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Prune report (OpenTrans IMP): {report['model']}",
         "",
-        f"Weights: **{w}**. Global unstructured L1 magnitude pruning of the image encoder's Conv2d/Linear weights "
-        f"(patch/stem conv excluded), {report['rate']:.0%} of the remaining weights per round, "
+        f"Weights: **{w}**. Global unstructured L1 magnitude pruning of the image encoder's "
+        + TARGETS_TEXT[report.get("targets", "extended")]
+        + f", {report['rate']:.0%} of the remaining weights per round, "
         f"{report['recovery_steps']} distillation recovery steps per round"
         + (f" on `{report['distill_data']}`" if report.get("distill_data") else "") + ".",
         f"Sparsity of the pruned weights: {report['sparsity_before']:.2%} -> **{report['sparsity']:.2%}** "
@@ -184,7 +193,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
               distill_data: str | None = None, distill_limit: int | None = None, batch_size: int = 4,
               lr: float = 1e-5, seed: int = 0, eval_data: str | None = None, eval_limit: int | None = 8,
               masks: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
-              pooled_weight: float = 1.0) -> dict:
+              pooled_weight: float = 1.0, targets: str = "authors") -> dict:
     """Run OpenTrans IMP (or re-apply saved masks) on a model's image encoder and write it into ``out_dir``.
 
     Args:
@@ -202,7 +211,10 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         eval_data, eval_limit: dataset (``FORMAT:PATH``, val split, first ``eval_limit`` images) for fidelity
             to the unpruned model; None skips it.
         masks: a masks file (``masks.safetensors`` of an earlier IMP run) to transfer instead of running rounds;
-            recovery, if asked for, keeps its zeros.
+            recovery, if asked for, keeps its zeros. Its target set is its own (read from its keys).
+        targets: the IMP target set (:func:`~opentrans.prune.imp.imp_targets`): ``authors`` (default: every
+            Conv2d but the first, as the authors' code; nothing to prune in a ViT) or ``extended`` (ours: ViT
+            Linears + fused Q/K/V, ResNet ``layer1..4`` convs + attention pool). Ignored with ``masks``.
 
     Returns:
         The manifest's figures: ``sparsity``, ``sparsity_before``, ``sparsity_target``, ``rounds``,
@@ -210,7 +222,8 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         with ``eval_data``, ``teacher_miou`` (%) and ``feature_cosine``.
 
     Raises:
-        OpenTransError: a sparsity or rate outside (0, 1); a target below the model's current sparsity; bad
+        OpenTransError: a sparsity or rate outside (0, 1); an unknown target set, or the authors' on a ViT; a
+            target below the model's current sparsity; bad
             recovery options; recovery steps without distillation data; an empty or missing image folder or
             dataset; a masks file that is unreadable or for another architecture; ``out_dir`` equal to
             ``from_dir``; ``out_dir`` holding an IMP run with other options. All checked before anything is
@@ -221,6 +234,9 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
     if masks is None:
         _check_fraction(sparsity, "--sparsity")
     _check_fraction(rate, "--rate")
+    if targets not in IMP_TARGETS:
+        raise OpenTransError(f"--imp-targets {targets}: choose one of {', '.join(IMP_TARGETS)}")
+    target_set = targets  # (``targets`` names each round's list of Target below)
     check_recovery_options(recovery_steps, batch_size, lr)
     if recovery_steps > 0 and distill_data is None:
         raise OpenTransError(f"--recovery-steps {recovery_steps} needs --distill-data (a folder of images); "
@@ -232,14 +248,19 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
 
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
     teacher = copy.deepcopy(seg).eval().requires_grad_(False)
-    start_masks = current_masks(seg.visual)
-    already = mask_sparsity(start_masks)
     transfer = None
     if masks is not None:
         transfer, _ = read_masks(masks)
-        check_masks(seg.visual, transfer, f"--masks {masks}")
+        target_set = check_masks(seg.visual, transfer, f"--masks {masks}")
         sparsity = mask_sparsity(transfer)
-    elif sparsity < already - 1e-9:
+    else:
+        earlier = artifact_masks(from_dir)  # an IMP artifact: further rounds continue on its target set
+        if earlier is not None and (kind := masks_targets(seg.visual, earlier, f"--from {from_dir}")) != target_set:
+            raise OpenTransError(f"--from {from_dir} was pruned with --imp-targets {kind}; continue with the same "
+                                 f"(got {target_set})")
+    start_masks = current_masks(seg.visual, target_set)
+    already = mask_sparsity(start_masks)
+    if masks is None and sparsity < already - 1e-9:
         raise OpenTransError(f"model is already at {already:.1%} sparsity of its IMP weights; ask for at least "
                              f"that much (got {sparsity:.1%})")
     distill = None
@@ -256,7 +277,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         "pretrained": spec.pretrained, "sparsity": sparsity, "rate": rate, "recovery_steps": recovery_steps,
         "distill_data": distill_data, "distill_limit": distill_limit, "batch_size": batch_size, "lr": lr,
         "seed": seed, "pooled_weight": pooled_weight, "masks": None if masks is None else str(masks),
-        "image_size": list(spec.image_size),
+        "image_size": list(spec.image_size), "targets": target_set,
     }
     key = {"format": STATE_FORMAT, "options": options,
            "inputs": {str(p): sha256(p) for p in inputs} | ({str(masks): sha256(masks)} if masks else {})}
@@ -264,6 +285,8 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
     resume = None
     if state_path.exists():
         resume = read_json(state_path)
+        if isinstance(resume.get("options"), dict):  # a run started before the target sets were an option
+            resume["options"].setdefault("targets", "extended")
         if {k: resume.get(k) for k in key} != key:
             raise OpenTransError(f"--out {out_dir} holds an IMP run with other options or inputs; "
                                  f"use another --out or delete it")
@@ -316,7 +339,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
                 history.append(row)
                 # A round is finished when all three are written, in this order.
                 if main:
-                    save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", spec.model)
+                    save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", spec.model, target_set)
                     with atomic_path(out_dir / CHECKPOINT) as tmp:
                         save_file({n: t.detach().contiguous() for n, t in seg.visual.state_dict().items()}, str(tmp))
                     _save_state(out_dir, {**key, "rounds_done": k, "rounds_total": len(schedule), "history": history})
@@ -329,7 +352,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         spec.lineage.append("prune-imp")
         rec.add_output(save_segmentor(seg, spec, out_dir))
         rec.add_output(out_dir / SPEC_FILE)
-        rec.add_output(save_masks(current, out_dir / MASKS_FILE, spec.model))
+        rec.add_output(save_masks(current, out_dir / MASKS_FILE, spec.model, target_set))
         for k in range(1, len(schedule) + 1):
             rec.add_output(out_dir / "masks" / f"round_{k}.safetensors")
 
@@ -338,7 +361,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         zeros_before = total - sum(int(m.sum()) for m in start_masks.values())
         zeros_after = total - sum(int(m.sum()) for m in current.values())
         report = {
-            "model": spec.model, "weights": spec.weights, "method": "imp", "rate": rate,
+            "model": spec.model, "weights": spec.weights, "method": "imp", "targets": target_set, "rate": rate,
             "recovery_steps": recovery_steps, "distill_data": distill_data,
             "masks_from": None if masks is None else str(masks),
             "sparsity_target": float(sparsity), "sparsity_before": already, "sparsity": mask_sparsity(current),

@@ -31,7 +31,9 @@ Interpretations and departures (stated, not hidden):
   cosine, so that class-query branch has no counterpart; ``Y'`` is instead added back to the features through a
   zero-initialised projection, so an untrained head is the identity and leaves the training-free segmentor
   unchanged (exactly: ``F + 0``).
-* The code's Hi-Fi branch skips its ``h_proj``; LITv2's HiLo applies it, and so does this head.
+* The code's Hi-Fi branch skips its ``h_proj`` (github.com/clearxu/SPT at cc648df3,
+  ``models/decode_heads/decode_seg.py``: ``h_proj`` is built at l. 137, but ``hf`` l. 149-173 returns without
+  it); LITv2's HiLo applies it, and so does this head (ours: one ``h_dim x h_dim`` Linear more).
 * Caveat of the token mask (as in the code): ``clamp(cos(Y, p), 0, 1)`` is 0 at every token when all of them point
   away from the random prompt ``p``, and then no gradient reaches ``p`` or anything before the mask. On the flat
   features of random-init CLIP weights this happened for 8 of 20 seeds of ``p`` (tiny ViT, 2 CamVid-sized inputs);

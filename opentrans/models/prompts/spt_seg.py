@@ -3,8 +3,9 @@ shallow blocks.
 
 Paper: Xu, Xu, Wang, Xu, Guo, Zhang, Zhang, "Spectral Prompt Tuning: Unveiling Unseen Classes for Zero-Shot
 Semantic Segmentation", AAAI 2024 (arXiv:2312.12754), section "Spectral Prompt Tuning" (SPT). Official code:
-github.com/clearxu/SPT, ``models/backbone/img_encoder.py`` (``VPTCLIPVisionTransformer``: ``fre_filter``,
-``forward``, ``forward_deep_prompt``, ``_init_prompt``).
+github.com/clearxu/SPT at commit cc648df3076335cea5faa26f4ce1296e7ad0049a, ``models/backbone/img_encoder.py``
+(``VPTCLIPVisionTransformer``: ``fre_filter`` l. 236-255, ``forward`` l. 257-, ``forward_deep_prompt``,
+``_init_prompt``).
 
 The formulas below are transcribed from that code (which produced the published numbers); the paper text, and
 so its equation numbers, could not be read offline, so no equation number is quoted: check them against the
@@ -29,6 +30,11 @@ Initialisation is VPT's Xavier uniform ``U(-v, v)``, ``v = sqrt(6 / (3 * patch^2
 
 Interpretations and departures (stated, not hidden):
 
+* The CLS token is CLIP's: ``class_embedding + positional_embedding[0]``. The authors' encoder adds the class
+  embedding a second time (``cls_pos = pos[0, :] + self.class_embedding`` in ``forward``, img_encoder.py l. 265,
+  on top of the ``class_embedding`` token of l. 262), so their CLS input is ``2 class_embedding + pos[0]``, which
+  is not what the pretrained CLIP was trained with; we do not copy that (the spectral gate ``x_cls`` and every
+  block then see a different CLS token than theirs).
 * Token order follows :mod:`opentrans.models.prompts`: prompts at the **end** (the code puts them after CLS).
 * Deep prompts go into every block except the last: the training-free dense modes read the last block out by hand
   (its forward pre-hook never fires), so tokens there would be dead parameters. The code's final extra
