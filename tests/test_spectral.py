@@ -19,7 +19,6 @@ from opentrans.finetune.freeze import freeze_plan
 from opentrans.finetune.spectral import (
     _import_weightwatcher,
     analyze_model,
-    analyze_opentrans,
     analyze_opentrans_qkv,
     analyze_spectrum,
     analyze_weightwatcher,

@@ -42,7 +42,7 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         f"- Weights: **{header['weights']}**",
         f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}, "
         f"ISA {_isa(m)}; load average at the end {_loads(header)}",
-        f"- Roofline (peak GEMM, OpenVINO, measured in this run): "
+        "- Roofline (peak GEMM, OpenVINO, measured in this run): "
         + (", ".join(f"{k} {v:.0f} GMAC/s" for k, v in peaks.items()) or "not measured"),
         f"- Input: {header['image_size'][0]}x{header['image_size'][1]} (HxW); latency at batch {header['batch']} "
         f"({header['warmup']} warm-up + {header['repeats']} timed calls; each build in its own process); "

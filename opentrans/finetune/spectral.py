@@ -100,8 +100,6 @@ METHODS = {
                      "distance within [0.95, 1.5] x the ESD peak; pooled conv slices; Q/K/V split, out_proj "
                      "analysed, RGB-input conv left out)",
 }
-#: Files written by :func:`write_alpha_report`.
-ALPHA_FILES = ("alphas.csv", "alphas.json", "alphas.png")
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,6 @@ ADAPTERS = ("none", "lora", "oft", "hclip")
 #: Zero-shot split of CamVid used by the recipe example and docs/finetune.md: the last three classes in
 #: label order are unseen, as ZS3Net / ZegCLIP / SPT-SEG hold out the last five of PASCAL VOC's twenty.
 CAMVID_UNSEEN = ("car", "pedestrian", "bicyclist")
-#: Module-name prefix of the image encoder inside :class:`~opentrans.models.segmentor.OpenVocabSegmentor`.
-VISUAL_PREFIX = "clip.visual."
 
 
 def _check_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -482,7 +480,7 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
             except ImportError:
                 raise OpenTransError("--adapter hclip: opentrans.finetune.adapters.hclip is not installed") from None
             try:
-                adapter_report = add_hclip(seg, image_targets=targets or None, seed=seed, **adapter_options)
+                adapter_report = add_hclip(seg, image_targets=targets or None, **adapter_options)
             except TypeError as exc:
                 raise OpenTransError(f"--adapter-options {adapter_options}: {exc}") from None
         counts["trainable_params"] = trainable_param_count(seg)

@@ -115,39 +115,6 @@ def prunable_widths(seg: OpenVocabSegmentor) -> dict[str, int]:
     return {layer.name: _width(layer.module) for layer in _prunable_layers(seg.visual)}
 
 
-@functools.lru_cache(maxsize=8)
-def _architecture_widths(model_name: str) -> tuple[tuple[str, int], ...]:
-    visual = create_architecture(model_name).visual
-    return tuple((layer.name, _width(layer.module)) for layer in _prunable_layers(visual))
-
-
-def original_widths(seg: OpenVocabSegmentor, model_name: str | None) -> dict[str, int]:
-    """Widths of the prunable layers in the unpruned architecture ``model_name`` (what sparsity is measured
-    against); ``model_name=None`` takes the current widths as the original ones.
-
-    Raises:
-        OpenTransError: unknown ``model_name``, or a segmentor that was not built from ``model_name``.
-    """
-    current = prunable_widths(seg)
-    if model_name is None:
-        return current
-    original = dict(_architecture_widths(model_name))
-    if list(original) != list(current) or any(current[k] > original[k] for k in current):
-        raise OpenTransError(f"this segmentor's image tower was not built from {model_name}: its layers do not match")
-    return original
-
-
-def current_sparsity(seg: OpenVocabSegmentor, model_name: str | None) -> float:
-    """Fraction in [0, 1) of the prunable channels of ``model_name`` already removed from ``seg.visual``
-    (0.0 for an unpruned model, or whenever ``model_name`` is None).
-
-    Raises:
-        OpenTransError: see :func:`original_widths`.
-    """
-    original = original_widths(seg, model_name)
-    return 1.0 - sum(prunable_widths(seg).values()) / sum(original.values())
-
-
 def _check_fraction(value, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise OpenTransError(f"{flag} {value}: must be a fraction strictly between 0 and 1 (e.g. 0.5)")

@@ -32,6 +32,24 @@ class AdapterReport:
     adapted_params: int
 
 
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """The Cayley transform ``(I + Q)(I - Q)^-1`` of skew-symmetric blocks ``Q`` ``(n, b, b)``: orthogonal blocks
+    ``(n, b, b)``, the identity at ``Q = 0``. The one implementation behind OFT (Qiu et al. 2023, eq. 4, this sign)
+    and H-CLIP (whose code writes ``(I - S)(I + S)^-1``, i.e. ``cayley(-S)``)."""
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device).expand_as(skew)
+    return torch.linalg.solve(eye - skew, eye + skew, left=False)
+
+
+#: Adapter module classes (registered with :func:`adapter_module`): what :func:`adapter_parameters` collects.
+ADAPTER_MODULES: list[type[nn.Module]] = []
+
+
+def adapter_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: mark an adapter parametrization class so :func:`adapter_parameters` finds its parameters."""
+    ADAPTER_MODULES.append(cls)
+    return cls
+
+
 def resolve_target(model: nn.Module, name: str) -> tuple[nn.Module, str, tuple[int, int]]:
     """``(module, parameter name, (row start, row stop))`` of an adapter target.
 
@@ -76,13 +94,9 @@ def register(model: nn.Module, names: list[str], make) -> list[nn.Module]:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of every adapter registered on ``model`` (not the frozen originals)."""
-    from opentrans.finetune.adapters.hclip import HCLIPAdapter
-    from opentrans.finetune.adapters.lora import LoRA
-    from opentrans.finetune.adapters.oft import OFT
-
     unique = {}  # H-CLIP's shared DCRC parameters are reachable from one adapter only, but stay safe: each once
     for m in model.modules():
-        if isinstance(m, (LoRA, OFT, HCLIPAdapter)):
+        if isinstance(m, tuple(ADAPTER_MODULES)):
             for p in m.parameters():
                 unique.setdefault(id(p), p)
     return list(unique.values())

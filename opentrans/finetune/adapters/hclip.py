@@ -77,7 +77,7 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import has_fused_qkv
-from opentrans.finetune.adapters.common import AdapterReport, register, resolve_target
+from opentrans.finetune.adapters.common import AdapterReport, adapter_module, cayley, register, resolve_target
 
 _LAYER = re.compile(r"(?:^|\.)resblocks\.(\d+)\.(.+)$")
 TOWERS = ("image", "text")
@@ -90,9 +90,9 @@ SIDES = ("input", "output", "input-transposed")
 
 
 def _cayley(skew: torch.Tensor) -> torch.Tensor:
-    """``(I - S)(I + S)^-1`` for skew-symmetric ``S`` ``(n, b, b)``: orthogonal blocks ``(n, b, b)``."""
-    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device).expand_as(skew)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+    """The authors' ``(I - S)(I + S)^-1`` for skew-symmetric ``S`` ``(n, b, b)`` (their ``cayley_batch``), i.e.
+    :func:`~opentrans.finetune.adapters.common.cayley` of ``-S``: orthogonal blocks ``(n, b, b)``."""
+    return cayley(-skew)
 
 
 class DCRC(nn.Module):
@@ -140,6 +140,7 @@ class DCRC(nn.Module):
         return ((modal * layer) @ self.blocks.flatten(1)).view(n, b, b)
 
 
+@adapter_module
 class HCLIPAdapter(nn.Module):
     """Parametrization ``W (out, in) -> W`` with rows ``[start, stop)`` replaced by their POP transform.
 
@@ -273,7 +274,7 @@ def _side(name: str, pop: str) -> str:
 
 
 def add_hclip(seg: nn.Module, image_targets: list[str] | None = None, text_targets: list[str] | None = None,
-              block_size: int = 128, dcrc: bool = True, seed: int = 0, pop: str = "authors",
+              block_size: int = 128, dcrc: bool = True, pop: str = "authors",
               default_targets: str = "attention") -> AdapterReport:
     """Register H-CLIP on both towers of ``seg``: free POP blocks on ``image_targets``, Cayley-orthogonal POP
     blocks on ``text_targets``, and (``dcrc``) the shared DCRC relations producing all blocks (module notes).
@@ -290,7 +291,6 @@ def add_hclip(seg: nn.Module, image_targets: list[str] | None = None, text_targe
             (the input width; the output width of an ``out_proj`` under ``pop="authors"``).
         dcrc: produce the blocks with the DCRC cross-layer/cross-modal relations (True, the authors') or give
             each target its own blocks (False, POP alone).
-        seed: unused by the identity initialisation (kept so every adapter takes a seed); recorded nowhere.
         pop: ``authors`` (default): ``W0 R`` for Q/K/V and other Linears, ``R W0`` for ``out_proj``, as the
             authors' code; ``rows`` (ours): ``W0 R^T`` for every target.
         default_targets: ``attention`` (default, the authors': Q, K, V, out_proj of every block) or ``all``
@@ -305,7 +305,6 @@ def add_hclip(seg: nn.Module, image_targets: list[str] | None = None, text_targe
             outside its tower, or a block size that is < 2 or does not divide a target's transformed width (the
             message names it). Nothing is registered then.
     """
-    del seed  # the initialisation (identity transforms) is deterministic
     if pop not in POP_MODES:
         raise OpenTransError(f"unknown H-CLIP pop '{pop}'; choose one of {', '.join(POP_MODES)}")
     clip, prefix = _clip_of(seg)

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.finetune.adapters.common import AdapterReport, register
+from opentrans.finetune.adapters.common import AdapterReport, adapter_module, register
 
 
+@adapter_module
 class LoRA(nn.Module):
     """Parametrization ``W (out, in) -> W + scale * pad(B @ A)`` on rows ``[start, stop)`` of ``W``.
 

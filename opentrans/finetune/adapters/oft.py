@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.finetune.adapters.common import AdapterReport, register
+from opentrans.finetune.adapters.common import AdapterReport, adapter_module, cayley, register
 
 
+@adapter_module
 class OFT(nn.Module):
     """Parametrization ``W (out, in) -> W`` with rows ``[start, stop)`` replaced by ``W[rows] @ R^T``.
 
@@ -46,10 +47,7 @@ class OFT(nn.Module):
         b = self.block_size
         q = torch.zeros(self.blocks, b, b, dtype=self.skew.dtype, device=self.skew.device)
         q[:, self._iu[0], self._iu[1]] = self.skew
-        q = q - q.transpose(1, 2)
-        eye = torch.eye(b, dtype=q.dtype, device=q.device).expand_as(q)
-        r = torch.linalg.solve(eye - q, eye + q, left=False)  # (I + Q)(I - Q)^-1
-        return torch.block_diag(*r.unbind(0))
+        return torch.block_diag(*cayley(q - q.transpose(1, 2)).unbind(0))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         r = self.rotation().to(weight.dtype)
