@@ -32,7 +32,10 @@ def _image_size(ctx, param, value):
 
 
 def model_options(f):
-    """--from / --model / --pretrained / --image-size / --dense-mode.
+    """--from / --model / --pretrained / --allow-pickle / --image-size / --dense-mode.
+
+    ``--allow-pickle`` reaches :func:`opentrans.models.clip.load_clip` through
+    :func:`opentrans.models.clip.pickle_allowed`: without it a ``--pretrained`` file is never unpickled.
 
     ``--dense-mode`` reaches the stage through :func:`opentrans.models.artifact.dense_mode_override`: with
     ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces the
@@ -48,6 +51,11 @@ def model_options(f):
     @click.option("--model", help="open_clip architecture, e.g. ViT-B-16, ViT-B-32, RN50, opentrans-tiny-vit.")
     @click.option("--pretrained", default="none", show_default=True,
                   help="open_clip tag (needs a network), a local checkpoint path, or 'none' for random init.")
+    @click.option("--allow-pickle", is_flag=True,
+                  help="Let a --pretrained checkpoint that holds pickled Python objects be unpickled. RISK: "
+                       "unpickling runs any code the file names (it can delete or steal files); use only for files "
+                       "from a source you trust. Without it, .safetensors, TorchScript and plain tensor "
+                       "checkpoints load and anything else is refused.")
     @click.option("--image-size", callback=_image_size, metavar="HxW",
                   help="Network input size; default: short side = the model's native size.")
     @click.option("--dense-mode", "dense_mode", metavar="MODE",
@@ -55,16 +63,18 @@ def model_options(f):
                        "(ViT only); with --from, replaces the artifact's mode." +
                        (" eval also takes 'all' or a comma-separated list." if takes_list else ""))
     @functools.wraps(f)
-    def wrapper(*args, dense_mode=None, **kwargs):
+    def wrapper(*args, dense_mode=None, allow_pickle=False, **kwargs):
         from opentrans.models.artifact import dense_mode_override
+        from opentrans.models.clip import pickle_allowed
         from opentrans.training_free import parse_modes
 
         modes = parse_modes(dense_mode)
         if takes_list:
-            return f(*args, dense_modes=modes, **kwargs)
+            with pickle_allowed(allow_pickle):
+                return f(*args, dense_modes=modes, **kwargs)
         if modes is not None and len(modes) > 1:
             raise OpenTransError(f"--dense-mode {dense_mode}: this command takes one mode (only eval compares several)")
-        with dense_mode_override(modes[0] if modes else None):
+        with dense_mode_override(modes[0] if modes else None), pickle_allowed(allow_pickle):
             return f(*args, **kwargs)
 
     return wrapper

@@ -134,6 +134,8 @@ class Recipe:
     data: str
     pretrained: str = "none"
     image_size: tuple[int, int] | None = None
+    #: let a ``pretrained`` checkpoint file be unpickled (runs any code the file names; the CLI's --allow-pickle)
+    allow_pickle: bool = False
     analyze: AnalyzeOptions | None = None
     prune: PruneOptions | None = None
     finetune: FinetuneOptions | None = None
@@ -188,6 +190,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             setattr(recipe, stage, opts)
     if recipe.image_size is not None:
         recipe.image_size = tuple(recipe.image_size)
+    if not isinstance(recipe.allow_pickle, bool):
+        raise OpenTransError(f"{path}: allow_pickle must be true or false")
     if not str(recipe.name).replace("-", "").replace("_", "").isalnum():
         raise OpenTransError(f"{path}: name '{recipe.name}' must be letters, digits, '-' or '_' (it names runs/NAME)")
     return recipe
