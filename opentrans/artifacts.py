@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from opentrans import validate
 from opentrans.errors import OpenTransError
 
 MANIFEST = "manifest.json"
@@ -63,14 +64,50 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; raise :class:`OpenTransError` naming the file if it is missing or invalid."""
+    """Read a JSON file (NaN and infinities are not JSON and are refused).
+
+    Raises:
+        OpenTransError: naming the file, if it is missing, unreadable, not UTF-8 or not valid JSON.
+    """
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise OpenTransError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise OpenTransError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise OpenTransError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:  # from _no_constant
+        raise OpenTransError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise OpenTransError(f"{path}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """A user's text file (class names, split lists, prompt sets, templates, recipes) as UTF-8.
+
+    Raises:
+        OpenTransError: one line naming the file: missing, a directory, unreadable, or not UTF-8 (with the
+            offending line and byte, and what to do).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise OpenTransError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise OpenTransError(f"{path}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise OpenTransError(f"{path}: {what} is not UTF-8 (line {line}, byte 0x{data[exc.start]:02x}); save it as "
+                             f"UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -137,7 +174,8 @@ def is_complete(stage_dir: str | os.PathLike) -> bool:
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return False
-    return read_json(path).get("status") == "complete"
+    manifest = read_json(path)
+    return isinstance(manifest, dict) and manifest.get("status") == "complete"
 
 
 def load_manifest(stage_dir: str | os.PathLike) -> dict[str, Any]:
@@ -148,10 +186,44 @@ def load_manifest(stage_dir: str | os.PathLike) -> dict[str, Any]:
     """
     stage_dir = Path(stage_dir)
     if not (stage_dir / MANIFEST).exists():
-        raise OpenTransError(f"{stage_dir}: no {MANIFEST}; is this the output directory of an opentrans stage?")
-    manifest = read_json(stage_dir / MANIFEST)
+        raise OpenTransError(f"{stage_dir}: no {MANIFEST}; is this the output directory of an opentrans stage "
+                             f"that finished?")
+    where = str(stage_dir / MANIFEST)
+    manifest = validate.mapping(read_json(stage_dir / MANIFEST), where, required=("stage", "status"), optional=None)
     if manifest.get("status") != "complete":
         raise OpenTransError(f"{stage_dir}: stage '{manifest.get('stage')}' did not finish; run it again")
+    for i, entry in enumerate(validate.sequence(manifest.get("outputs", []), f"{where}: outputs")):
+        entry = validate.mapping(entry, f"{where}: outputs[{i}]", required=("path", "sha256"), optional=None)
+        validate.string(entry["path"], f"{where}: outputs[{i}].path")
+        digest = validate.string(entry["sha256"], f"{where}: outputs[{i}].sha256")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise OpenTransError(f"{where}: outputs[{i}].sha256 is not a sha256 hex digest")
+    if not isinstance(manifest.get("figures", {}), dict):
+        raise OpenTransError(f"{where}: figures: expected an object")
+    return manifest
+
+
+def verify_outputs(stage_dir: str | os.PathLike, names: list[str]) -> dict[str, Any]:
+    """The manifest of the finished stage in ``stage_dir``, after checking that each of ``names`` (paths
+    relative to ``stage_dir``) is an output the stage recorded and still has the sha256 it recorded.
+
+    Raises:
+        OpenTransError: no complete manifest (an unfinished or foreign directory), a file the manifest does not
+            list, a missing file, or one whose bytes changed since the stage wrote it (damaged, truncated, edited).
+    """
+    stage_dir = Path(stage_dir)
+    manifest = load_manifest(stage_dir)
+    recorded = {str(Path(o["path"])): o["sha256"] for o in manifest.get("outputs", [])}
+    for name in names:
+        path = stage_dir / name
+        digest = recorded.get(str(Path(name)))
+        if digest is None:
+            raise OpenTransError(f"{path}: not among the outputs its stage recorded in {stage_dir / MANIFEST}")
+        if not path.is_file():
+            raise OpenTransError(f"{path}: file not found (recorded in {stage_dir / MANIFEST})")
+        if sha256(path) != digest:
+            raise OpenTransError(f"{path}: its sha256 differs from the one recorded in {stage_dir / MANIFEST} when "
+                                 f"the stage wrote it (damaged, truncated or edited since); rerun that stage")
     return manifest
 
 

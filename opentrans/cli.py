@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,25 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except OpenTransError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and +-inf (``float("nan")`` passes every range comparison), optionally
+    within a range like :class:`click.FloatRange`; a usage error (exit status 2) otherwise."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None, **kwargs):
+        super().__init__(min, max, **kwargs)
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() if (self.min is not None or self.max is not None) else ""
 
 
 def _image_size(ctx, param, value):
@@ -151,7 +171,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
 @click.option("--method", type=click.Choice(["structured", "imp"]), default="structured", show_default=True,
               help="structured: remove channels (faster model). imp: OpenTrans iterative global magnitude pruning "
                    "(unstructured zeros; smaller compressed size, same dense latency).")
-@click.option("--sparsity", type=float,
+@click.option("--sparsity", type=FiniteFloat(),
               help="structured: fraction of prunable channels to remove; imp: fraction of weights zeroed; in (0, 1).")
 @click.option("--importance", type=click.Choice(["magnitude", "lamp", "taylor"]), default="magnitude",
               show_default=True, help="structured only. taylor: Gauss-Newton Taylor estimate of the distillation loss "
@@ -160,8 +180,8 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="structured only: what to prune, comma-separated from channels (ViT MLP hidden / ResNet "
                    "bottleneck), heads (ViT attention heads / ResNet attention-pool heads), width (residual width / "
                    "ResNet residual channels of every stage, layer4 through the attention pool).")
-@click.option("--head-sparsity", type=float, help="structured: fraction of heads to remove (default: --sparsity).")
-@click.option("--width-sparsity", type=float, help="structured: fraction of residual width to remove (default: --sparsity).")
+@click.option("--head-sparsity", type=FiniteFloat(), help="structured: fraction of heads to remove (default: --sparsity).")
+@click.option("--width-sparsity", type=FiniteFloat(), help="structured: fraction of residual width to remove (default: --sparsity).")
 @click.option("--ranking", type=click.Choice(["per-layer", "global"]),
               help="structured: same fraction per layer, or one ranking across layers (default: per-layer for "
                    "magnitude, global for lamp/taylor).")
@@ -175,7 +195,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
                    "(whole segmentor as an f32 IR).")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="structured only: round kept widths to a multiple of this.")
-@click.option("--rate", type=float, default=0.1, show_default=True,
+@click.option("--rate", type=FiniteFloat(), default=0.1, show_default=True,
               help="imp: fraction of the remaining weights removed per round, in (0, 1).")
 @click.option("--recovery-steps", type=int, default=0, show_default=True,
               help="Distillation steps from the unpruned model after pruning (imp: after every round); needs --distill-data.")
@@ -183,7 +203,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="Images for label-free distillation: camvid:PATH, folder:PATH (train split) or a folder of images.")
 @click.option("--distill-limit", type=click.IntRange(min=1), help="Use only the first N distillation images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per recovery step.")
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="Adam learning rate of the recovery.")
+@click.option("--lr", type=FiniteFloat(), default=1e-5, show_default=True, help="Adam learning rate of the recovery.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Recovery data-order seed.")
 @click.option("--eval-data", metavar="FORMAT:PATH",
               help="Val dataset for fidelity to the unpruned model (teacher-agreement mIoU, feature cosine).")
@@ -239,7 +259,7 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
 @click.option("--freeze-policy", type=click.Choice(["median", "fraction", "inverse", "random"]), default="median",
               show_default=True, help="median: freeze alpha < median (OpenTrans); fraction: freeze the "
               "--freeze-fraction smallest alphas; inverse: freeze alpha > median; random: a seeded control.")
-@click.option("--freeze-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--freeze-fraction", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True)
 @click.option("--estimator", type=click.Choice(["opentrans", "weightwatcher"]), default="opentrans", show_default=True)
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per optimizer step.")
@@ -266,7 +286,7 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images per step (all processes together under torchrun).")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(), default=1e-3, show_default=True)
 @click.option("--val-limit", type=click.IntRange(min=1), help="Validate on the first N val images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_out_option()
@@ -307,12 +327,12 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--calib-data", metavar="FORMAT:PATH|DIR",
               help="INT8 calibration images: any --data dataset (its train split) or a plain folder of images "
               "(images:DIR or DIR). Default: the --data train split.")
-@click.option("--smooth-quant-alpha", type=float, default=0.6, show_default=True,
+@click.option("--smooth-quant-alpha", type=FiniteFloat(), default=0.6, show_default=True,
               help="NNCF SmoothQuant alpha for ViT MatMuls (int8), in (0, 1]; -1 disables.")
 @click.option("--ignore-ops", metavar="REGEX", multiple=True,
               help="Keep image-graph operations whose name matches in floating point (int8; repeatable), "
               "e.g. the top rows of --sensitivity.")
-@click.option("--max-drop", type=float,
+@click.option("--max-drop", type=FiniteFloat(),
               help="Accuracy-controlled INT8 (openvino): revert layers to float until the --drop-metric drop on "
               "the parity images is at most this many percentage points.")
 @click.option("--drop-metric", type=click.Choice(["agreement", "miou"]), default="agreement", show_default=True,
@@ -406,7 +426,7 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
 @click.option("--stride", callback=_image_size, metavar="HxW", help="Sliding-window step (px); default half the window.")
 @click.option("--prompt-sets", metavar="FILE|NAME",
               help="One line per class, comma-separated prompts (e.g. a background set); built in: coco-object, voc.")
-@click.option("--bg-threshold", type=click.FloatRange(0, 1, max_open=True),
+@click.option("--bg-threshold", type=FiniteFloat(0, 1, max_open=True),
               help="Pixels whose top class probability is below this go to the dataset's background class.")
 @click.option("--templates", type=click.Path(dir_okay=False, path_type=Path),
               help="Prompt templates, one per line with {} for the class (default: 6 built-in templates).")
@@ -417,6 +437,7 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import write_json
+    from opentrans.data.datasets import check_labels
     from opentrans.evaluate import evaluate
     from opentrans.models.artifact import dense_mode_override
     from opentrans.training_free import InferenceOptions, evaluate_modes, markdown_modes, open_inference, write_modes_report
@@ -440,10 +461,15 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
         runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
     fixed = not hasattr(runner, "segmentor")
     runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
+    unknown = check_labels(dataset)
     metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
+    metrics["unknown_label_pixels"] = unknown
     click.echo(f"{runner.name} ({spec.dense_mode}) on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}; "
                f"{options.describe()}")
     click.echo(f"mIoU {metrics['miou']:.2f} %   pixel accuracy {metrics['pixel_acc']:.2f} %")
+    if unknown:
+        click.echo(f"  ignored: {unknown} mask pixels whose value is neither one of the {len(dataset.class_names)} "
+                   f"classes nor the ignore index {dataset.ignore_index}")
     for name, iou in metrics["per_class_iou"].items():
         click.echo(f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}")
     if out is not None:
@@ -461,9 +487,12 @@ def segment(image, classes, from_dir, model, pretrained, image_size, out):
     """Segment one image with free-form class names and write an overlay PNG."""
     from opentrans.segment import segment_image
 
+    from opentrans.data.datasets import check_unique_classes
+
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
         raise OpenTransError("--classes: give at least one class name")
+    check_unique_classes(names, "--classes")
     runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
     encode = getattr(runner, "encode_classes", None)

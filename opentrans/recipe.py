@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from opentrans.artifacts import read_text
 from opentrans.errors import OpenTransError
 
 
@@ -170,7 +171,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise OpenTransError(f"{path}: recipe not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path, "the recipe"))
     except yaml.YAMLError as exc:
         raise OpenTransError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
