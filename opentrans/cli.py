@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 from pathlib import Path
@@ -13,14 +14,38 @@ from opentrans import __version__
 from opentrans.errors import OpenTransError
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...`` warning, which importing
+    ``torch.utils.cpp_extension`` (NNCF does, in deploy) logs on every CPU-only machine with a CUDA toolkit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
+
+
+class _Error(click.ClickException):
+    """``Error: ...`` on a line of its own (open progress bars are closed first, and after a bar a new line is
+    started: a bar's line never ends, so in a log the error would follow it), exit status 1."""
+
+    def show(self, file=None) -> None:
+        from opentrans.progress import end_progress_bars
+
+        if end_progress_bars():
+            click.echo("", file=file, err=True)
+        super().show(file)
+
+
 class _Group(click.Group):
-    """Turns :class:`OpenTransError` into a one-line ``Error: ...`` and exit status 1."""
+    """Turns :class:`OpenTransError` into a one-line ``Error: ...`` and exit status 1 (bad input; a usage error,
+    e.g. an option value of the wrong type, is click's exit status 2)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except OpenTransError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _Error(str(exc)) from None
 
 
 class FiniteFloat(click.FloatRange):

@@ -404,3 +404,40 @@ def test_mask_values_beyond_the_classes_are_counted_and_mostly_unknown_masks_ref
     assert result.exit_code == 0, result.output
     unknown = json.loads((tmp_path / "some.json").read_text())["unknown_label_pixels"]
     assert unknown == 10 * pixels.shape[1] and f"ignored: {unknown} mask pixels" in result.output
+
+
+# --- 10. errors start a line of their own; no CUDA notice on CPU-only machines ------------------------------------
+
+def test_error_after_a_progress_bar_starts_its_own_line(tmp_path):
+    import re
+
+    data = folder_dataset(tmp_path / "d", classes="road\nsky\n")
+    image = sorted((tmp_path / "d" / "val" / "images").iterdir())[0]
+    image.write_bytes(b"not an image")  # read inside the evaluation loop, after the bar appeared
+    result = invoke("eval", "--model", TINY_VIT, "--data", data)
+    assert result.exit_code == 1, result.output
+    assert "|" in result.output  # the bar was drawn
+    assert re.search(r"\nError: .*cannot read image", result.output), repr(result.output)  # own line, in a log too
+
+
+def test_cuda_runtime_notice_is_filtered():
+    import logging
+
+    import opentrans.cli  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "No CUDA runtime is found, using "
+                               "CUDA_HOME='%s'", ("/usr/local/cuda",), None)
+    assert not logger.filter(record)
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "something else", (), None)
+    assert logger.filter(other)
+
+
+@pytest.mark.parametrize("target, precision", [("openvino", "fp32"), ("jetson", "fp16")])
+def test_verified_builds_of_other_targets_still_load(finished, tmp_path, target, precision):
+    out = tmp_path / f"{target}-{precision}"
+    result = invoke("deploy", "--from", finished / "prune", "--target", target, "--precision", precision,
+                    "--data", CAMVID_SPEC, "--parity-limit", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    result = eval_from(out)
+    assert result.exit_code == 0 and "mIoU" in result.output, result.output

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from opentrans.artifacts import atomic_path, read_json, write_json
 from opentrans.data import SegDataset, collate
 from opentrans.errors import OpenTransError
 from opentrans.finetune.losses import LOSSES, segmentation_loss
 from opentrans.models.segmentor import OpenVocabSegmentor
+from opentrans.progress import progress as progress_bar
 
 POLY_POWER = 0.9
 #: ``amp`` choices of :func:`train_segmentor`.
@@ -402,7 +402,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
     batches = _batches(len(dataset), batch_size, steps * grad_accum, generator)
     for _ in range(start_step * grad_accum):  # replay the sampler: same data order as an uninterrupted run
         next(batches)
-    bar = tqdm(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
+    bar = progress_bar(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
                disable=not progress or rank != 0, leave=False)
     with torch.enable_grad():
         for step in bar:
