@@ -441,3 +441,33 @@ def test_verified_builds_of_other_targets_still_load(finished, tmp_path, target,
     assert result.exit_code == 0, result.output
     result = eval_from(out)
     assert result.exit_code == 0 and "mIoU" in result.output, result.output
+
+
+# --- 5. input sizes far beyond memory are refused before allocating -------------------------------------------------
+
+@pytest.mark.parametrize("args, what", [
+    (["eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--image-size", "20000x20000"], "--image-size"),
+    (["eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--window", "20000x20000"], "--window"),
+    (["eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--short-side", "50000"], "--short-side"),
+    (["eval", "--model", "opentrans-tiny-rn", "--data", CAMVID_SPEC, "--limit", 1, "--image-size", "99840x99840"],
+     "--image-size"),
+])
+def test_input_sizes_beyond_memory_are_one_line(args, what):
+    result = invoke(*args)
+    assert_one_line_error(result, what, "GiB", "available; choose a smaller size")
+
+
+def test_prune_at_an_impossible_size_writes_nothing(tmp_path):
+    out = tmp_path / "prune"
+    result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.5, "--image-size", "16000x16000", "--out", out)
+    assert_one_line_error(result, "--image-size 16000x16000")
+    assert not out.exists()
+
+
+def test_memory_estimate_passes_ordinary_sizes(tiny_vit, tiny_rn):
+    from opentrans.models.segmentor import check_inference_memory
+
+    for seg, _ in (tiny_vit, tiny_rn):
+        check_inference_memory(seg, (448, 448), "--image-size 448x448")  # no error
+        needed, _ = seg.inference_bytes((448, 448))
+        assert 0 < needed < 2**30

@@ -405,7 +405,8 @@ def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrai
 
     Raises:
         OpenTransError: neither or both sources given, or a ``--from`` directory without a model, of a stage that
-            did not finish, or with files changed since (see :func:`open_model_dir`).
+            did not finish, or with files changed since (see :func:`open_model_dir`); an ``image_size`` whose
+            forward pass needs more memory than is available.
     """
     if from_dir is not None and model is not None:
         raise OpenTransError("give either --from RUN_DIR or --model NAME, not both")
@@ -424,4 +425,8 @@ def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrai
         raise OpenTransError("no model: give --model NAME (an open_clip architecture) or --from RUN_DIR")
     seg, spec = build_segmentor(model, pretrained, image_size=image_size, head=head,
                                 dense_mode=dense_mode or "maskclip")
+    if image_size is not None:
+        from opentrans.models.segmentor import check_inference_memory
+
+        check_inference_memory(seg, spec.image_size, f"--image-size {image_size[0]}x{image_size[1]}")
     return seg, spec, []
