@@ -10,10 +10,12 @@ half-written artifact under its final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,21 +33,77 @@ _VERSIONED_PACKAGES = (
 )
 
 
+#: errno values that mean "this cannot be written here" (a full disk, a read-only or foreign location, a path
+#: through a file): the CLI reports them as one line, ``<strerror>: PATH``.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                          errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
+
+
+def os_error_message(exc: OSError, path: str | os.PathLike | None = None) -> str | None:
+    """``"no space left on device: PATH"`` for an OSError whose errno is in :data:`WRITE_ERRNOS` (``path`` or the
+    error's own file name), None for any other error (which should propagate as it is)."""
+    if exc.errno not in WRITE_ERRNOS:
+        return None
+    where = path if path is not None else (exc.filename if exc.filename is not None else "(file name unknown)")
+    return f"{os.strerror(exc.errno)[:1].lower()}{os.strerror(exc.errno)[1:]}: {where}"
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file that cannot be written: ``path`` is a directory, or its nearest
+    existing ancestor is not a directory or does not take a new file (read-only, no permission, full). A
+    temporary file is created there and removed at once; nothing else is written.
+
+    Raises:
+        OpenTransError: one line naming ``flag`` and ``path``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OpenTransError(f"{flag} {path}: is a directory; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OpenTransError(f"{flag} {path}: {ancestor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        message = os_error_message(exc, ancestor)
+        if message is None:
+            raise
+        raise OpenTransError(f"{flag} {path}: cannot write there ({message})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file keeps ``path``'s suffix (some writers, e.g. OpenVINO or matplotlib, choose the
     format from it). On an exception the temporary file is removed and ``path`` is left untouched.
+
+    Raises:
+        OpenTransError: ``"no space left on device: PATH"`` and the like when the write or the rename fails for
+            lack of space, permission or a path through a file (:data:`WRITE_ERRNOS`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as exc:
+        message = os_error_message(exc, path)
+        if message is None:
+            raise
+        raise OpenTransError(message) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        message = os_error_message(exc, path)
+        if message is None:
+            raise
+        raise OpenTransError(message) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -225,6 +283,88 @@ def verify_outputs(stage_dir: str | os.PathLike, names: list[str]) -> dict[str, 
             raise OpenTransError(f"{path}: its sha256 differs from the one recorded in {stage_dir / MANIFEST} when "
                                  f"the stage wrote it (damaged, truncated or edited since); rerun that stage")
     return manifest
+
+
+def foreign_files(stage_dir: str | os.PathLike) -> list[str]:
+    """Files under ``stage_dir`` (relative names) that its finished stage did not record as outputs (besides
+    ``manifest.json``): what a user added, and what replacing the directory would delete.
+
+    Raises:
+        OpenTransError: no complete manifest (see :func:`load_manifest`).
+    """
+    stage_dir = Path(stage_dir)
+    owned = {MANIFEST} | {str(Path(o["path"])) for o in load_manifest(stage_dir).get("outputs", [])}
+    return sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and str(p.relative_to(stage_dir)) not in owned)
+
+
+def check_replaceable(out_dir: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output directory that a new stage run may not replace as a whole: anything but an absent or empty
+    directory, or the output of a finished stage that holds only the files it recorded.
+
+    Raises:
+        OpenTransError: ``out_dir`` is a file, a non-empty directory without a complete manifest, or one holding
+            files its stage did not write (they would be deleted).
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise OpenTransError(f"{flag} {out_dir}: exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    if not is_complete(out_dir):
+        raise OpenTransError(f"{flag} {out_dir}: exists, is not empty and is not the output of a finished opentrans "
+                             f"stage; choose another directory")
+    foreign = foreign_files(out_dir)
+    if foreign:
+        raise OpenTransError(f"{flag} {out_dir}: holds {len(foreign)} file(s) its earlier run did not write (e.g. "
+                             f"{foreign[0]}), which replacing it would delete; move them or choose another directory")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Yield a fresh directory beside ``out_dir`` for a stage to write into; only when the block succeeds is it
+    renamed onto ``out_dir`` (an earlier finished run there is renamed aside first and removed after). A failed
+    run, e.g. on a full disk, leaves ``out_dir`` exactly as it was and removes its own directory.
+
+    The directory is ``.NAME.PID.*.stage-tmp``; ones left by a process that no longer runs (killed) are removed
+    first.
+
+    Raises:
+        OpenTransError: ``out_dir`` may not be replaced (see :func:`check_replaceable`).
+    """
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, flag)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*.stage-tmp"):
+        pid = stale.name[len(out_dir.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".stage-tmp", dir=out_dir.parent))
+    try:
+        yield work
+        if out_dir.exists():
+            check_replaceable(out_dir, flag)  # nothing was added meanwhile
+            old = work.with_name(work.name + ".old")
+            os.replace(out_dir, old)
+            os.replace(work, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(work, out_dir)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
 
 
 class StageRecord:

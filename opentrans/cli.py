@@ -38,14 +38,22 @@ class _Error(click.ClickException):
 
 
 class _Group(click.Group):
-    """Turns :class:`OpenTransError` into a one-line ``Error: ...`` and exit status 1 (bad input; a usage error,
-    e.g. an option value of the wrong type, is click's exit status 2)."""
+    """Turns :class:`OpenTransError`, and an OSError of a write that failed (no space, no permission, a path
+    through a file: :data:`opentrans.artifacts.WRITE_ERRNOS`), into a one-line ``Error: ...`` and exit status 1
+    (bad input; a usage error, e.g. an option value of the wrong type, is click's exit status 2)."""
 
     def invoke(self, ctx):
+        from opentrans.artifacts import os_error_message
+
         try:
             return super().invoke(ctx)
         except OpenTransError as exc:
             raise _Error(str(exc)) from None
+        except OSError as exc:  # a write that failed: full disk, read-only or foreign location, path through a file
+            message = os_error_message(exc)
+            if message is None:
+                raise
+            raise _Error(message) from None
 
 
 class FiniteFloat(click.FloatRange):
@@ -461,12 +469,14 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
           prompt_sets, bg_threshold, templates, out):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
-    from opentrans.artifacts import write_json
+    from opentrans.artifacts import check_writable, write_json
     from opentrans.data.datasets import check_labels
     from opentrans.evaluate import evaluate
     from opentrans.models.artifact import dense_mode_override
     from opentrans.training_free import InferenceOptions, evaluate_modes, markdown_modes, open_inference, write_modes_report
 
+    if out is not None:
+        check_writable(out)
     options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
                                bg_threshold=bg_threshold, templates=templates)
     if dense_modes is not None and len(dense_modes) > 1:
@@ -512,8 +522,10 @@ def segment(image, classes, from_dir, model, pretrained, image_size, out):
     """Segment one image with free-form class names and write an overlay PNG."""
     from opentrans.segment import segment_image
 
+    from opentrans.artifacts import check_writable
     from opentrans.data.datasets import check_unique_classes
 
+    check_writable(out)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
         raise OpenTransError("--classes: give at least one class name")

@@ -471,3 +471,85 @@ def test_memory_estimate_passes_ordinary_sizes(tiny_vit, tiny_rn):
         check_inference_memory(seg, (448, 448), "--image-size 448x448")  # no error
         needed, _ = seg.inference_bytes((448, 448))
         assert 0 < needed < 2**30
+
+
+# --- 12.-15. output directories: user files, failed reruns, full disks, read-only places, files as --out -----------
+
+def test_deploy_refuses_to_replace_a_build_holding_user_files(finished, tmp_path):
+    build = copy_artifact(finished / "onnx", tmp_path / "onnx")
+    (build / "notes.txt").write_text("my measurements\n")
+    before = tree(build)
+    result = invoke("deploy", "--from", finished / "prune", "--target", "onnx", "--data", CAMVID_SPEC,
+                    "--parity-limit", 1, "--out", build)
+    assert_one_line_error(result, str(build), "notes.txt", "did not write")
+    assert tree(build) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary build left beside it
+
+
+def test_prune_rerun_on_a_full_disk_keeps_the_finished_artifact(finished, tmp_path, monkeypatch):
+    import errno
+
+    import opentrans.models.artifact as artifact_module
+
+    out = copy_artifact(finished / "prune", tmp_path / "prune")
+    before = tree(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact_module, "save_file", full_disk)
+    result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.25, "--round-to", 4, "--latency-repeats", 0,
+                    "--out", out)
+    assert_one_line_error(result, "No space left on device: ".lower(), "model.safetensors")
+    assert tree(out) == before  # the old manifest and model are untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prune"]  # the staging directory is gone
+    monkeypatch.undo()
+    assert eval_from(out).exit_code == 0  # still a finished, verified artifact
+
+
+def test_prune_rerun_replaces_a_finished_artifact_and_refuses_user_files(finished, tmp_path):
+    import json
+
+    out = copy_artifact(finished / "prune", tmp_path / "prune")
+    result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.25, "--round-to", 4, "--latency-repeats", 0,
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["options"]["sparsity"] == 0.25
+    (out / "mine.txt").write_text("x")
+    result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.5, "--round-to", 4, "--latency-repeats", 0,
+                    "--out", out)
+    assert_one_line_error(result, "mine.txt")
+    assert (out / "mine.txt").exists()
+
+
+def test_stale_staging_directories_of_dead_processes_are_removed(finished, tmp_path):
+    stale = tmp_path / ".prune.999999999.abcd.stage-tmp"  # no such pid
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.5, "--round-to", 4, "--latency-repeats", 0,
+                    "--out", tmp_path / "prune")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+
+
+def test_out_naming_a_file_or_an_unwritable_place_is_one_line(tmp_path):
+    existing = tmp_path / "file.txt"
+    existing.write_text("keep me")
+    for args in (["prune", "--model", TINY_VIT, "--sparsity", 0.5, "--latency-repeats", 0],
+                 ["analyze", "--model", TINY_VIT],
+                 ["deploy", "--model", TINY_VIT, "--target", "onnx", "--data", CAMVID_SPEC, "--parity-limit", 1]):
+        result = invoke(*args, "--out", existing)
+        assert_one_line_error(result, str(existing))
+        assert existing.read_text() == "keep me"
+    if os.geteuid() == 0:  # root writes through permission bits; /sys refuses every mkdir
+        unwritable = Path("/sys/opentrans-test/out")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        unwritable = locked / "out"
+    for args in (["analyze", "--model", TINY_VIT], ["prune", "--model", TINY_VIT, "--sparsity", 0.5, "--latency-repeats", 0]):
+        result = invoke(*args, "--out", unwritable)
+        assert_one_line_error(result, "not permitted" if os.geteuid() == 0 else "ermission denied")
+    result = invoke("eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--out", unwritable / "m.json")
+    assert_one_line_error(result, "m.json")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from opentrans.artifacts import StageRecord, atomic_path, write_json
+from opentrans.artifacts import StageRecord, atomic_path, check_replaceable, write_json
 from opentrans.deploy.export import DEFAULT_OPSET, INPUT_NAMES, check_opset, export_onnx
 from opentrans.deploy.quantize import (
     DEFAULT_SMOOTH_QUANT_ALPHA,
@@ -107,6 +107,7 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OpenTransError(f"--out {out_dir}: exists and is not a directory")
     if any(out_dir.iterdir()) and not (out_dir / BUILD_FILE).exists():
         raise OpenTransError(f"--out {out_dir}: exists, is not empty and is not a deploy build; choose another directory")
+    check_replaceable(out_dir)  # a new build replaces the whole directory: refuse one holding files it did not write
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
