@@ -332,6 +332,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def make_staging_dir(out_dir: Path, suffix: str) -> Path:
+    """A new directory ``.NAME.PID.XXXX<suffix>`` beside ``out_dir`` for a stage to build in, after removing the
+    ones of the same name and suffix that a process no longer running left behind (killed before its cleanup).
+    Directories of running processes (a concurrent run) and of the older ``.NAME.XXXX<suffix>`` form are kept."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*{suffix}"):
+        pid = stale.name[len(out_dir.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=suffix, dir=out_dir.parent))
+
+
 @contextlib.contextmanager
 def staged_dir(out_dir: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
     """Yield a fresh directory beside ``out_dir`` for a stage to write into; only when the block succeeds is it
@@ -347,11 +358,7 @@ def staged_dir(out_dir: str | os.PathLike, flag: str = "--out") -> Iterator[Path
     out_dir = Path(out_dir)
     check_replaceable(out_dir, flag)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*.stage-tmp"):
-        pid = stale.name[len(out_dir.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".stage-tmp", dir=out_dir.parent))
+    work = make_staging_dir(out_dir, ".stage-tmp")
     try:
         yield work
         if out_dir.exists():

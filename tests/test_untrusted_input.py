@@ -553,3 +553,59 @@ def test_out_naming_a_file_or_an_unwritable_place_is_one_line(tmp_path):
         assert_one_line_error(result, "not permitted" if os.geteuid() == 0 else "ermission denied")
     result = invoke("eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--out", unwritable / "m.json")
     assert_one_line_error(result, "m.json")
+
+
+# --- 16.-17. leftovers of killed runs are removed; bench workers die with their parent ----------------------------
+
+def test_stale_deploy_directories_of_dead_processes_are_removed(finished, tmp_path):
+    stale = tmp_path / ".onnx.999999999.abcd.deploy-tmp"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"half")
+    result = invoke("deploy", "--from", finished / "prune", "--target", "onnx", "--data", CAMVID_SPEC,
+                    "--parity-limit", 1, "--out", tmp_path / "onnx")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+WORKER_PARENT = """
+import concurrent.futures, multiprocessing, os, sys, time
+from opentrans.bench.worker import die_with_parent
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=die_with_parent,
+                                                  initargs=(os.getpid(),))
+    pid = pool.submit(os.getpid).result()
+    pool.submit(time.sleep, 600)  # the worker is busy measuring, not waiting on its queue
+    time.sleep(1)
+    print(pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_bench_workers_die_with_their_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "parent.py"
+    script.write_text(WORKER_PARENT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{worker}/stat").exists() and Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z":
+            break  # dead, waiting to be reaped by init
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the bench worker outlived its killed parent")
