@@ -121,6 +121,30 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` as a safetensors file atomically, byte-identical for identical input.
+
+    safetensors stores the metadata in a hash map whose order changes from process to process, so two saves of the
+    same tensors could differ in bytes (and sha256); the header's metadata is rewritten here in sorted key order,
+    in place and at the same length.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        if metadata:
+            with open(tmp, "r+b") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+                header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+                text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+                if len(text) > size:
+                    raise RuntimeError(f"{path}: canonical safetensors header is longer than the written one")
+                fh.seek(8)
+                fh.write(text.ljust(size, b" "))
+    return Path(path)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file (NaN and infinities are not JSON and are refused).
 

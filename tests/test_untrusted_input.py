@@ -489,7 +489,7 @@ def test_deploy_refuses_to_replace_a_build_holding_user_files(finished, tmp_path
 def test_prune_rerun_on_a_full_disk_keeps_the_finished_artifact(finished, tmp_path, monkeypatch):
     import errno
 
-    import opentrans.models.artifact as artifact_module
+    import safetensors.torch
 
     out = copy_artifact(finished / "prune", tmp_path / "prune")
     before = tree(out)
@@ -497,7 +497,7 @@ def test_prune_rerun_on_a_full_disk_keeps_the_finished_artifact(finished, tmp_pa
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(artifact_module, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.25, "--round-to", 4, "--latency-repeats", 0,
                     "--out", out)
     assert_one_line_error(result, "No space left on device: ".lower(), "model.safetensors")
@@ -609,3 +609,16 @@ def test_bench_workers_die_with_their_parent(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the bench worker outlived its killed parent")
+
+
+# --- 18. reruns are deterministic -----------------------------------------------------------------------------------
+
+def test_prune_reruns_write_identical_artifacts(finished, tmp_path):
+    from opentrans.artifacts import sha256
+
+    again = tmp_path / "again"
+    result = invoke("prune", "--model", TINY_VIT, "--sparsity", 0.5, "--round-to", 4, "--latency-repeats", 0,
+                    "--out", again)
+    assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "model.json", "kept_indices.json"):
+        assert sha256(again / name) == sha256(finished / "prune" / name), name

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from opentrans.artifacts import atomic_path, read_json, write_json
+from opentrans.artifacts import read_json, save_safetensors, write_json
 from opentrans.data import SegDataset, collate
 from opentrans.errors import OpenTransError
 from opentrans.finetune.losses import LOSSES, segmentation_loss
@@ -131,8 +131,6 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, losses: list[f
     Returns:
         the JSON path.
     """
-    from safetensors.torch import save_file
-
     checkpoint_dir = Path(checkpoint_dir)
     index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
     state = optimizer.state_dict()
@@ -141,8 +139,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, losses: list[f
         tensors[f"param.{name}"] = p.detach().contiguous().clone()
         for key, value in state["state"].get(index[id(p)], {}).items():
             tensors[f"adam.{name}.{key}"] = value.detach().contiguous().clone()
-    with atomic_path(checkpoint_dir / CKPT_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": fingerprint})
+    save_safetensors(tensors, checkpoint_dir / CKPT_TENSORS, metadata={"step": str(step), "fingerprint": fingerprint})
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     return write_json(checkpoint_dir / CKPT_JSON, {
         "step": step, "losses": [None if not math.isfinite(v) else v for v in losses],

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from opentrans import validate
-from opentrans.artifacts import atomic_path, read_json, verify_outputs, write_json
+from opentrans.artifacts import read_json, save_safetensors, verify_outputs, write_json
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import (
     MHA_TYPE,
@@ -104,8 +104,7 @@ def save_segmentor(seg: OpenVocabSegmentor, spec: SegmentorSpec, out_dir: str | 
     spec.head, spec.head_options = seg.head_type, dict(seg.head_options)
     spec.prompts = None if seg.prompts is None else {"kind": seg.prompts.kind, **seg.prompts.options()}
     state = {k: v.detach().contiguous() for k, v in seg.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "weights": spec.weights})
+    save_safetensors(state, out_dir / WEIGHTS_FILE, metadata={"format": FORMAT, "weights": spec.weights})
     write_json(out_dir / SPEC_FILE, {"format": FORMAT, **asdict(spec)})
     return out_dir / WEIGHTS_FILE
 
