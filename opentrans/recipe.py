@@ -17,6 +17,7 @@ A stage left out of the recipe is not run. Relative data paths are resolved agai
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -158,6 +159,9 @@ def _build(cls, raw: Any, where: str):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise OpenTransError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}")
+    for key, value in raw.items():  # YAML reads .nan and .inf as floats; no option means either
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OpenTransError(f"{where}: {key}: {value} is not a finite number")
     return cls(**raw)
 
 

@@ -622,3 +622,10 @@ def test_prune_reruns_write_identical_artifacts(finished, tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("model.safetensors", "model.json", "kept_indices.json"):
         assert sha256(again / name) == sha256(finished / "prune" / name), name
+
+
+def test_recipe_floats_refuse_nan_and_inf(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {TINY_VIT}\ndata: {CAMVID_SPEC}\nprune: {{sparsity: .nan}}\n")
+    assert_one_line_error(invoke("run", recipe, "--runs-root", tmp_path / "runs"), "prune: sparsity: nan")
+    assert not (tmp_path / "runs").exists()
