@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -24,18 +26,69 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _PYTHON_SHOWWARNING = warnings.showwarning
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...`` warning, which importing
+    ``torch.utils.cpp_extension`` (NNCF does, in deploy) logs on every CPU-only machine with a CUDA toolkit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
+
+
+class _Error(click.ClickException):
+    """``Error: ...`` on a line of its own (open progress bars are closed first, and after a bar a new line is
+    started: a bar's line never ends, so in a log the error would follow it), exit status 1."""
+
+    def show(self, file=None) -> None:
+        from opentrans.progress import end_progress_bars
+
+        if end_progress_bars():
+            click.echo("", file=file, err=True)
+        super().show(file)
+
+
 class _Group(click.Group):
-    """Turns :class:`OpenTransError` into a one-line ``Error: ...`` and exit status 1, and prints each
+    """Turns :class:`OpenTransError`, and an OSError of a write that failed (no space, no permission, a path
+    through a file: :data:`opentrans.artifacts.WRITE_ERRNOS`), into a one-line ``Error: ...`` and exit status 1
+    (bad input; a usage error, e.g. an option value of the wrong type, is click's exit status 2), and prints each
     :class:`OpenTransWarning` once as a ``Warning: ...`` line."""
 
     def invoke(self, ctx):
+        from opentrans.artifacts import os_error_message
+
         with warnings.catch_warnings():
             warnings.simplefilter("once", OpenTransWarning)
             warnings.showwarning = _show_warning
             try:
                 return super().invoke(ctx)
             except OpenTransError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise _Error(str(exc)) from None
+            except OSError as exc:  # a write that failed: full disk, read-only or foreign location, path through a file
+                message = os_error_message(exc)
+                if message is None:
+                    raise
+                raise _Error(message) from None
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and +-inf (``float("nan")`` passes every range comparison), optionally
+    within a range like :class:`click.FloatRange`; a usage error (exit status 2) otherwise."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None, **kwargs):
+        super().__init__(min, max, **kwargs)
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() if (self.min is not None or self.max is not None) else ""
 
 
 def _image_size(ctx, param, value):
@@ -48,7 +101,10 @@ def _image_size(ctx, param, value):
 
 
 def model_options(f):
-    """--from / --model / --pretrained / --image-size / --dense-mode.
+    """--from / --model / --pretrained / --allow-pickle / --image-size / --dense-mode.
+
+    ``--allow-pickle`` reaches :func:`opentrans.models.clip.load_clip` through
+    :func:`opentrans.models.clip.pickle_allowed`: without it a ``--pretrained`` file is never unpickled.
 
     ``--dense-mode`` reaches the stage through :func:`opentrans.models.artifact.dense_mode_override`: with
     ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces the
@@ -64,6 +120,11 @@ def model_options(f):
     @click.option("--model", help="open_clip architecture, e.g. ViT-B-16, ViT-B-32, RN50, opentrans-tiny-vit.")
     @click.option("--pretrained", default="none", show_default=True,
                   help="open_clip tag (needs a network), a local checkpoint path, or 'none' for random init.")
+    @click.option("--allow-pickle", is_flag=True,
+                  help="Let a --pretrained checkpoint that holds pickled Python objects be unpickled. RISK: "
+                       "unpickling runs any code the file names (it can delete or steal files); use only for files "
+                       "from a source you trust. Without it, .safetensors, TorchScript and plain tensor "
+                       "checkpoints load and anything else is refused.")
     @click.option("--image-size", callback=_image_size, metavar="HxW",
                   help="Network input size; default: short side = the model's native size.")
     @click.option("--dense-mode", "dense_mode", metavar="MODE",
@@ -71,16 +132,18 @@ def model_options(f):
                        "(ViT only); with --from, replaces the artifact's mode." +
                        (" eval also takes 'all' or a comma-separated list." if takes_list else ""))
     @functools.wraps(f)
-    def wrapper(*args, dense_mode=None, **kwargs):
+    def wrapper(*args, dense_mode=None, allow_pickle=False, **kwargs):
         from opentrans.models.artifact import dense_mode_override
+        from opentrans.models.clip import pickle_allowed
         from opentrans.training_free import parse_modes
 
         modes = parse_modes(dense_mode)
         if takes_list:
-            return f(*args, dense_modes=modes, **kwargs)
+            with pickle_allowed(allow_pickle):
+                return f(*args, dense_modes=modes, **kwargs)
         if modes is not None and len(modes) > 1:
             raise OpenTransError(f"--dense-mode {dense_mode}: this command takes one mode (only eval compares several)")
-        with dense_mode_override(modes[0] if modes else None):
+        with dense_mode_override(modes[0] if modes else None), pickle_allowed(allow_pickle):
             return f(*args, **kwargs)
 
     return wrapper
@@ -160,7 +223,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
 @click.option("--method", type=click.Choice(["structured", "imp"]), default="structured", show_default=True,
               help="structured: remove channels (faster model). imp: OpenTrans iterative global magnitude pruning "
                    "(unstructured zeros; smaller compressed size, same dense latency).")
-@click.option("--sparsity", type=float,
+@click.option("--sparsity", type=FiniteFloat(),
               help="structured: fraction of prunable channels to remove; imp: fraction of weights zeroed; in (0, 1).")
 @click.option("--importance", type=click.Choice(["magnitude", "lamp", "taylor"]), default="magnitude",
               show_default=True, help="structured only. taylor: Gauss-Newton Taylor estimate of the distillation loss "
@@ -169,8 +232,8 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="structured only: what to prune, comma-separated from channels (ViT MLP hidden / ResNet "
                    "bottleneck), heads (ViT attention heads / ResNet attention-pool heads), width (residual width / "
                    "ResNet residual channels of every stage, layer4 through the attention pool).")
-@click.option("--head-sparsity", type=float, help="structured: fraction of heads to remove (default: --sparsity).")
-@click.option("--width-sparsity", type=float, help="structured: fraction of residual width to remove (default: --sparsity).")
+@click.option("--head-sparsity", type=FiniteFloat(), help="structured: fraction of heads to remove (default: --sparsity).")
+@click.option("--width-sparsity", type=FiniteFloat(), help="structured: fraction of residual width to remove (default: --sparsity).")
 @click.option("--ranking", type=click.Choice(["per-layer", "global"]),
               help="structured: same fraction per layer, or one ranking across layers (default: per-layer for "
                    "magnitude, global for lamp/taylor).")
@@ -184,7 +247,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
                    "(whole segmentor as an f32 IR).")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="structured only: round kept widths to a multiple of this.")
-@click.option("--rate", type=float, default=0.1, show_default=True,
+@click.option("--rate", type=FiniteFloat(), default=0.1, show_default=True,
               help="imp: fraction of the remaining weights removed per round, in (0, 1).")
 @click.option("--recovery-steps", type=int, default=0, show_default=True,
               help="Distillation steps from the unpruned model after pruning (imp: after every round); needs --distill-data.")
@@ -192,7 +255,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="Images for label-free distillation: camvid:PATH, folder:PATH (train split) or a folder of images.")
 @click.option("--distill-limit", type=click.IntRange(min=1), help="Use only the first N distillation images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per recovery step.")
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="Adam learning rate of the recovery.")
+@click.option("--lr", type=FiniteFloat(), default=1e-5, show_default=True, help="Adam learning rate of the recovery.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Recovery data-order seed.")
 @click.option("--eval-data", metavar="FORMAT:PATH",
               help="Val dataset for fidelity to the unpruned model (teacher-agreement mIoU, feature cosine).")
@@ -252,7 +315,7 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
 @click.option("--freeze-policy", type=click.Choice(["median", "fraction", "inverse", "random"]), default="median",
               show_default=True, help="median: freeze alpha < median (OpenTrans); fraction: freeze the "
               "--freeze-fraction smallest alphas; inverse: freeze alpha > median; random: a seeded control.")
-@click.option("--freeze-fraction", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--freeze-fraction", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True)
 @click.option("--estimator", type=click.Choice(["opentrans", "opentrans-qkv", "weightwatcher"]), default="opentrans",
               show_default=True, help="Alphas of the plan: the OpenTrans authors' estimator and layer set, ours "
                                       "(opentrans-qkv: Q/K/V split), or weightwatcher's.")
@@ -281,7 +344,7 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images per step (all processes together under torchrun).")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(), default=1e-3, show_default=True)
 @click.option("--val-limit", type=click.IntRange(min=1), help="Validate on the first N val images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_out_option()
@@ -325,12 +388,12 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--calib-data", metavar="FORMAT:PATH|DIR",
               help="INT8 calibration images: any --data dataset (its train split) or a plain folder of images "
               "(images:DIR or DIR). Default: the --data train split.")
-@click.option("--smooth-quant-alpha", type=float, default=0.6, show_default=True,
+@click.option("--smooth-quant-alpha", type=FiniteFloat(), default=0.6, show_default=True,
               help="NNCF SmoothQuant alpha for ViT MatMuls (int8), in (0, 1]; -1 disables.")
 @click.option("--ignore-ops", metavar="REGEX", multiple=True,
               help="Keep image-graph operations whose name matches in floating point (int8; repeatable), "
               "e.g. the top rows of --sensitivity.")
-@click.option("--max-drop", type=float,
+@click.option("--max-drop", type=FiniteFloat(),
               help="Accuracy-controlled INT8 (openvino): revert layers to float until the --drop-metric drop on "
               "the parity images is at most this many percentage points.")
 @click.option("--drop-metric", type=click.Choice(["agreement", "miou"]), default="agreement", show_default=True,
@@ -431,7 +494,7 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
 @click.option("--stride", callback=_image_size, metavar="HxW", help="Sliding-window step (px); default half the window.")
 @click.option("--prompt-sets", metavar="FILE|NAME",
               help="One line per class, comma-separated prompts (e.g. a background set); built in: coco-object, voc.")
-@click.option("--bg-threshold", type=click.FloatRange(0, 1, max_open=True),
+@click.option("--bg-threshold", type=FiniteFloat(0, 1, max_open=True),
               help="Pixels whose top class probability is below this go to the dataset's background class.")
 @click.option("--templates", type=click.Path(dir_okay=False, path_type=Path),
               help="Prompt templates, one per line with {} for the class, or imagenet80 (CLIP's 80 ImageNet "
@@ -447,12 +510,15 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
           prompt_sets, bg_threshold, templates, logit_scale, protocol, out):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
-    from opentrans.artifacts import write_json
+    from opentrans.artifacts import check_writable, write_json
+    from opentrans.data.datasets import check_labels
     from opentrans.evaluate import evaluate
     from opentrans.models.artifact import dense_mode_override
     from opentrans.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
                                          protocol_options, write_modes_report)
 
+    if out is not None:
+        check_writable(out)
     options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
                                bg_threshold=bg_threshold, templates=templates, logit_scale=logit_scale)
     if dense_modes is not None and len(dense_modes) > 1:
@@ -474,12 +540,17 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
     if protocol == "paper":
         options = protocol_options(options, spec.dense_mode, data)
     runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
+    unknown = check_labels(dataset)
     metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
+    metrics["unknown_label_pixels"] = unknown
     click.echo(f"{runner.name} ({spec.dense_mode}) on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}; "
                f"{options.describe()}")
     for note in options.notes:
         click.echo(f"  note: {note}")
     click.echo(f"mIoU {metrics['miou']:.2f} %   pixel accuracy {metrics['pixel_acc']:.2f} %")
+    if unknown:
+        click.echo(f"  ignored: {unknown} mask pixels whose value is neither one of the {len(dataset.class_names)} "
+                   f"classes nor the ignore index {dataset.ignore_index}")
     for name, iou in metrics["per_class_iou"].items():
         click.echo(f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}")
     if out is not None:
@@ -498,9 +569,14 @@ def segment(image, classes, from_dir, model, pretrained, image_size, out):
     """Segment one image with free-form class names and write an overlay PNG."""
     from opentrans.segment import segment_image
 
+    from opentrans.artifacts import check_writable
+    from opentrans.data.datasets import check_unique_classes
+
+    check_writable(out)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
         raise OpenTransError("--classes: give at least one class name")
+    check_unique_classes(names, "--classes")
     runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
     encode = getattr(runner, "encode_classes", None)

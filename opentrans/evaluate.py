@@ -12,10 +12,10 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from opentrans.data import SegDataset, collate
 from opentrans.metrics import ConfusionMatrix
+from opentrans.progress import progress
 
 
 class Runner(Protocol):
@@ -55,7 +55,7 @@ def predict_labels(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> 
 def batches(dataset: SegDataset, batch_size: int = 4, desc: str | None = None):
     """Iterate ``(images (B,3,H,W) tensor, masks list of (h0,w0) tensors)`` over a dataset, in order."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return tqdm(loader, desc=desc, leave=False, disable=desc is None)
+    return progress(loader, desc=desc, leave=False, disable=desc is None)
 
 
 def evaluate(runner: Runner, dataset: SegDataset, text_embeds: np.ndarray, batch_size: int = 4,

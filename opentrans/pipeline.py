@@ -20,6 +20,7 @@ from pathlib import Path
 
 from opentrans.artifacts import StageRecord, is_complete, read_json, write_json, write_text
 from opentrans.models.artifact import SPEC_FILE, resolve_model, save_segmentor
+from opentrans.models.clip import pickle_allowed
 from opentrans.recipe import Recipe
 
 
@@ -110,7 +111,8 @@ def run_recipe(recipe: Recipe, runs_root: str | os.PathLike = "runs", force: boo
             rerun_rest = True  # everything downstream of a rerun stage is stale
             echo(f"[run ] {label} -> {out}")
             start = time.perf_counter()
-            thunk()
+            with pickle_allowed(recipe.allow_pickle):
+                thunk()
             manifest = read_json(out / "manifest.json")
             manifest["run_options"] = _jsonable(options)
             write_json(out / "manifest.json", manifest)

@@ -17,6 +17,7 @@ A stage left out of the recipe is not run. Relative data paths are resolved agai
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from opentrans.artifacts import read_text
 from opentrans.errors import OpenTransError
 
 
@@ -136,6 +138,8 @@ class Recipe:
     data: str
     pretrained: str = "none"
     image_size: tuple[int, int] | None = None
+    #: let a ``pretrained`` checkpoint file be unpickled (runs any code the file names; the CLI's --allow-pickle)
+    allow_pickle: bool = False
     analyze: AnalyzeOptions | None = None
     prune: PruneOptions | None = None
     finetune: FinetuneOptions | None = None
@@ -157,6 +161,9 @@ def _build(cls, raw: Any, where: str):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise OpenTransError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}")
+    for key, value in raw.items():  # YAML reads .nan and .inf as floats; no option means either
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OpenTransError(f"{where}: {key}: {value} is not a finite number")
     return cls(**raw)
 
 
@@ -170,7 +177,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise OpenTransError(f"{path}: recipe not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path, "the recipe"))
     except yaml.YAMLError as exc:
         raise OpenTransError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -190,6 +197,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             setattr(recipe, stage, opts)
     if recipe.image_size is not None:
         recipe.image_size = tuple(recipe.image_size)
+    if not isinstance(recipe.allow_pickle, bool):
+        raise OpenTransError(f"{path}: allow_pickle must be true or false")
     if not str(recipe.name).replace("-", "").replace("_", "").isalnum():
         raise OpenTransError(f"{path}: name '{recipe.name}' must be letters, digits, '-' or '_' (it names runs/NAME)")
     return recipe

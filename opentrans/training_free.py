@@ -225,7 +225,8 @@ def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, 
 
     Raises:
         OpenTransError: inconsistent options (a threshold on a dataset without background class, a stride
-            without window, a window that a fixed-size build cannot run, prompt sets of the wrong length).
+            without window, a window that a fixed-size build cannot run, prompt sets of the wrong length), or a
+            window or short side whose forward pass needs more memory than is available.
     """
     if options.stride and not options.window:
         raise OpenTransError("--stride needs --window")
@@ -242,6 +243,16 @@ def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, 
     if options.short_side:
         dataset = ShortSideDataset.wrap(dataset, options.short_side)
         batch_size = 1
+    if not fixed_size and (options.window or options.short_side) and len(dataset):
+        from opentrans.models.segmentor import check_inference_memory
+
+        if options.window:  # the model runs on window-sized crops (an image below the window is padded to it)
+            hw, what = tuple(options.window), f"--window {options.window[0]}x{options.window[1]}"
+        else:  # the model runs on the whole short-side-resized image; the first image's aspect stands for all
+            h0, w0 = dataset.load_image(0)[1]
+            scale = options.short_side / min(h0, w0)
+            hw, what = (max(1, round(h0 * scale)), max(1, round(w0 * scale))), f"--short-side {options.short_side}"
+        check_inference_memory(seg, hw, what, classes=len(dataset.class_names))
     if options.window:
         stride = options.stride or (max(1, options.window[0] // 2), max(1, options.window[1] // 2))
         runner = SlidingWindowRunner(runner, options.window, stride)

@@ -78,3 +78,16 @@ def fake_trtexec(tmp_path: Path, version_tag: str) -> Path:
         """))
     exe.chmod(0o755)
     return exe
+
+
+def save_finished(seg, spec, out_dir: Path) -> Path:
+    """Save a segmentor as the output of a finished stage (model files plus a complete manifest.json recording their
+    sha256), what ``--from`` and ``load_runner`` accept; returns ``out_dir``."""
+    from opentrans.artifacts import StageRecord
+    from opentrans.models.artifact import SPEC_FILE, save_segmentor
+
+    with StageRecord("test", out_dir, {}) as rec:
+        rec.add_output(save_segmentor(seg, spec, out_dir))
+        rec.add_output(Path(out_dir) / SPEC_FILE)
+        rec.weights = spec.weights
+    return Path(out_dir)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, save_finished
 
 from opentrans.cli import cli
 from opentrans.data import open_dataset
@@ -228,7 +228,7 @@ def test_transfer_reproduces_shapes_and_outputs(tmp_path):
             with torch.no_grad():
                 for p in seg.visual.parameters():
                     p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        save_segmentor(seg, spec, path)
+        save_finished(seg, spec, path)
     p1, p2, t_same, t_other = (tmp_path / n for n in ("p1", "p2", "t_same", "t_other"))
     prune_stage(base, None, "none", p1, 0.25, latency_repeats=0)
     prune_stage(p1, None, "none", p2, 0.5, structures="channels,heads,width", width_sparsity=0.25,
@@ -261,7 +261,7 @@ def test_resnet_all_stage_width_transfer_composes_and_old_layer4_files_apply(tmp
     ``layer4``) still applies: the other stages stay whole."""
     base, p1, p2, same, old = (tmp_path / n for n in ("base", "p1", "p2", "same", "old"))
     seg, spec = build_segmentor(TINY_RN, "none")
-    save_segmentor(seg, spec, base)
+    save_finished(seg, spec, base)
     prune_stage(base, None, "none", p1, 0.25, structures="width", latency_repeats=0)
     prune_stage(p1, None, "none", p2, 0.5, structures="channels,heads,width", latency_repeats=0)
     kept = json.loads((p2 / KEPT_FILE).read_text())

@@ -19,7 +19,7 @@ from opentrans.data import open_dataset
 from opentrans.deploy.targets import BUILD_FILE
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import label_agreement
-from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, load_segmentor
+from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, open_model_dir
 
 
 def discover_artifacts(paths: list[str | os.PathLike]) -> list[Path]:
@@ -97,7 +97,7 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
         raise OpenTransError("bench needs a PyTorch model directory (model.json) as reference; pass --reference DIR")
     if ref_dir not in artifacts:
         artifacts.insert(0, ref_dir)
-    ref_seg, ref_spec = load_segmentor(ref_dir)
+    ref_seg, ref_spec = open_model_dir(ref_dir)
     dataset = open_dataset(data, split, ref_spec.image_size, ref_spec.mean, ref_spec.std, limit=limit)
     text = ref_seg.encode_classes(list(dataset.class_names), model_name=ref_spec.model).numpy()
     del ref_seg

@@ -91,8 +91,30 @@ def measure(job: Job) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process receive SIGKILL when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), so a
+    killed ``opentrans bench`` leaves no worker measuring on; exit at once if the parent is already gone. A no-op
+    where the C library has no ``prctl`` (not Linux)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import signal
+
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name, use_errno=True) if libc_name else None
+    if libc is not None and hasattr(libc, "prctl"):
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def measure_isolated(job: Job) -> dict:
-    """:func:`measure` in a freshly spawned process; its exceptions (e.g. OpenTransError) propagate."""
+    """:func:`measure` in a freshly spawned process (which dies with this one: :func:`die_with_parent`); its
+    exceptions (e.g. OpenTransError) propagate."""
+    import os
+
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         return pool.submit(measure, job).result()

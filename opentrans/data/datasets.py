@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from opentrans.artifacts import read_text
 from opentrans.errors import OpenTransError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -100,6 +101,23 @@ class SegDataset(torch.utils.data.Dataset):
         mask[(mask >= len(self.class_names)) | (mask < 0)] = self.ignore_index
         return mask
 
+    def unknown_labels(self, idx: int) -> tuple[int, int, list[int]]:
+        """Pixels of mask ``idx`` whose value is neither a class nor the ignore index (what :meth:`load_mask`
+        silently maps to the ignore index): ``(count, all pixels, up to 5 such values)``.
+
+        Raises:
+            OpenTransError: the file is missing or unreadable.
+        """
+        raw, _ = _read(self.pairs[idx][1], "L")
+        raw = raw.astype(np.int64)
+        n = len(self.class_names)
+        if self.reduce_zero_label:
+            known = (raw >= 0) & (raw <= n)
+        else:
+            known = ((raw >= 0) & (raw < n)) | (raw == self.ignore_index)
+        unknown = raw[~known]
+        return int(unknown.size), int(raw.size), [int(v) for v in np.unique(unknown)[:5]]
+
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """Resize RGB uint8 ``(h, w, 3)`` to :attr:`image_size` (bicubic) and normalise -> float32 ``(3, H, W)``."""
         return preprocess_image(rgb, self.image_size, self.mean, self.std)
@@ -114,6 +132,30 @@ class SegDataset(torch.utils.data.Dataset):
         return self.preprocess(rgb), torch.from_numpy(mask)
 
 
+def check_labels(dataset: SegDataset, max_fraction: float = 0.5) -> int:
+    """Count the mask pixels of ``dataset`` whose value is neither a class nor the ignore index (they are ignored
+    by the metrics) and refuse a mask where they are more than ``max_fraction`` of the pixels: a colour-coded
+    mask, a 0/255 mask, or a dataset with more classes than its class list.
+
+    Returns:
+        The number of such pixels over the whole dataset.
+
+    Raises:
+        OpenTransError: a mask that is mostly unknown values (naming the file and the values).
+    """
+    total = 0
+    for i in range(len(dataset)):
+        unknown, size, values = dataset.unknown_labels(i)
+        if unknown > max_fraction * size:
+            raise OpenTransError(
+                f"{dataset.pairs[i][1]}: {100.0 * unknown / size:.0f} % of its pixels have label values that are "
+                f"neither one of the {len(dataset.class_names)} classes nor the ignore index "
+                f"{dataset.ignore_index} (e.g. {', '.join(map(str, values))}); a colour or 0/255 mask, or a class "
+                f"list that does not fit the masks?")
+        total += unknown
+    return total
+
+
 def preprocess_image(rgb: np.ndarray, size: tuple[int, int], mean, std) -> torch.Tensor:
     """Resize RGB uint8 ``(h, w, 3)`` to ``size`` = (H, W) pixels (bicubic), scale to [0, 1] and normalise with
     the per-channel ``mean``/``std`` -> float32 ``(3, H, W)``."""
@@ -122,11 +164,46 @@ def preprocess_image(rgb: np.ndarray, size: tuple[int, int], mean, std) -> torch
     return (x - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
 
+#: Environment variable that raises (or lowers) the largest image, in pixels, opentrans decodes.
+MAX_PIXELS_ENV = "OPENTRANS_MAX_IMAGE_PIXELS"
+#: Default limit: Pillow's own decompression-bomb threshold (89.5 megapixels, e.g. 9459x9459).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) :func:`_read` decodes: ``$OPENTRANS_MAX_IMAGE_PIXELS`` or
+    :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises:
+        OpenTransError: the variable is not a positive integer.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_PIXELS
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise OpenTransError(f"{MAX_PIXELS_ENV}={raw}: expected a positive number of pixels")
+    return int(raw)
+
+
 def _read(path: Path, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
     """Pixels of an image file; for ``mode="L"`` (label maps) palette (``P``) and 16-bit images keep their raw
-    index values instead of being converted to grey levels (PASCAL VOC masks are palette PNGs)."""
+    index values instead of being converted to grey levels (PASCAL VOC masks are palette PNGs).
+
+    An image larger than :func:`max_image_pixels` is refused from its header, before it is decoded (a small file
+    can declare gigapixels: a decompression bomb).
+
+    Raises:
+        OpenTransError: a missing, unreadable or too large image.
+    """
+    limit = max_image_pixels()
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # checked here instead, against our limit, before decoding
         with Image.open(path) as im:
+            if im.width * im.height > limit:
+                raise OpenTransError(
+                    f"{path}: {im.width}x{im.height} is {im.width * im.height:,} pixels, above the limit of "
+                    f"{limit:,} (a decompression bomb?); set {MAX_PIXELS_ENV}=N to raise it")
             if mode == "L" and im.mode in ("P", "L", "I", "I;16"):
                 arr = np.asarray(im)
             else:
@@ -135,6 +212,8 @@ def _read(path: Path, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
         raise OpenTransError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise OpenTransError(f"{path}: cannot read image ({exc.__class__.__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     return arr, arr.shape[:2]
 
 
@@ -143,12 +222,28 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
+def check_unique_classes(names, where: str) -> None:
+    """Refuse a class list naming a class twice (two label indices, one text embedding: the second would never be
+    predicted and its IoU would be meaningless).
+
+    Raises:
+        OpenTransError: naming the first repeated class and its positions.
+    """
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise OpenTransError(f"{where}: class '{name}' appears twice (positions {seen[name] + 1} and {i + 1}); "
+                                 f"every class needs its own name")
+        seen[name] = i
+
+
 def _read_classes(path: Path) -> tuple[str, ...]:
     if not path.exists():
         raise OpenTransError(f"{path}: file not found (one class name per line, in label-index order)")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names = tuple(line.strip() for line in read_text(path, "the class list").splitlines() if line.strip())
     if not names:
         raise OpenTransError(f"{path}: no class names")
+    check_unique_classes(names, str(path))
     return names
 
 
@@ -158,7 +253,7 @@ def _camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     if not listing.exists():
         raise OpenTransError(f"{listing}: file not found; is {root} a CamVid (SegNet) folder?")
     pairs = []
-    for lineno, line in enumerate(listing.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(listing, "the split list").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -181,7 +276,7 @@ def _folder_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
 def _split_listing(listing: Path, image_dir: Path, mask_dir: Path, image_ext: str, what: str):
     if not listing.exists():
         raise OpenTransError(f"{listing}: file not found; is this a {what} folder?")
-    stems = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    stems = [line.split()[0] for line in read_text(listing, "the split list").splitlines() if line.strip()]
     return [(image_dir / f"{s}{image_ext}", mask_dir / f"{s}.png") for s in stems]
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from opentrans.artifacts import StageRecord, atomic_path, write_json
+from opentrans.artifacts import StageRecord, atomic_path, check_replaceable, make_staging_dir, write_json
 from opentrans.deploy.auto import AUTO, AUTO_ROUNDS, AUTO_WARMUP, DECISION_FILE, Candidate, auto_candidates, choose
 from opentrans.deploy.export import DEFAULT_OPSET, INPUT_NAMES, check_opset, export_onnx
 from opentrans.deploy.quantize import (
@@ -119,6 +118,7 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OpenTransError(f"--out {out_dir}: exists and is not a directory")
     if any(out_dir.iterdir()) and not (out_dir / BUILD_FILE).exists():
         raise OpenTransError(f"--out {out_dir}: exists, is not empty and is not a deploy build; choose another directory")
+    check_replaceable(out_dir)  # a new build replaces the whole directory: refuse one holding files it did not write
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -346,7 +346,7 @@ def deploy_stage(from_dir: str | os.PathLike | None, model: str | None, pretrain
               "model": spec.model, "pretrained": spec.pretrained}
     created_parent = not out_dir.parent.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".deploy-tmp", dir=out_dir.parent))
+    tmp = make_staging_dir(out_dir, ".deploy-tmp")  # also removes ones of killed runs
     try:
         with StageRecord("deploy", tmp, options, started=started) as rec:
             rec.weights = spec.weights

@@ -143,7 +143,9 @@ def _onnxruntime_backend(path: Path, threads: int | None = None) -> Callable[[np
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from opentrans.deploy.targets.onnx import open_session
+
+    session = open_session(path, opts)
     return lambda ids: session.run([OUTPUT_NAME], {INPUT_NAME: ids})[0]
 
 
@@ -151,7 +153,11 @@ def _openvino_backend(path: Path, inference_precision: str | None = "f32") -> Ca
     import openvino as ov
 
     config = {} if inference_precision is None else {"INFERENCE_PRECISION_HINT": inference_precision}
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()
+        raise OpenTransError(f"{path}: OpenVINO cannot read it ({text[0][:200] if text else 'RuntimeError'})") from None
     return lambda ids: np.array(compiled({INPUT_NAME: ids})[0], dtype=np.float32, copy=True)
 
 

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from opentrans.artifacts import atomic_path, read_json, write_json
+from opentrans.artifacts import read_json, save_safetensors, write_json
 from opentrans.data import SegDataset, collate
 from opentrans.errors import OpenTransError, OpenTransWarning
 from opentrans.finetune.losses import LOSSES, segmentation_loss
 from opentrans.models.segmentor import OpenVocabSegmentor
+from opentrans.progress import progress as progress_bar
 
 POLY_POWER = 0.9
 #: ``amp`` choices of :func:`train_segmentor`.
@@ -130,8 +130,6 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, losses: list[f
     Returns:
         the JSON path.
     """
-    from safetensors.torch import save_file
-
     checkpoint_dir = Path(checkpoint_dir)
     index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
     state = optimizer.state_dict()
@@ -140,8 +138,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, losses: list[f
         tensors[f"param.{name}"] = p.detach().contiguous().clone()
         for key, value in state["state"].get(index[id(p)], {}).items():
             tensors[f"adam.{name}.{key}"] = value.detach().contiguous().clone()
-    with atomic_path(checkpoint_dir / CKPT_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": fingerprint})
+    save_safetensors(tensors, checkpoint_dir / CKPT_TENSORS, metadata={"step": str(step), "fingerprint": fingerprint})
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     return write_json(checkpoint_dir / CKPT_JSON, {
         "step": step, "losses": [None if not math.isfinite(v) else v for v in losses],
@@ -401,7 +398,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
     batches = _batches(len(dataset), batch_size, steps * grad_accum, generator)
     for _ in range(start_step * grad_accum):  # replay the sampler: same data order as an uninterrupted run
         next(batches)
-    bar = tqdm(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
+    bar = progress_bar(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
                disable=not progress or rank != 0, leave=False)
     with torch.enable_grad():
         for step in bar:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opentrans.artifacts import atomic_path
+from opentrans.artifacts import atomic_path, read_text
 from opentrans.data.datasets import SegDataset, preprocess_image
 from opentrans.errors import OpenTransError
 
@@ -137,7 +137,7 @@ def read_prompt_sets(path: str | os.PathLike) -> list[list[str]]:
     if not path.is_file():
         raise OpenTransError(f"{path}: file not found (one line per class, comma-separated names)")
     sets = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "the prompt set").splitlines(), 1):
         if not line.strip():
             continue
         names = [n.strip() for n in line.split(",") if n.strip()]
@@ -304,7 +304,7 @@ def read_templates(path: str | os.PathLike) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise OpenTransError(f"{path}: file not found (one template per line, with {{}} for the class name)")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text(path, "the template file").splitlines() if line.strip()]
     bad = [i for i, line in enumerate(lines, 1) if line.count("{}") != 1]
     if not lines or bad:
         raise OpenTransError(f"{path}: every template needs exactly one {{}} (line {bad[0] if bad else 1})")

@@ -8,6 +8,8 @@ re-export; the text tower is encoded separately (:meth:`OpenVocabSegmentor.encod
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import open_clip
 import torch
@@ -37,6 +39,34 @@ TEMPLATES = (
 
 
 _interpolate_pos_embed = _dense._interpolate_pos_embed
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable`` of /proc/meminfo), or None where the OS does
+    not say (the memory check is then skipped)."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_inference_memory(seg: "OpenVocabSegmentor", hw: tuple[int, int], what: str, classes: int = 32) -> None:
+    """Refuse an input size whose forward pass (:meth:`OpenVocabSegmentor.inference_bytes`) needs more memory than
+    is available, before anything of that size is allocated.
+
+    Raises:
+        OpenTransError: naming ``what`` (the option that set the size), the estimate and the memory available.
+    """
+    needed, detail = seg.inference_bytes(hw, classes=classes)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise OpenTransError(f"{what}: one image at {hw[0]}x{hw[1]} needs about {needed / 2**30:,.1f} GiB ({detail}), "
+                             f"more than the {available / 2**30:,.1f} GiB available; choose a smaller size")
 
 
 def check_dense_mode(dense_mode: str, visual: nn.Module) -> None:
@@ -171,6 +201,23 @@ class OpenVocabSegmentor(nn.Module):
         if self.is_vit:
             return self.visual.proj.shape[1]
         return self.visual.attnpool.c_proj.out_features
+
+    def inference_bytes(self, hw: tuple[int, int], batch: int = 1, classes: int = 32) -> tuple[int, str]:
+        """A lower estimate of the memory one forward pass at input ``hw`` = (H, W) takes beyond the weights, and
+        what dominates it: for a ViT the attention map of one block (``heads x N^2`` floats, N tokens; the dense
+        modes compute it explicitly) and the token activations, for a ResNet the stem's feature maps; plus the
+        logits upsampled to ``hw``. Used to refuse input sizes far beyond memory before allocating anything."""
+        h, w = int(hw[0]), int(hw[1])
+        logits = 2 * batch * classes * h * w * 4
+        if self.is_vit:
+            tokens = (h // self.stride) * (w // self.stride) + 1
+            heads = self.visual.transformer.resblocks[-1].attn.num_heads
+            width = self.visual.transformer.width
+            attention = 2 * batch * heads * tokens * tokens * 4
+            activations = 12 * batch * tokens * width * 4
+            return attention + activations + logits, f"attention over {tokens:,} tokens"
+        stem = self.visual.conv1.out_channels
+        return 8 * batch * stem * (h // 2) * (w // 2) * 4 + logits, f"ResNet feature maps of {h // 2}x{w // 2}"
 
     @property
     def feature_grid(self) -> tuple[int, int]:

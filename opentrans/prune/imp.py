@@ -54,11 +54,11 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import prune
 
-from opentrans.artifacts import atomic_path
+from opentrans.artifacts import save_safetensors
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import PrunedMultiheadAttention
 from opentrans.models.segmentor import OpenVocabSegmentor
@@ -236,9 +236,7 @@ def save_masks(masks: Masks, path: str | os.PathLike, model_name: str, targets: 
     meta = {"format": MASKS_FORMAT, "model": model_name, "sparsity": f"{mask_sparsity(masks):.6f}"}
     if targets is not None:
         meta["targets"] = targets
-    with atomic_path(path) as tmp:
-        save_file({k: v.bool().contiguous() for k, v in masks.items()}, str(tmp), metadata=meta)
-    return Path(path)
+    return save_safetensors({k: v.bool().contiguous() for k, v in masks.items()}, path, metadata=meta)
 
 
 def read_masks(path: str | os.PathLike) -> tuple[Masks, dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from opentrans.artifacts import StageRecord, read_json, write_json, write_text
+from opentrans.artifacts import StageRecord, check_replaceable, read_json, staged_dir, write_json, write_text
 from opentrans.errors import OpenTransError
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
 from opentrans.prune.structured import (
@@ -291,7 +291,11 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
         OpenTransError: invalid options, both or neither model sources, ``image_size`` with ``from_dir``,
             ``out_dir`` equal to ``from_dir``, a target below the model's current sparsity, bad recovery
             options, recovery steps without ``distill_data``, ``taylor`` without ``distill_data``, an empty
-            image folder, an unusable ``transfer_from``. All of these are checked before anything is written.
+            image folder, an unusable ``transfer_from``, an ``out_dir`` that may not be replaced (a file, a
+            non-empty directory that is not a finished stage, or one holding files its stage did not write). All of
+            these are checked before anything is written. The stage writes beside ``out_dir`` and renames its
+            directory onto it only once complete (:func:`opentrans.artifacts.staged_dir`): a failed rerun, e.g. on a
+            full disk, leaves an earlier artifact there intact.
     """
     from opentrans.prune.distill import check_recovery_options, evaluate_distill_loss, open_images, recover
 
@@ -327,6 +331,7 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
         raise OpenTransError("--image-size applies to a fresh --model only; a --from model keeps its input size")
     if from_dir is not None and Path(from_dir).resolve() == out_dir.resolve():
         raise OpenTransError(f"--out {out_dir} is the --from directory; write the pruned model somewhere else")
+    check_replaceable(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
     if kept_src is not None:
         check_transfer(seg, spec.model, kept_src)
@@ -367,7 +372,8 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
     if recovery_steps:
         options |= {"recovery_steps": recovery_steps, "distill_data": distill_data, "distill_limit": distill_limit,
                     "batch_size": batch_size, "lr": lr, "seed": seed}
-    with StageRecord("prune", out_dir, options, started=started) as rec:
+    # written beside --out and renamed onto it only once complete: a failed rerun leaves the old artifact
+    with staged_dir(out_dir) as staging, StageRecord("prune", staging, options, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
         if kept_src is not None:
@@ -411,7 +417,7 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
         report = {"model": spec.model, "weights": spec.weights, **report}
         if latency_repeats:
             probe = torch.randn(1, 3, *spec.image_size, generator=torch.Generator().manual_seed(0))
-            with tempfile.TemporaryDirectory(prefix=".latency-", dir=out_dir) as work:
+            with tempfile.TemporaryDirectory(prefix=".latency-", dir=staging) as work:
                 per_backend = measure_latency({"before": teacher, "after": seg}, probe, latency_repeats,
                                               backends=latency_backends, work_dir=work)
             for backend, ms in per_backend.items():
@@ -432,14 +438,14 @@ def prune_stage(from_dir: str | os.PathLike | None, model: str | None, pretraine
             report["eval_data"] = eval_data
             report["fidelity"] = fidelity(seg, teacher, evalset, text)
         spec.lineage.append("prune")
-        rec.add_output(save_segmentor(seg, spec, out_dir))
-        rec.add_output(out_dir / SPEC_FILE)
-        rec.add_output(write_json(out_dir / KEPT_FILE, kept_out))
+        rec.add_output(save_segmentor(seg, spec, staging))
+        rec.add_output(staging / SPEC_FILE)
+        rec.add_output(write_json(staging / KEPT_FILE, kept_out))
         report["weights_mb_before"] = weights_mb_before
         report["weights_mb_after"] = _state_mb(seg)
-        report["file_mb"] = (out_dir / WEIGHTS_FILE).stat().st_size / 1e6
-        rec.add_output(write_json(out_dir / REPORT_JSON, report))
-        rec.add_output(write_text(out_dir / REPORT_MD, render_markdown(report, spec.model, spec.weights)))
+        report["file_mb"] = (staging / WEIGHTS_FILE).stat().st_size / 1e6
+        rec.add_output(write_json(staging / REPORT_JSON, report))
+        rec.add_output(write_text(staging / REPORT_MD, render_markdown(report, spec.model, spec.weights)))
         rec.weights = spec.weights
         rec.figures = {
             "params_m_before": report["params_m_before"],

@@ -33,7 +33,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from opentrans.artifacts import read_json
+from opentrans import validate
+from opentrans.artifacts import read_json, verify_outputs
 from opentrans.errors import OpenTransError
 
 BUILD_FILE = "build.json"
@@ -143,19 +144,90 @@ def check_target(target: str, precision: str) -> None:
     module.check_available()
 
 
-def read_build(build_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``build.json`` of a deploy build directory.
+_BUILD_REQUIRED = ("format", "target", "backend", "precision", "file", "model_files", "image_size", "mean", "std",
+                   "class_names", "model", "pretrained", "weights", "spec", "source")
+
+
+def validate_build(build: Any, where: str) -> dict[str, Any]:
+    """``build`` (a parsed ``build.json``) after checking every field a reader uses: types, ranges, a known
+    target/back end/precision, file names inside the build directory, and the embedded model spec
+    (:func:`~opentrans.models.artifact.spec_from_dict`). Keys no reader uses (target-specific information)
+    are left as they are.
 
     Raises:
-        OpenTransError: no ``build.json`` or one of another format.
+        OpenTransError: one line naming ``where`` and the field that is missing, of the wrong type or out of range.
+    """
+    from opentrans.models.artifact import spec_from_dict
+
+    if not isinstance(build, dict) or build.get("format") != BUILD_FORMAT:
+        raise OpenTransError(f"{where}: not an {BUILD_FORMAT} build description")
+    validate.mapping(build, where, required=_BUILD_REQUIRED, optional=None)
+    target = validate.string(build["target"], f"{where}: target", choices=TARGETS)
+    validate.string(build["backend"], f"{where}: backend", choices=(TARGETS[target][1],))
+    validate.string(build["precision"], f"{where}: precision", choices=PRECISIONS[target])
+    validate.relative_file(build["file"], f"{where}: file")
+    for i, name in enumerate(validate.sequence(build["model_files"], f"{where}: model_files", max_length=4096)):
+        validate.relative_file(name, f"{where}: model_files[{i}]")
+    validate.image_size(build["image_size"], f"{where}: image_size")
+    validate.rgb_constants(build["mean"], f"{where}: mean")
+    validate.rgb_constants(build["std"], f"{where}: std", positive=True)
+    names = validate.sequence(build["class_names"], f"{where}: class_names", max_length=65536)
+    for i, name in enumerate(names):
+        validate.string(name, f"{where}: class_names[{i}]")
+    for key in ("model", "weights"):
+        validate.string(build[key], f"{where}: {key}")
+    validate.string(build["pretrained"], f"{where}: pretrained", empty=True)
+    spec_from_dict(build["spec"], where=f"{where}: spec")
+    source = validate.mapping(build["source"], f"{where}: source", optional=None)
+    for key in ("from_dir", "from_dir_relative", "model", "pretrained"):
+        if source.get(key) is not None:
+            validate.string(source[key], f"{where}: source.{key}", empty=True)
+    if "text_embeds" in build:
+        validate.relative_file(build["text_embeds"], f"{where}: text_embeds")
+    for key, check in (("opset", lambda v, at: validate.integer(v, at, 1, 100)),
+                       ("embed_dim", lambda v, at: validate.integer(v, at, 1, validate.MAX_IMAGE_SIDE * 4)),
+                       ("dynamic_hw", validate.boolean)):
+        if key in build:
+            check(build[key], f"{where}: {key}")
+    info = build.get("text_encoder")
+    if info is not None:
+        at = f"{where}: text_encoder"
+        validate.mapping(info, at, required=("file", "templates"), optional=None)
+        validate.relative_file(info["file"], f"{at}.file")
+        for i, name in enumerate(validate.sequence(info.get("files", []), f"{at}.files", max_length=64)):
+            validate.relative_file(name, f"{at}.files[{i}]")
+        for key in ("bpe", "tokenizer_module"):
+            if key in info:
+                validate.relative_file(info[key], f"{at}.{key}")
+        for i, template in enumerate(validate.sequence(info["templates"], f"{at}.templates", max_length=1024)):
+            validate.string(template, f"{at}.templates[{i}]")
+        if "context_length" in info:
+            validate.integer(info["context_length"], f"{at}.context_length", 1, 4096)
+    return build
+
+
+def read_build(build_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``build.json`` of a deploy build directory, validated by :func:`validate_build`.
+
+    Raises:
+        OpenTransError: no ``build.json``, one of another format, or one that fails validation.
     """
     build_dir = Path(build_dir)
     if not (build_dir / BUILD_FILE).exists():
         raise OpenTransError(f"{build_dir}: no {BUILD_FILE}; expected a directory written by `opentrans deploy`")
-    build = read_json(build_dir / BUILD_FILE)
-    if build.get("format") != BUILD_FORMAT:
-        raise OpenTransError(f"{build_dir / BUILD_FILE}: not an {BUILD_FORMAT} build description")
-    return build
+    return validate_build(read_json(build_dir / BUILD_FILE), str(build_dir / BUILD_FILE))
+
+
+def build_files(build: dict[str, Any]) -> list[str]:
+    """The files of a build (relative names) that loading it reads: ``build.json``, the model file(s), the text
+    embeddings and the text graph with its tokenizer files."""
+    names = [BUILD_FILE, build["file"], *build["model_files"]]
+    if "text_embeds" in build:
+        names.append(build["text_embeds"])
+    info = build.get("text_encoder")
+    if info:
+        names += [info["file"], *info.get("files", []), *(info[k] for k in ("bpe", "tokenizer_module") if k in info)]
+    return list(dict.fromkeys(names))
 
 
 def source_model_dir(build_dir: str | os.PathLike) -> Path:
@@ -197,12 +269,18 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
     build's runner also has ``runner.text_encoder`` (:class:`opentrans.deploy.text_graph.TextEncoder` on the build's
     text graph, no PyTorch; None for builds without one) and ``runner.encode_classes(names) -> float32 (C, D)``.
 
+    Either kind of directory must be the output of a finished stage whose files still have the sha256 its
+    manifest recorded (:func:`opentrans.artifacts.verify_outputs`): a directory from anyone is checked before any
+    of its files is parsed by a back end.
+
     Raises:
-        OpenTransError: ``path`` is neither kind of directory, a build of an unknown back end, a missing model
-            file, or a back end that is not installed here.
+        OpenTransError: ``path`` is neither kind of directory, a ``build.json`` that fails validation, no complete
+            manifest, a missing or damaged file, a build of an unknown back end, or a back end that is not
+            installed here.
     """
     path = Path(path)
     if (path / BUILD_FILE).exists():
+        verify_outputs(path, build_files(read_build(path)))
         runner = _build_runner(path, openvino_precision)
         from opentrans.deploy.text_graph import open_text_encoder
 
@@ -212,9 +290,9 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
         return runner
     if (path / "model.json").exists():
         from opentrans.evaluate import TorchRunner
-        from opentrans.models.artifact import load_segmentor
+        from opentrans.models.artifact import open_model_dir
 
-        return TorchRunner(load_segmentor(path)[0])
+        return TorchRunner(open_model_dir(path)[0])
     raise OpenTransError(f"{path}: neither a deploy build ({BUILD_FILE}) nor a model directory (model.json)")
 
 

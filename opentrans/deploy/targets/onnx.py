@@ -26,6 +26,23 @@ def check_available() -> None:
     """ONNX Runtime is a required dependency: always available."""
 
 
+def open_session(path: Path, opts=None):
+    """An ONNX Runtime CPU session on ``path``.
+
+    Raises:
+        OpenTransError: a file ONNX Runtime cannot load (truncated, not ONNX, an invalid graph).
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except (ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.Fail, ort_state.NoSuchFile,
+            ort_state.InvalidArgument, ort_state.NotImplemented) as exc:
+        text = str(exc).strip().splitlines()
+        raise OpenTransError(f"{path}: ONNX Runtime cannot load it ({exc.__class__.__name__}"
+                             f"{': ' + text[0][:200] if text else ''})") from None
+
+
 class OnnxRuntimeRunner:
     """Runs an exported image graph with ONNX Runtime (CPUExecutionProvider).
 
@@ -42,7 +59,7 @@ class OnnxRuntimeRunner:
             u8 x s8 products in int16 and can saturate. For checking GPU-bound (jetson, nvidia) Q/DQ graphs here.
 
     Raises:
-        OpenTransError: the file does not exist.
+        OpenTransError: the file does not exist, cannot be loaded, or is not an image graph.
     """
 
     def __init__(self, path: str | os.PathLike, name: str = "onnxruntime-fp32", threads: int | None = None,
@@ -57,8 +74,10 @@ class OnnxRuntimeRunner:
             opts.intra_op_num_threads = int(threads)
         if reference_qdq:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = open_session(self.path, opts)
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        if "images" not in shapes or "text_embeds" not in shapes:
+            raise OpenTransError(f"{self.path}: not an opentrans image graph (inputs {', '.join(shapes)})")
         self.image_shape = tuple(shapes["images"][1:])  # (3, H, W)
         self.embed_dim = shapes["text_embeds"][1]
 

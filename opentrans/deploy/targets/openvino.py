@@ -78,8 +78,14 @@ class OpenVINORunner:
         self.name = name
         config = {} if inference_precision is None else {"INFERENCE_PRECISION_HINT": inference_precision}
         core = _core()
-        model = core.read_model(str(self.path))
+        try:
+            model = core.read_model(str(self.path))
+        except RuntimeError as exc:
+            text = str(exc).strip().splitlines()
+            raise OpenTransError(f"{self.path}: OpenVINO cannot read it ({text[0][:200] if text else 'RuntimeError'})") from None
         shapes = {p.output(0).get_any_name(): p.get_partial_shape() for p in model.get_parameters()}
+        if "images" not in shapes or "text_embeds" not in shapes:
+            raise OpenTransError(f"{self.path}: not an opentrans image graph (inputs {', '.join(shapes)})")
         self.image_shape = tuple(d.get_length() if d.is_static else "?" for d in shapes["images"][1:])  # "?": dynamic
         self.embed_dim = shapes["text_embeds"][1].get_length()
         self.compiled = core.compile_model(model, "CPU", config)
