@@ -23,7 +23,6 @@ from opentrans.errors import OpenTransError
 from opentrans.models.attention import (
     MHA_TYPE,
     POOL_TYPE,
-    PrunedAttentionPool2d,
     PrunedMultiheadAttention,
     attention_structure,
     rebuild_attention,
