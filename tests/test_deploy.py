@@ -339,7 +339,7 @@ def test_rebuild_replaces_an_earlier_build(tmp_path):
 def test_build_from_a_model_directory_records_its_source(builds, tmp_path):
     seg, spec = build_segmentor(TINY_RN, "none")
     seg.head.proj.bias.data.fill_(0.05)  # not the fresh model: the build must come from these weights
-    save_segmentor(seg, spec, tmp_path / "run" / "finetune")
+    save_finished(seg, spec, tmp_path / "run" / "finetune")
     with pytest.raises(OpenTransError, match="keeps its input size"):
         deploy_stage(tmp_path / "run" / "finetune", None, "none", tmp_path / "run" / "deploy" / "x", "onnx", "fp32",
                      CAMVID_SPEC, parity_limit=1, image_size=(32, 32))
