@@ -77,8 +77,10 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -699,13 +701,25 @@ def analyze_opentrans_qkv(module: nn.Module, prefix: str = "", split_qkv: bool =
         OpenTransError: nothing to analyse, or no layer could be fitted.
     """
     mats, excluded = spectral_layers(module, prefix, split_qkv)
+    return _fit_layers(module, mats, excluded, esd, fit_power_law, "opentrans-qkv")
+
+
+def _fit_layers(module: nn.Module, mats: list[LayerMatrix], excluded: list[tuple[str, str]],
+                spectrum: Callable[[torch.Tensor], np.ndarray], fit_fn: Callable[[np.ndarray], Any],
+                estimator: str) -> SpectralReport:
+    """Fit every layer's ESD (``spectrum(weight)``, computed in :func:`single_thread`) with ``fit_fn``; a layer whose
+    fit fails moves to ``excluded`` with the reason.
+
+    Raises:
+        OpenTransError: no layer could be fitted.
+    """
     start = time.perf_counter()
     layers = []
     for lm in mats:
         with single_thread():
-            eigs = esd(lm.weight)
+            eigs = spectrum(lm.weight)
         try:
-            fit = fit_power_law(eigs)
+            fit = fit_fn(eigs)
         except OpenTransError as exc:
             excluded.append((lm.name, f"power-law fit failed: {exc}"))
             continue
@@ -716,7 +730,7 @@ def analyze_opentrans_qkv(module: nn.Module, prefix: str = "", split_qkv: bool =
     if not layers:
         raise OpenTransError(f"{type(module).__name__}: no layer could be analysed")
     return SpectralReport(layers=tuple(layers), excluded=tuple(excluded), seconds=time.perf_counter() - start,
-                          estimator="opentrans-qkv")
+                          estimator=estimator)
 
 
 def authors_layers(module: nn.Module, prefix: str = "") -> tuple[list[LayerMatrix], list[tuple[str, str]]]:
@@ -772,24 +786,8 @@ def analyze_opentrans(module: nn.Module, prefix: str = "") -> SpectralReport:
         OpenTransError: nothing to analyse (see :func:`authors_layers`).
     """
     mats, excluded = authors_layers(module, prefix)
-    start = time.perf_counter()
-    layers = []
-    for lm in mats:
-        with single_thread():
-            eigs = esd(lm.weight, conv_norm=CONV_NORM)
-        try:
-            fit = fit_power_law_authors(eigs)
-        except OpenTransError as exc:
-            excluded.append((lm.name, f"power-law fit failed: {exc}"))
-            continue
-        layers.append(LayerAlpha(name=lm.name, kind=lm.kind, shape=tuple(lm.weight.shape), alpha=fit.alpha,
-                                 alpha_weighted=fit.alpha_weighted, stable_rank=fit.stable_rank,
-                                 num_eigs=_eig_count(lm.weight), xmin=fit.xmin, warning=_warning(fit.alpha),
-                                 ks_distance=fit.ks_distance))
-    if not layers:
-        raise OpenTransError(f"{type(module).__name__}: no layer could be analysed")
-    return SpectralReport(layers=tuple(layers), excluded=tuple(excluded), seconds=time.perf_counter() - start,
-                          estimator="opentrans")
+    return _fit_layers(module, mats, excluded, lambda w: esd(w, conv_norm=CONV_NORM), fit_power_law_authors,
+                       "opentrans")
 
 
 class _MatrixBag(nn.Module):
