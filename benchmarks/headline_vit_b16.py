@@ -35,7 +35,8 @@ from opentrans.deploy.targets import load_runner
 from opentrans.deploy.targets.openvino import OpenVINORunner
 from opentrans.evaluate import TorchRunner, agreement
 from opentrans.hardware import cpu_isa
-from opentrans.models.artifact import build_segmentor, load_segmentor, save_segmentor
+from opentrans.models.artifact import load_segmentor
+from opentrans.pipeline import base_stage
 from opentrans.prune.stage import prune_stage
 from opentrans.prune.structured import count_encoder_cost
 from opentrans.timing import interleaved_times
@@ -68,9 +69,8 @@ def main() -> None:
     print(f"CPU: {isa.summary()}; {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()}")
     base_dir, prune_dir = args.out / "base", args.out / "prune"
-    if not (base_dir / "model.json").exists():
-        seg, spec = build_segmentor("ViT-B-16", args.pretrained, image_size=(args.size, args.size))
-        save_segmentor(seg, spec, base_dir)
+    if not (base_dir / "manifest.json").exists():
+        base_stage(base_dir, "ViT-B-16", args.pretrained, (args.size, args.size))
     if not (prune_dir / "manifest.json").exists():
         prune_stage(from_dir=base_dir, model=None, pretrained="none", out_dir=prune_dir, sparsity=0.45,
                     structures=("channels", "heads", "width"), head_sparsity=0.42, width_sparsity=0.125,
