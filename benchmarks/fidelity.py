@@ -35,7 +35,7 @@ from opentrans.models.artifact import load_segmentor
 from opentrans.prune.imp_stage import imp_stage
 from opentrans.prune.stage import prune_stage
 from opentrans.prune.structured import count_encoder_cost
-from opentrans.timing import interleaved_times
+from opentrans.timing import interleaved_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = f"camvid:{ROOT.parent / 'shared' / 'data' / 'camvid'}"
@@ -101,14 +101,14 @@ def main() -> None:
         runners[name] = load_runner(path)
         gmacs[name] = gmacs[f"2x+rec{args.recovery_steps}"]
     image = np.ascontiguousarray(val[0][0][None].numpy(), dtype=np.float32)
-    times = interleaved_times({k: (lambda r=r: r(image, text)) for k, r in runners.items()}, repeats=args.rounds)
+    medians = interleaved_ms({k: (lambda r=r: r(image, text)) for k, r in runners.items()}, repeats=args.rounds)
     ref_eval = evaluate(runners["reference"], val, text)
     rows = []
     for name, runner in runners.items():
         ev = ref_eval if name == "reference" else evaluate(runner, val, text)
         agree = agreement(runners["reference"], runner, val, text)["pixel_agreement"]
         rows.append({"name": name, "gmacs": gmacs[name], "mac_reduction": gmacs["reference"] / gmacs[name],
-                     "median_ms": float(np.median(times[name])), "miou": ev["miou"],
+                     "median_ms": medians[name], "miou": ev["miou"],
                      "miou_drop": ref_eval["miou"] - ev["miou"], "agreement": agree,
                      "recovery_s": recovery_s.get(name, 0.0)})
     for r in rows:

@@ -40,7 +40,7 @@ from opentrans.models.artifact import load_segmentor
 from opentrans.pipeline import base_stage
 from opentrans.prune.stage import prune_stage
 from opentrans.prune.structured import count_encoder_cost
-from opentrans.timing import interleaved_times
+from opentrans.timing import interleaved_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = f"camvid:{ROOT.parent / 'shared' / 'data' / 'camvid'}"
@@ -99,7 +99,7 @@ def main() -> None:
 
     macs = {"unpruned": count_encoder_cost(base_seg)["gmacs"], "pruned": count_encoder_cost(pruned_seg)["gmacs"]}
     image = np.ascontiguousarray(val[0][0][None].numpy(), dtype=np.float32)
-    times = interleaved_times({k: (lambda r=r: r(image, text)) for k, r in runners.items()}, repeats=args.rounds,
+    medians = interleaved_ms({k: (lambda r=r: r(image, text)) for k, r in runners.items()}, repeats=args.rounds,
                               warmup=1)
     peaks = measure_roofline()
     reference = TorchRunner(base_seg)
@@ -112,7 +112,7 @@ def main() -> None:
         gate = [] if name.startswith("torch") else check_parity(figures, precision)
         if "default conversion" in name:  # device-default precision: judged by the bf16 gate where it is bf16
             gate = check_parity(figures, runner.inference_precision.replace("f32", "fp32"))
-        rows.append({"build": name, "median_ms": float(np.median(times[name])), "precision": precision,
+        rows.append({"build": name, "median_ms": medians[name], "precision": precision,
                      "gmacs": macs["pruned" if pruned else "unpruned"], "parity_agreement": figures["pixel_agreement"],
                      "passes_parity": not gate})
     base_ms = rows[0]["median_ms"]

@@ -23,13 +23,13 @@ def pareto_front(rows: list[dict]) -> list[str]:
     return front
 
 
-def _isa(machine: dict) -> str:
-    """``avx2, fma (VNNI no, native bf16 no)`` from :func:`opentrans.artifacts.machine_description`."""
-    if machine.get("isa") is None:
-        return "unknown"
-    flags = ", ".join(machine["isa"]) or "no AVX2"
-    return (f"{flags} (VNNI {'yes' if machine.get('vnni') else 'no'}, "
-            f"native bf16 {'yes' if machine.get('native_bf16') else 'no'})")
+def _cpu(machine: dict) -> str:
+    """The CPU and its ISA from :func:`opentrans.artifacts.machine_description`, as :meth:`opentrans.hardware.CpuIsa.
+    summary` writes it, e.g. ``AMD EPYC (avx2, fma; no VNNI, no native bf16)``."""
+    from opentrans.hardware import CpuIsa
+
+    isa = machine.get("isa")
+    return CpuIsa(machine["cpu"], None if isa is None else tuple(isa)).summary()
 
 
 def markdown_table(rows: list[dict], header: dict) -> str:
@@ -40,8 +40,8 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         f"# Benchmark: {header['run']}",
         "",
         f"- Weights: **{header['weights']}**",
-        f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}, "
-        f"ISA {_isa(m)}; load average at the end {_loads(header)}",
+        f"- Machine: {_cpu(m)}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}; "
+        f"load average at the end {_loads(header)}",
         "- Roofline (peak GEMM, OpenVINO, measured in this run): "
         + (", ".join(f"{k} {v:.0f} GMAC/s" for k, v in peaks.items()) or "not measured"),
         f"- Input: {header['image_size'][0]}x{header['image_size'][1]} (HxW); latency at batch {header['batch']} "
@@ -174,7 +174,7 @@ def write_bench_report(rows: list[dict], header: dict, out_dir: str | os.PathLik
         write_json(out_dir / "bench.json", {"header": header, "rows": rows}),
         write_text(out_dir / "bench.csv", csv_table(rows)),
         plot_pareto(rows, out_dir / "bench.png", f"Latency vs mIoU: {header['run']}",
-                    f"Weights: {header['weights']}. Machine: {header['machine']['cpu']}, ISA {_isa(header['machine'])}, "
+                    f"Weights: {header['weights']}. Machine: {_cpu(header['machine'])}, "
                     f"{header['machine']['logical_cores']} cores. {header['dataset']} {header['split']}, "
                     f"{header['images']} images."),
     ]

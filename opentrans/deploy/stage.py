@@ -141,12 +141,13 @@ def _build_and_check(target: str, candidate: Candidate, build_dir: Path, onnx_pa
         ``(BuildOutput, parity figures, failed thresholds)``; the runner of a bf16 candidate is the fp32 IR compiled
         with the bf16 inference hint, checked against the ``bf16`` gate.
     """
-    from opentrans.deploy.targets.openvino import OpenVINORunner
     from opentrans.evaluate import TorchRunner, agreement
 
     ctx = BuildContext(precision=candidate.build_precision, build_dir=build_dir, onnx_path=onnx_path, **context)
     built = target_module(target).build(ctx)
     if candidate.precision != candidate.build_precision:  # bf16: same IR, other inference precision
+        from opentrans.deploy.targets.openvino import OpenVINORunner
+
         built.runner = OpenVINORunner(build_dir / built.file, name=f"openvino-{candidate.precision}",
                                       inference_precision=candidate.inference_precision)
         built.checked_precision = candidate.precision
@@ -170,7 +171,7 @@ def _build_auto(target: str, candidates: list[Candidate], tmp: Path, onnx_path: 
         OpenTransError: the fp32 candidate fails its parity gate; errors of the targets.
     """
     from opentrans.hardware import cpu_isa
-    from opentrans.timing import interleaved_times
+    from opentrans.timing import interleaved_ms
 
     results = {}
     for cand in candidates:
@@ -181,8 +182,8 @@ def _build_auto(target: str, candidates: list[Candidate], tmp: Path, onnx_path: 
                                                    text)
     image = np.ascontiguousarray(val[0][0][None].numpy(), dtype=np.float32)
     timed = {p: (lambda r=built.runner: r(image, text)) for p, (built, _, failures) in results.items() if not failures}
-    times = interleaved_times(timed, repeats=AUTO_ROUNDS, warmup=AUTO_WARMUP)
-    rows = [{"precision": p, "median_ms": float(np.median(times[p])) if p in times else None,
+    medians = interleaved_ms(timed, repeats=AUTO_ROUNDS, warmup=AUTO_WARMUP)
+    rows = [{"precision": p, "median_ms": medians.get(p),
              "figures": {k: figures[k] for k in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou")},
              "passed": not failures, "failures": failures} for p, (_, figures, failures) in results.items()]
     kept = choose(rows)

@@ -223,7 +223,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     from opentrans.deploy import clip_tokenizer
     from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
-    from opentrans.deploy.export import fold_constants
     from opentrans.deploy.targets.tensorrt import prepare_onnx
     from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
     from opentrans.deploy.text_graph import (
@@ -248,7 +247,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
 
     # the image graph at the bundle's precision, for TensorRT 11 (and the parity check)
     start = time.perf_counter()
-    fold_constants(ctx.onnx_path)  # TensorRT parses no bicubic Resize: fold the positional-embedding resize
     plan = plan_engine("11.0.0", ctx.precision)
     graph = prepare_onnx(plan, ctx.build_dir, ctx.onnx_path, ctx.calibration, ctx.text_embeds,
                          is_vit=ctx.segmentor.is_vit, smooth_quant_alpha=ctx.options.get("smooth_quant_alpha"),

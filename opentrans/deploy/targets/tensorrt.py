@@ -269,13 +269,17 @@ def prepare_onnx(plan: EnginePlan, build_dir: Path, fp32_onnx: Path, calibration
     copy (:func:`opentrans.deploy.quantize.convert_onnx_fp16`) or a Q/DQ INT8 copy
     (:func:`opentrans.deploy.quantize.quantize_onnx_qdq`, calibrated on ``calibration()`` images float32 (1,3,H,W)
     with ``text_embeds`` (C,D)). TensorRT accumulates INT8 in int32, so ``overflow_fix`` defaults to NNCF's
-    ``first_layer_only``: full 8-bit weights elsewhere.
+    ``first_layer_only``: full 8-bit weights elsewhere. The fp32 export's constant subgraphs are folded first, in place
+    (:func:`opentrans.deploy.export.fold_constants`): TensorRT parses no bicubic Resize, which the
+    positional-embedding resize of a fixed-size export is.
 
     Raises:
         OpenTransError: int8 without calibration images; errors of the quantiser.
     """
     from opentrans.deploy import quantize as q
+    from opentrans.deploy.export import fold_constants
 
+    fold_constants(fp32_onnx)
     if plan.onnx == "fp32":
         return fp32_onnx
     out = build_dir / plan.onnx_file
@@ -339,7 +343,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     Raises:
         OpenTransError: TensorRT missing; errors of :func:`prepare_onnx` and :func:`build_engine`.
     """
-    from opentrans.deploy.export import fold_constants
     from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
 
@@ -351,7 +354,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     profile = engine_profile(ctx.spec.image_size, dim, classes, max_batch, max_classes,
                              dynamic_hw=bool(ctx.options.get("dynamic_hw")), stride=ctx.segmentor.stride)
     start = time.perf_counter()
-    fold_constants(ctx.onnx_path)  # TensorRT parses no bicubic Resize: fold the positional-embedding resize
     onnx_path = prepare_onnx(plan, ctx.build_dir, ctx.onnx_path, ctx.calibration, ctx.text_embeds,
                              is_vit=ctx.segmentor.is_vit, smooth_quant_alpha=ctx.options.get("smooth_quant_alpha"),
                              ignore_ops=ctx.options.get("ignore_ops") or ())
