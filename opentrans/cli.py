@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ import click
 
 from opentrans import __version__
 from opentrans.errors import OpenTransError, OpenTransWarning
+from opentrans.options import FiniteFloat
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -70,25 +70,6 @@ class _Group(click.Group):
                 if message is None:
                     raise
                 raise _Error(message) from None
-
-
-class FiniteFloat(click.FloatRange):
-    """A float option that refuses nan and +-inf (``float("nan")`` passes every range comparison), optionally
-    within a range like :class:`click.FloatRange`; a usage error (exit status 2) otherwise."""
-
-    name = "float"
-
-    def __init__(self, min: float | None = None, max: float | None = None, **kwargs):
-        super().__init__(min, max, **kwargs)
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return rv
-
-    def _describe_range(self) -> str:
-        return super()._describe_range() if (self.min is not None or self.max is not None) else ""
 
 
 def _image_size(ctx, param, value):

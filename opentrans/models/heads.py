@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.models.registry import import_submodules
+from opentrans.registry import import_submodules
 
 #: name -> factory ``(embed_dim: int, **options) -> nn.Module`` with the head signature above.
 HEADS: dict[str, Callable[..., nn.Module]] = {}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.models.registry import import_submodules
+from opentrans.registry import import_submodules
 
 #: kind -> PromptModule subclass, constructed as ``cls(clip, **options)``.
 PROMPTS: dict[str, type] = {}
