@@ -82,7 +82,8 @@ def _image_size(ctx, param, value):
 
 
 def model_options(f):
-    """--from / --model / --pretrained / --allow-pickle / --image-size / --dense-mode.
+    """--from / --model / --pretrained / --allow-pickle / --image-size / --dense-mode, handed to the command as one
+    ``source`` (:class:`opentrans.models.source.ModelSource`).
 
     ``--allow-pickle`` reaches :func:`opentrans.models.clip.load_clip` through
     :func:`opentrans.models.clip.pickle_allowed`: without it a ``--pretrained`` file is never unpickled.
@@ -113,19 +114,23 @@ def model_options(f):
                        "(ViT only); with --from, replaces the artifact's mode." +
                        (" eval also takes 'all' or a comma-separated list." if takes_list else ""))
     @functools.wraps(f)
-    def wrapper(*args, dense_mode=None, allow_pickle=False, **kwargs):
+    def wrapper(*args, from_dir=None, model=None, pretrained="none", image_size=None, dense_mode=None,
+                allow_pickle=False, **kwargs):
         from opentrans.models.artifact import dense_mode_override
         from opentrans.models.clip import pickle_allowed
+        from opentrans.models.source import ModelSource
         from opentrans.training_free import parse_modes
 
         modes = parse_modes(dense_mode)
         if takes_list:
+            source = ModelSource(from_dir, model, pretrained, image_size, None, allow_pickle)
             with pickle_allowed(allow_pickle):
-                return f(*args, dense_modes=modes, **kwargs)
+                return f(*args, source=source, dense_modes=modes, **kwargs)
         if modes is not None and len(modes) > 1:
             raise OpenTransError(f"--dense-mode {dense_mode}: this command takes one mode (only eval compares several)")
-        with dense_mode_override(modes[0] if modes else None), pickle_allowed(allow_pickle):
-            return f(*args, **kwargs)
+        source = ModelSource(from_dir, model, pretrained, image_size, modes[0] if modes else None, allow_pickle)
+        with dense_mode_override(source.dense_mode), pickle_allowed(allow_pickle):
+            return f(*args, source=source, **kwargs)
 
     return wrapper
 
@@ -180,11 +185,11 @@ def cli():
 @click.option("--esd-layers", default=None,
               help="Comma-separated layer names for esd.png (default: smallest, median, largest alpha).")
 @_out_option()
-def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_layers, out):
+def analyze(source, estimator, towers, esd_layers, out):
     """Heavy-tail spectral analysis: power-law alpha of every analysed layer of the chosen towers."""
     from opentrans.finetune.stage import analyze_stage
 
-    figures = analyze_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, image_size=image_size,
+    figures = analyze_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, image_size=source.image_size,
                             estimator=estimator, towers=[t.strip() for t in towers.split(",") if t.strip()],
                             esd_layers=[n.strip() for n in esd_layers.split(",") if n.strip()] if esd_layers else None)
     _print_figures("analyze", figures, out)
@@ -247,7 +252,7 @@ def analyze(from_dir, model, pretrained, image_size, estimator, towers, esd_laye
               help="imp: authors = every Conv2d but the first (the OpenTrans code; nothing to prune in a ViT); "
                    "extended = ours (ViT Linears + fused Q/K/V; ResNet layer1-4 convs + attention pool).")
 @_out_option()
-def prune(from_dir, model, pretrained, image_size, method, sparsity, importance, structures, head_sparsity,
+def prune(source, method, sparsity, importance, structures, head_sparsity,
           width_sparsity, ranking, transfer_from, latency_repeats, latency_backends, round_to, rate, recovery_steps,
           distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, imp_targets, out):
     """Prune the CLIP image encoder: structured channels (torch-pruning) or OpenTrans IMP (global magnitude)."""
@@ -260,8 +265,8 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
             raise OpenTransError(f"{used[0]} applies to --method imp only")
         if sparsity is not None and transfer_from is not None:
             raise OpenTransError("give either --sparsity or --transfer-from, not both (the kept indices fix the shapes)")
-        figures = prune_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
-                              importance=importance, round_to=round_to, image_size=image_size,
+        figures = prune_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, sparsity=sparsity,
+                              importance=importance, round_to=round_to, image_size=source.image_size,
                               recovery_steps=recovery_steps, distill_data=distill_data, distill_limit=distill_limit,
                               batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data, eval_limit=eval_limit,
                               structures=structures, head_sparsity=head_sparsity, width_sparsity=width_sparsity,
@@ -280,10 +285,10 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
             raise OpenTransError("--method imp needs --sparsity (a fraction in (0, 1)) or --masks FILE")
         if sparsity is not None and masks is not None:
             raise OpenTransError("give either --sparsity or --masks, not both (the masks fix the sparsity)")
-        figures = imp_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, sparsity=sparsity,
+        figures = imp_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, sparsity=sparsity,
                             rate=rate, recovery_steps=recovery_steps, distill_data=distill_data,
                             distill_limit=distill_limit, batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data,
-                            eval_limit=eval_limit, masks=masks, image_size=image_size, targets=imp_targets)
+                            eval_limit=eval_limit, masks=masks, image_size=source.image_size, targets=imp_targets)
     _print_figures("prune", figures, out)
 
 
@@ -329,7 +334,7 @@ def prune(from_dir, model, pretrained, image_size, method, sparsity, importance,
 @click.option("--val-limit", type=click.IntRange(min=1), help="Validate on the first N val images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_out_option()
-def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze_heavy_tail, freeze_policy,
+def finetune(source, data, split, limit, freeze_heavy_tail, freeze_policy,
              freeze_fraction, estimator, grad_accum, amp, checkpoint_every, loss, adapter, adapter_rank, oft_block,
              adapter_options, prompts, prompt_options, head, head_options, unseen_classes, steps,
              batch_size, lr, val_limit, seed, out):
@@ -342,9 +347,9 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 
     if split != "train":
         raise OpenTransError("finetune trains on --split train and validates on val")
-    figures = finetune_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, data=data,
+    figures = finetune_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, data=data,
                              steps=steps, batch_size=batch_size, lr=lr, freeze_heavy_tail=freeze_heavy_tail,
-                             train_limit=limit, val_limit=val_limit, image_size=image_size, seed=seed,
+                             train_limit=limit, val_limit=val_limit, image_size=source.image_size, seed=seed,
                              freeze_policy=freeze_policy, freeze_fraction=freeze_fraction, estimator=estimator,
                              grad_accum=grad_accum, amp=amp, checkpoint_every=checkpoint_every, loss=loss,
                              adapter=adapter, adapter_rank=adapter_rank, oft_block=oft_block,
@@ -392,7 +397,7 @@ def finetune(from_dir, model, pretrained, image_size, data, split, limit, freeze
 @click.option("--dynamic-hw", is_flag=True,
               help="Export the image graph with dynamic height/width (ViT position embeddings resized in the graph).")
 @_out_option()
-def deploy(from_dir, model, pretrained, image_size, target, precision, data, calib_size, parity_limit, opset, out,
+def deploy(source, target, precision, data, calib_size, parity_limit, opset, out,
            dynamic_hw=False, calib_data=None, smooth_quant_alpha=0.6, ignore_ops=(), max_drop=None,
            drop_metric="agreement", sensitivity=False, sensitivity_images=4, cpu_isa=None):
     """Export and verify: ONNX (fp32 / fp16 / INT8 Q/DQ), OpenVINO IR (fp32 / fp16 / NNCF INT8), Jetson bundle,
@@ -400,11 +405,11 @@ def deploy(from_dir, model, pretrained, image_size, target, precision, data, cal
     from opentrans.deploy.stage import deploy_stage, recorded_data
 
     if data is None:
-        data = recorded_data(from_dir)
-        click.echo(f"--data: {data} (recorded in {from_dir}/manifest.json)", err=True)
-    figures = deploy_stage(from_dir=from_dir, model=model, pretrained=pretrained, out_dir=out, target=target,
+        data = recorded_data(source.from_dir)
+        click.echo(f"--data: {data} (recorded in {source.from_dir}/manifest.json)", err=True)
+    figures = deploy_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, target=target,
                            precision=precision, data=data, parity_limit=parity_limit, calib_size=calib_size,
-                           opset=opset, image_size=image_size, dynamic_hw=dynamic_hw, calib_data=calib_data,
+                           opset=opset, image_size=source.image_size, dynamic_hw=dynamic_hw, calib_data=calib_data,
                            smooth_quant_alpha=smooth_quant_alpha, ignore_ops=list(ignore_ops), max_drop=max_drop,
                            drop_metric=drop_metric, sensitivity=sensitivity, sensitivity_images=sensitivity_images,
                            cpu_isa=cpu_isa)
@@ -487,7 +492,7 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
                    "background threshold; docs/training_free.md); options given explicitly win.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics as JSON here (several modes: also .md table and .png plot beside it).")
-def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, limit, short_side, window, stride,
+def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
           prompt_sets, bg_threshold, templates, logit_scale, protocol, out):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
@@ -503,12 +508,12 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
     options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
                                bg_threshold=bg_threshold, templates=templates, logit_scale=logit_scale)
     if dense_modes is not None and len(dense_modes) > 1:
-        from opentrans.models.artifact import SPEC_FILE, resolve_model
+        from opentrans.models.artifact import SPEC_FILE
 
-        if from_dir is not None and not (Path(from_dir) / SPEC_FILE).exists():
+        if source.from_dir is not None and not (Path(source.from_dir) / SPEC_FILE).exists():
             raise OpenTransError("several --dense-mode values need a PyTorch model (--model or a prune/finetune "
                                  "directory); a deploy build has its mode baked in")
-        seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
+        seg, spec, _ = source.resolve()
         report = evaluate_modes(seg, spec, dense_modes, data, split, limit, options, desc=True, protocol=protocol)
         click.echo(markdown_modes(report))
         if out is not None:
@@ -516,7 +521,7 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
             click.echo(f"report: {', '.join(str(p) for p in paths)}")
         return
     with dense_mode_override(dense_modes[0] if dense_modes else None):
-        runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
+        runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
     fixed = not hasattr(runner, "segmentor")
     if protocol == "paper":
         options = protocol_options(options, spec.dense_mode, data)
@@ -546,7 +551,7 @@ def eval_(from_dir, model, pretrained, image_size, dense_modes, data, split, lim
 @click.option("--classes", required=True, help="Comma-separated class names, e.g. 'road,car,sky'.")
 @model_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Overlay PNG to write.")
-def segment(image, classes, from_dir, model, pretrained, image_size, out):
+def segment(image, classes, source, out):
     """Segment one image with free-form class names and write an overlay PNG."""
     from opentrans.segment import segment_image
 
@@ -558,7 +563,7 @@ def segment(image, classes, from_dir, model, pretrained, image_size, out):
     if not names:
         raise OpenTransError("--classes: give at least one class name")
     check_unique_classes(names, "--classes")
-    runner, seg, spec = _open_for_inference(from_dir, model, pretrained, image_size)
+    runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
     encode = getattr(runner, "encode_classes", None)
     if encode is not None:
