@@ -13,6 +13,8 @@ import click
 from opentrans import __version__
 from opentrans.errors import OpenTransError, OpenTransWarning
 from opentrans.options import FiniteFloat
+from opentrans.analyze.options import AnalyzeOptions  # analyze/finetune: typed options
+from opentrans.options import cli_options, options_from_kwargs  # analyze/finetune: typed options
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -177,21 +179,13 @@ def cli():
 @cli.command(epilog="Example: opentrans analyze --model ViT-B-16 --pretrained none --estimator both "
                     "--towers image,text --out runs/x/analyze")
 @model_options
-@click.option("--estimator", type=click.Choice(["opentrans", "opentrans-qkv", "weightwatcher", "both"]),
-              default="opentrans", show_default=True,
-              help="opentrans: the OpenTrans authors' estimator and layer set; opentrans-qkv: ours (Q/K/V split, "
-                   "corrected xmin window); weightwatcher; or both (opentrans beside weightwatcher).")
-@click.option("--towers", default="image", show_default=True, help="Comma-separated CLIP towers: image, text.")
-@click.option("--esd-layers", default=None,
-              help="Comma-separated layer names for esd.png (default: smallest, median, largest alpha).")
+@cli_options(AnalyzeOptions)
 @_out_option()
-def analyze(source, estimator, towers, esd_layers, out):
+def analyze(source, out, **kwargs):
     """Heavy-tail spectral analysis: power-law alpha of every analysed layer of the chosen towers."""
-    from opentrans.finetune.stage import analyze_stage
+    from opentrans.analyze.stage import analyze_stage
 
-    figures = analyze_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, image_size=source.image_size,
-                            estimator=estimator, towers=[t.strip() for t in towers.split(",") if t.strip()],
-                            esd_layers=[n.strip() for n in esd_layers.split(",") if n.strip()] if esd_layers else None)
+    figures = analyze_stage(source, options_from_kwargs(AnalyzeOptions, kwargs), out)
     _print_figures("analyze", figures, out)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from opentrans.artifacts import StageRecord, is_complete, read_json, write_json, write_text
 from opentrans.models.artifact import SPEC_FILE, resolve_model, save_segmentor
 from opentrans.models.clip import pickle_allowed
+from opentrans.options import as_record
 from opentrans.recipe import Recipe
 
 
@@ -43,7 +44,9 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     from opentrans.bench import bench_stage
     from opentrans.deploy.stage import deploy_stage
     from opentrans.deploy.targets import CPU_TARGETS
-    from opentrans.finetune.stage import analyze_stage, finetune_stage
+    from opentrans.analyze.stage import analyze_stage
+    from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
     from opentrans.prune.stage import prune_stage
 
     base = {"model": recipe.model, "pretrained": recipe.pretrained, "image_size": recipe.image_size}
@@ -56,7 +59,9 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
                                                                       recipe.image_size)))
     if recipe.analyze is not None:
         out = root / "analyze"
-        plan.append(("analyze", out, {**base}, lambda out=out, src=dict(source): analyze_stage(out_dir=out, **src)))
+        plan.append(("analyze", out, {**base, **as_record(recipe.analyze)},
+                     lambda out=out, src=dict(source): analyze_stage(
+                         ModelSource(**src, allow_pickle=recipe.allow_pickle), recipe.analyze, out)))
     if recipe.prune is not None:
         out, opts = root / "prune", asdict(recipe.prune)
         plan.append(("prune", out, {**base, **opts},

@@ -25,13 +25,9 @@ from typing import Any
 
 import yaml
 
+from opentrans.analyze.options import AnalyzeOptions
 from opentrans.artifacts import read_text
 from opentrans.errors import OpenTransError
-
-
-@dataclass
-class AnalyzeOptions:
-    """Options of ``opentrans analyze`` (none yet besides the model)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from opentrans.finetune.freeze import (
     head_only_plan,
     row_masked_parameters,
 )
-from opentrans.finetune.spectral import LayerAlpha, analyze_model, analyze_spectrum
+from opentrans.analyze.spectral import LayerAlpha, analyze_model, analyze_spectrum
 from opentrans.finetune.trainer import resize_masks, resolve_amp, train_segmentor
 from tests.conftest import CAMVID_SPEC, TINY_VIT
 

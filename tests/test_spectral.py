@@ -16,7 +16,7 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.finetune.freeze import freeze_plan
-from opentrans.finetune.spectral import (
+from opentrans.analyze.spectral import (
     _import_weightwatcher,
     analyze_model,
     analyze_opentrans_qkv,
@@ -115,7 +115,7 @@ def test_weightwatcher_rows_are_checked_against_modules(monkeypatch):
 
 def test_weightwatcher_import_leaves_root_logger_alone():
     # weightwatcher's import calls logging.basicConfig(level=INFO); a fresh interpreter shows whether it leaks
-    code = ("import logging; from opentrans.finetune.spectral import _import_weightwatcher; "
+    code = ("import logging; from opentrans.analyze.spectral import _import_weightwatcher; "
             "_import_weightwatcher(); root = logging.getLogger(); "
             "print(len(root.handlers), root.level)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -147,10 +147,12 @@ def test_report_files(tmp_path, tiny_vit):
 
 def test_analyze_stage(tmp_path):
     from opentrans.artifacts import load_manifest
-    from opentrans.finetune.stage import analyze_stage
+    from opentrans.analyze.options import AnalyzeOptions
+    from opentrans.analyze.stage import analyze_stage
+    from opentrans.models.source import ModelSource
 
     out = tmp_path / "analyze"
-    figures = analyze_stage(None, TINY_VIT, "none", out, estimator="both", towers=("image", "text"))
+    figures = analyze_stage(ModelSource(model=TINY_VIT), AnalyzeOptions(estimator="both", towers=("image", "text")), out)
     manifest = load_manifest(out)
     assert manifest["weights"] == "random-init weights"
     assert manifest["figures"] == figures
@@ -171,7 +173,8 @@ def test_analyze_stage(tmp_path):
     assert (out / "esd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(manifest["options"]["esd_layers"]) == 3
 
-    ours = analyze_stage(None, TINY_VIT, "none", tmp_path / "qkv", estimator="opentrans-qkv", towers=("image", "text"))
+    ours = analyze_stage(ModelSource(model=TINY_VIT), AnalyzeOptions(estimator="opentrans-qkv", towers=("image", "text")),
+                         tmp_path / "qkv")
     # our layer set: image: 3 blocks x (Q, K, V, out_proj, c_fc, c_proj); text: 2 blocks x 6; only the patch conv
     # is left out
     assert ours["layers_analysed"] == 18 + 12 and ours["excluded"] == 1 and ours["estimator"] == "opentrans-qkv"
@@ -180,11 +183,12 @@ def test_analyze_stage(tmp_path):
 
     bad = tmp_path / "bad"
     with pytest.raises(OpenTransError, match="unknown model"):
-        analyze_stage(None, "no-such-model", "none", bad)
+        analyze_stage(ModelSource(model="no-such-model"), AnalyzeOptions(), bad)
     with pytest.raises(OpenTransError, match="--esd-layers"):
-        analyze_stage(None, TINY_VIT, "none", bad, esd_layers=["clip.visual.transformer.resblocks.0.attn.out_proj"])
+        analyze_stage(ModelSource(model=TINY_VIT),
+                      AnalyzeOptions(esd_layers=["clip.visual.transformer.resblocks.0.attn.out_proj"]), bad)
     with pytest.raises(OpenTransError, match="unknown tower"):
-        analyze_stage(None, TINY_VIT, "none", bad, towers=("audio",))
+        analyze_stage(ModelSource(model=TINY_VIT), AnalyzeOptions(towers=("audio",)), bad)
     assert not bad.exists()
 
 

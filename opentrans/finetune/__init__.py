@@ -1,4 +1,4 @@
-"""Layer-wise finetuning guided by heavy-tailed spectral analysis (the ``analyze`` and ``finetune`` stages).
+"""Layer-wise finetuning guided by heavy-tailed spectral analysis (the ``finetune`` stage).
 
 OpenTrans (Xu, Chen, Zhao & Wei, "Transferable and Principled Efficiency for Open-Vocabulary
 Segmentation", CVPR 2024, arXiv:2404.07448) measures, for each layer of the CLIP image encoder, the
@@ -6,11 +6,11 @@ power-law exponent alpha of its weight matrix's eigenvalue spectrum (Martin & Ma
 self-regularisation, computed with weightwatcher). Heavy-tailed layers (alpha below the median) count as
 well trained and stay frozen; the rest are finetuned with the segmentation head.
 
-* :mod:`~opentrans.finetune.spectral`: :func:`analyze_model` (the OpenTrans authors' estimator and layer set,
-  our Q/K/V-split variant ``opentrans-qkv`` and/or weightwatcher; image/text towers), :func:`analyze_opentrans`,
-  :func:`authors_layers`, :func:`fit_power_law_authors`, :func:`analyze_opentrans_qkv`, :func:`fit_power_law`,
-  :func:`analyze_weightwatcher`, :func:`esd`, :func:`analyze_spectrum`, :func:`layer_alphas`,
-  :func:`write_alpha_report`, :func:`write_esd_plot`.
+* :mod:`opentrans.analyze.spectral` (the layer below; re-exported here): :func:`analyze_model` (the OpenTrans
+  authors' estimator and layer set, our Q/K/V-split variant ``opentrans-qkv`` and/or weightwatcher; image/text
+  towers), :func:`analyze_opentrans`, :func:`authors_layers`, :func:`fit_power_law_authors`,
+  :func:`analyze_opentrans_qkv`, :func:`fit_power_law`, :func:`analyze_weightwatcher`, :func:`esd`,
+  :func:`analyze_spectrum`, :func:`layer_alphas`, :func:`write_alpha_report`, :func:`write_esd_plot`.
 * :mod:`~opentrans.finetune.freeze`: :func:`freeze_plan` (median, fraction, inverse, random),
   :func:`head_only_plan`, :func:`apply_freeze_plan` (Q/K/V slices via row-masked gradients),
   :func:`gradient_free_parameters`, :func:`trainable_param_count`.
@@ -18,7 +18,8 @@ well trained and stay frozen; the rest are finetuned with the segmentation head.
   autocast, checkpoint/resume).
 * :mod:`~opentrans.finetune.losses`: cross-entropy, focal, Dice, focal + Dice.
 * :mod:`~opentrans.finetune.adapters`: LoRA and OFT, mergeable into plain weights.
-* :mod:`~opentrans.finetune.stage`: :func:`analyze_stage`, :func:`finetune_stage`.
+* :mod:`~opentrans.finetune.stage`: :func:`finetune_stage` (:func:`opentrans.analyze.stage.analyze_stage` is
+  re-exported here).
 """
 
 from opentrans.finetune.freeze import (
@@ -29,7 +30,7 @@ from opentrans.finetune.freeze import (
     head_only_plan,
 )
 from opentrans.finetune.freeze import trainable_param_count
-from opentrans.finetune.spectral import (
+from opentrans.analyze.spectral import (
     LayerAlpha,
     PowerLawFit,
     SpectralReport,
@@ -46,7 +47,8 @@ from opentrans.finetune.spectral import (
     write_alpha_report,
     write_esd_plot,
 )
-from opentrans.finetune.stage import analyze_stage, finetune_stage
+from opentrans.analyze.stage import analyze_stage
+from opentrans.finetune.stage import finetune_stage
 from opentrans.finetune.trainer import train_segmentor
 
 __all__ = [

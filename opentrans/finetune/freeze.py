@@ -51,7 +51,7 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import has_fused_qkv
-from opentrans.finetune.spectral import LayerAlpha
+from opentrans.analyze.spectral import LayerAlpha
 from opentrans.models.segmentor import OpenVocabSegmentor
 
 #: Policies of :func:`freeze_plan`.

@@ -35,6 +35,8 @@ from opentrans.artifacts import StageRecord, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.analyze.spectral import analyze_model
+from opentrans.analyze.stage import check_out_dir as _check_out_dir
 from opentrans.finetune.adapters import add_lora, add_oft, merge_adapters
 from opentrans.finetune.freeze import (
     POLICIES,
@@ -43,13 +45,6 @@ from opentrans.finetune.freeze import (
     gradient_free_parameters,
     head_only_plan,
     trainable_param_count,
-)
-from opentrans.finetune.spectral import (
-    TOWERS,
-    analyze_model,
-    estimator_layers,
-    write_alpha_report,
-    write_esd_plot,
 )
 from opentrans.finetune.losses import LOSSES
 from opentrans.finetune.trainer import (
@@ -69,80 +64,6 @@ ADAPTERS = ("none", "lora", "oft", "hclip")
 #: Zero-shot split of CamVid used by the recipe example and docs/finetune.md: the last three classes in
 #: label order are unseen, as ZS3Net / ZegCLIP / SPT-SEG hold out the last five of PASCAL VOC's twenty.
 CAMVID_UNSEEN = ("car", "pedestrian", "bicyclist")
-
-
-def _check_out_dir(out_dir: str | os.PathLike) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OpenTransError(f"--out {out_dir}: exists and is not a folder")
-    return out_dir
-
-
-def analyze_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str,
-                  out_dir: str | os.PathLike, image_size: tuple[int, int] | None = None,
-                  estimator: str = "opentrans", towers: tuple[str, ...] | list[str] = ("image",),
-                  esd_layers: list[str] | None = None) -> dict:
-    """Heavy-tail spectral analysis of a model's image encoder (``opentrans analyze``).
-
-    Layer names are those of ``seg.named_modules()`` (``clip.visual.…``), so ``alphas.json`` applies
-    directly to the segmentor. The analysis runs before anything is written.
-
-    Args:
-        from_dir: output directory of an earlier stage (``--from``), or None.
-        model, pretrained: open_clip architecture and weights (``--model``/``--pretrained``), if no ``from_dir``.
-        out_dir: where ``alphas.csv``, ``alphas.json``, ``alphas.png``, ``esd.png`` and ``manifest.json`` go.
-        image_size: network input (H, W) for a fresh model (does not change the alphas).
-        estimator: ``opentrans`` (default, the authors' estimator and layer set), ``opentrans-qkv`` (ours),
-            ``weightwatcher`` or ``both`` (the table and plan use the authors' OpenTrans alphas,
-            weightwatcher's, on the Q/K/V-split layer set, are written beside them).
-        towers: ``image`` and/or ``text`` (see :data:`~opentrans.finetune.spectral.TOWERS`).
-        esd_layers: layer names for ``esd.png`` (ESD log-log plot with the fit); default: the layers
-            with the smallest, the median and the largest alpha.
-
-    Returns:
-        The manifest figures: ``layers_analysed``, ``excluded``, ``median_alpha`` (dimensionless),
-        ``seconds`` (wall time of the analysis, all estimators) and ``estimator``.
-
-    Raises:
-        OpenTransError: bad model arguments (see :func:`~opentrans.models.artifact.resolve_model`), an
-            ``out_dir`` that is a file, an unknown estimator/tower/ESD layer, or an encoder without
-            analysable layers.
-    """
-    started = time.perf_counter()
-    out_dir = _check_out_dir(out_dir)
-    seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
-    reports = analyze_model(seg, towers, estimator)
-    report = next(iter(reports.values()))
-    compare = reports.get("weightwatcher") if len(reports) == 2 else None
-    mats = {lm.name: lm for t in towers
-            for lm in estimator_layers(seg.get_submodule(TOWERS[t].rstrip(".")), TOWERS[t], estimator)}
-    if esd_layers:
-        unknown = [n for n in esd_layers if n not in report.alphas()]
-        if unknown:
-            raise OpenTransError(f"--esd-layers: '{unknown[0]}' is not an analysed layer (see alphas.csv names)")
-        chosen = list(dict.fromkeys(esd_layers))
-    else:
-        ordered = sorted(report.layers, key=lambda la: la.alpha)
-        chosen = list(dict.fromkeys(la.name for la in (ordered[0], ordered[len(ordered) // 2], ordered[-1])))
-    options = {"from": None if from_dir is None else str(from_dir), "model": spec.model,
-               "pretrained": spec.pretrained, "image_size": list(spec.image_size), "estimator": estimator,
-               "towers": list(towers), "esd_layers": chosen}
-    with StageRecord("analyze", out_dir, options, started=started) as rec:
-        for path in inputs:
-            rec.add_input(path)
-        for path in write_alpha_report(report, out_dir, weights=spec.weights, compare=compare):
-            rec.add_output(path)
-        rec.add_output(write_esd_plot(out_dir / "esd.png", [mats[n] for n in chosen], weights=spec.weights,
-                                      estimator=estimator))
-        rec.weights = spec.weights
-        rec.figures = {
-            "layers_analysed": len(report.layers),
-            "excluded": len(report.excluded),
-            "median_alpha": round(report.median_alpha, 4),
-            "seconds": round(sum(r.seconds for r in reports.values()), 2),
-            "estimator": estimator,
-        }
-    return rec.figures
 
 
 def _layer_params(seg, names) -> dict[str, int]:
