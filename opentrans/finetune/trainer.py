@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from opentrans.artifacts import read_json, save_safetensors, write_json
 from opentrans.data import SegDataset, collate
 from opentrans.errors import OpenTransError, OpenTransWarning
-from opentrans.finetune.losses import LOSSES, segmentation_loss
+from opentrans.finetune.losses import check_loss, segmentation_loss
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.progress import progress as progress_bar
 
@@ -328,7 +328,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
         amp: ``off``, ``bf16`` (``torch.autocast('cpu', torch.bfloat16)`` around the forward pass; the loss
             is computed in float32) or ``auto`` (bf16 where the CPU has native bf16, :func:`cpu_supports_bf16`).
         checkpoint_dir, checkpoint_every: see above (``checkpoint_every = 0``: no checkpoints).
-        loss: a name of :data:`~opentrans.finetune.losses.LOSSES` (``ce`` default, ``focal``, ``dice``,
+        loss: a name of :data:`~opentrans.finetune.losses.LOSS_FUNCTIONS` (``ce`` default, ``focal``, ``dice``,
             ``focal-dice``, ``ssim``, ``focal-ssim``; :mod:`opentrans.finetune.losses`).
         on_step: called as ``on_step(step, loss)`` after each optimizer step (1-based), after any checkpoint
             of that step; an exception it raises stops training (tests use it to simulate a kill).
@@ -348,8 +348,7 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
 
     check_train_options(steps, batch_size, lr, grad_accum, checkpoint_every)
     use_bf16 = resolve_amp(amp)
-    if loss not in LOSSES:
-        raise OpenTransError(f"--loss {loss}: choose one of {', '.join(LOSSES)}")
+    check_loss(loss)
     if tuple(dataset.image_size) != tuple(seg.image_size):
         raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
     text_trains = callable(text_embeds)

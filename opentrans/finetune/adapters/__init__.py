@@ -18,12 +18,23 @@ directly. Because they are parametrizations, the adapted model runs unchanged co
 ``nn.MultiheadAttention`` reads the adapted ``in_proj_weight``), and :func:`merge_adapters` folds every
 adapter into plain weights (exactly, both adapters are linear in the weight) so an adapted model exports
 like any other.
+
+Each ``--adapter`` choice is an :class:`~opentrans.finetune.adapters.common.AdapterKind` in
+:data:`~opentrans.finetune.adapters.common.ADAPTERS`, registered by its own module (``none.py``, ``lora.py``,
+``oft.py``, ``hclip.py``): a new adapter is one new module here.
 """
 
-from opentrans.finetune.adapters.common import AdapterReport, adapter_parameters, merge_adapters
+from opentrans.finetune.adapters.common import (
+    ADAPTERS,
+    AdapterKind,
+    AdapterReport,
+    adapter_names,
+    adapter_parameters,
+    merge_adapters,
+)
 from opentrans.finetune.adapters.hclip import DCRC, HCLIPAdapter, add_hclip, tower_targets
 from opentrans.finetune.adapters.lora import LoRA, add_lora
 from opentrans.finetune.adapters.oft import OFT, add_oft, hyperspherical_energy
 
-__all__ = ["DCRC", "OFT", "AdapterReport", "HCLIPAdapter", "LoRA", "adapter_parameters", "add_hclip", "add_lora",
+__all__ = ["ADAPTERS", "DCRC", "OFT", "AdapterKind", "AdapterReport", "adapter_names", "HCLIPAdapter", "LoRA", "adapter_parameters", "add_hclip", "add_lora",
            "add_oft", "hyperspherical_energy", "merge_adapters", "tower_targets"]

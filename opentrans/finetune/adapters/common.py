@@ -1,9 +1,16 @@
-"""Target resolution, registration, counting and merging shared by the adapters."""
+"""Target resolution, registration, counting and merging shared by the adapters, and the adapter registry.
+
+:data:`ADAPTERS` maps each ``--adapter`` name to an :class:`AdapterKind` that knows how to add itself to a
+segmentor from the finetune options; every adapter module of this package registers its own kind (this module
+imports none of them), so a new adapter is one new file.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,6 +18,10 @@ from torch.nn.utils import parametrize
 
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import has_fused_qkv
+from opentrans.registry import Registry
+
+if TYPE_CHECKING:
+    from opentrans.finetune.options import FinetuneOptions
 
 _SLICE = re.compile(r"^(?P<mha>.+)\.in_proj_weight\[(?P<tag>[qkv])\]$")
 
@@ -114,3 +125,37 @@ def merge_adapters(model: nn.Module) -> int:
                 with torch.no_grad():
                     parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
     return merged
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """One ``--adapter`` choice (an entry of :data:`ADAPTERS`).
+
+    Attributes:
+        name: the ``--adapter`` value.
+        add: ``add(seg, targets, options) -> AdapterReport``: register the adapter on ``seg`` (every CLIP weight
+            already frozen) from :class:`~opentrans.finetune.options.FinetuneOptions`; ``targets`` are the Linear /
+            Q/K/V layers the freeze plan marks trainable (maybe empty). None: no adapter (``none``).
+        needs_plan: the adapter adapts the plan's trainable layers, so it needs a heavy-tail plan with at least one
+            such layer (``--no-freeze-heavy-tail`` is refused).
+        takes_options: it accepts ``--adapter-options`` (a JSON object of keyword options).
+        settings: ``settings(options) -> dict``: its size settings for the report (``rank``, ``block``).
+        order: position in the ``--adapter`` choices (then by name).
+    """
+
+    name: str
+    add: Callable[[nn.Module, list[str], "FinetuneOptions"], AdapterReport] | None
+    needs_plan: bool = False
+    takes_options: bool = False
+    settings: Callable[["FinetuneOptions"], dict[str, Any]] = field(default=lambda options: {})
+    order: int = 100
+
+
+#: ``--adapter`` name -> :class:`AdapterKind`; each module of :mod:`opentrans.finetune.adapters` registers its own.
+ADAPTERS: Registry[AdapterKind] = Registry("adapter", plugins="opentrans.finetune.adapters")
+
+
+def adapter_names() -> list[str]:
+    """The ``--adapter`` choices, in :attr:`AdapterKind.order` (``none``, ``lora``, ``oft``, ``hclip``, then any
+    plug-in by name)."""
+    return [name for name, _ in sorted(ADAPTERS.items(), key=lambda item: (item[1].order, item[0]))]

@@ -77,7 +77,15 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import has_fused_qkv
-from opentrans.finetune.adapters.common import AdapterReport, adapter_module, cayley, register, resolve_target
+from opentrans.finetune.adapters.common import (
+    ADAPTERS,
+    AdapterKind,
+    AdapterReport,
+    adapter_module,
+    cayley,
+    register,
+    resolve_target,
+)
 
 _LAYER = re.compile(r"(?:^|\.)resblocks\.(\d+)\.(.+)$")
 TOWERS = ("image", "text")
@@ -355,3 +363,19 @@ def add_hclip(seg: nn.Module, image_targets: list[str] | None = None, text_targe
     unique = {id(p): p for a in registered for p in a.parameters()}
     return AdapterReport("hclip", tuple(names), sum(p.numel() for p in unique.values()),
                          sum((rows[1] - rows[0]) * width for _, _, width, rows, _, _ in info))
+
+
+def _add_from_options(seg: nn.Module, targets: list[str], options) -> AdapterReport:
+    """``--adapter hclip``: :func:`add_hclip` on the plan's trainable layers (its default image targets when the
+    plan has none) with ``--adapter-options`` as keyword options.
+
+    Raises:
+        OpenTransError: an option :func:`add_hclip` does not take, or any of its refusals.
+    """
+    try:
+        return add_hclip(seg, image_targets=targets or None, **(options.adapter_options or {}))
+    except TypeError as exc:
+        raise OpenTransError(f"--adapter-options {options.adapter_options}: {exc}") from None
+
+
+ADAPTERS.add("hclip", AdapterKind("hclip", _add_from_options, takes_options=True, order=3))

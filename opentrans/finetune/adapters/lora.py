@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.finetune.adapters.common import AdapterReport, adapter_module, register
+from opentrans.finetune.adapters.common import ADAPTERS, AdapterKind, AdapterReport, adapter_module, register
 
 
 @adapter_module
@@ -72,3 +72,8 @@ def add_lora(model: nn.Module, targets: list[str], rank: int = 4, alpha: float =
                         lambda w, rows: LoRA(w.shape[0], w.shape[1], rows, rank, alpha, generator))
     return AdapterReport("lora", tuple(targets), sum(p.numel() for a in adapters for p in a.parameters()),
                          sum((a.rows[1] - a.rows[0]) * a.A.shape[1] for a in adapters))
+
+
+ADAPTERS.add("lora", AdapterKind(
+    "lora", lambda seg, targets, options: add_lora(seg, targets, rank=options.adapter_rank, seed=options.seed),
+    needs_plan=True, settings=lambda options: {"rank": options.adapter_rank}, order=1))

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.finetune.adapters.common import AdapterReport, adapter_module, cayley, register
+from opentrans.finetune.adapters.common import (
+    ADAPTERS,
+    AdapterKind,
+    AdapterReport,
+    adapter_module,
+    cayley,
+    register,
+)
 
 
 @adapter_module
@@ -79,3 +86,8 @@ def hyperspherical_energy(weight: torch.Tensor, eps: float = 1e-12) -> float:
     d = torch.cdist(w, w)
     off = ~torch.eye(w.shape[0], dtype=torch.bool)
     return float((1.0 / d[off].clamp_min(eps)).sum())
+
+
+ADAPTERS.add("oft", AdapterKind(
+    "oft", lambda seg, targets, options: add_oft(seg, targets, block_size=options.oft_block),
+    needs_plan=True, settings=lambda options: {"block": options.oft_block}, order=2))

@@ -20,6 +20,10 @@ cross-entropy and focal terms; the Dice term is dimensionless in [0, 1]).
   plus ``loss_ssim`` = ``1 - SSIM`` with the same 11x11, sigma 1.5 window, weight 1). Here the focal term is
   the softmax focal loss above (nats per pixel) and both terms weigh 1 (``ssim_weight``): SPT-SEG's weight 20
   is tuned for its per-class *sigmoid* focal term (a different scale), so it is not carried over as a number.
+
+Each ``--loss`` name is an entry of :data:`LOSS_FUNCTIONS` (a :class:`~opentrans.registry.Registry`): the six
+above register here; another loss registers itself in its own module of this package (imported on the first
+lookup), e.g. ``@LOSS_FUNCTIONS.register("tversky")`` on ``def tversky(logits, target, ignore_index, **weights)``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,19 @@ import torch
 import torch.nn.functional as F
 
 from opentrans.errors import OpenTransError
+from opentrans.registry import Registry
 
-#: ``loss`` choices of :func:`segmentation_loss`.
+#: ``--loss`` name -> ``fn(logits (B, C, H, W), target (B, H, W) int64, ignore_index, **weights) -> scalar``
+#: (``weights``: ``ssim_weight``; a loss ignores the weights it has no term for).
+LOSS_FUNCTIONS: Registry = Registry("loss", plugins="opentrans.finetune.losses")
+#: the built-in ``loss`` choices of :func:`segmentation_loss`, in the order of ``--help`` (plug-ins: :func:`loss_names`)
 LOSSES = ("ce", "focal", "dice", "focal-dice", "ssim", "focal-ssim")
+
+
+def loss_names() -> list[str]:
+    """Every registered ``--loss`` name: the built-in ones in :data:`LOSSES` order, then plug-ins by name."""
+    names = LOSS_FUNCTIONS.names()
+    return [n for n in LOSSES if n in names] + [n for n in names if n not in LOSSES]
 #: SSIM constants of Wang et al. 2004 (Sec. III-C): window side, Gaussian sigma (pixels), K1, K2.
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 
@@ -117,24 +131,30 @@ def ssim_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> 
     return 1.0 - local.permute(0, 2, 3, 1)[valid].mean()
 
 
+LOSS_FUNCTIONS.add("ce", lambda logits, target, ignore_index, **weights: F.cross_entropy(
+    logits.float(), target, ignore_index=ignore_index))
+LOSS_FUNCTIONS.add("focal", lambda logits, target, ignore_index, **weights: focal_loss(logits, target, ignore_index))
+LOSS_FUNCTIONS.add("dice", lambda logits, target, ignore_index, **weights: dice_loss(logits, target, ignore_index))
+LOSS_FUNCTIONS.add("focal-dice", lambda logits, target, ignore_index, **weights: (
+    focal_loss(logits, target, ignore_index) + dice_loss(logits, target, ignore_index)))
+LOSS_FUNCTIONS.add("ssim", lambda logits, target, ignore_index, **weights: ssim_loss(logits, target, ignore_index))
+LOSS_FUNCTIONS.add("focal-ssim", lambda logits, target, ignore_index, ssim_weight=1.0, **weights: (
+    focal_loss(logits, target, ignore_index) + ssim_weight * ssim_loss(logits, target, ignore_index)))
+
+
+def check_loss(loss: str) -> None:
+    """Raises :class:`OpenTransError` (``--loss NAME: choose one of ...``) for an unregistered loss."""
+    if loss not in LOSS_FUNCTIONS:
+        raise OpenTransError(f"--loss {loss}: choose one of {', '.join(loss_names())}")
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, loss: str = "ce",
                       ssim_weight: float = 1.0) -> torch.Tensor:
-    """The ``loss`` of :data:`LOSSES` (``ce`` is ``F.cross_entropy``) on logits ``(B, C, H, W)`` and int64
-    targets ``(B, H, W)``; ``ssim_weight`` multiplies the SSIM term of ``focal-ssim``.
+    """The registered ``loss`` (:data:`LOSS_FUNCTIONS`; ``ce`` is ``F.cross_entropy``) on logits ``(B, C, H, W)``
+    and int64 targets ``(B, H, W)``; ``ssim_weight`` multiplies the SSIM term of ``focal-ssim``.
 
     Raises:
         OpenTransError: an unknown loss name.
     """
-    if loss == "ce":
-        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-    if loss == "focal":
-        return focal_loss(logits, target, ignore_index)
-    if loss == "dice":
-        return dice_loss(logits, target, ignore_index)
-    if loss == "focal-dice":
-        return focal_loss(logits, target, ignore_index) + dice_loss(logits, target, ignore_index)
-    if loss == "ssim":
-        return ssim_loss(logits, target, ignore_index)
-    if loss == "focal-ssim":
-        return focal_loss(logits, target, ignore_index) + ssim_weight * ssim_loss(logits, target, ignore_index)
-    raise OpenTransError(f"--loss {loss}: choose one of {', '.join(LOSSES)}")
+    check_loss(loss)
+    return LOSS_FUNCTIONS.get(loss)(logits, target, ignore_index, ssim_weight=ssim_weight)
