@@ -72,12 +72,20 @@ def load_model(model: str | os.PathLike, pretrained: str = "none",
     return Model(seg, spec)
 
 
-def analyze(model: Model, towers: tuple[str, ...] = ("image",), estimator: str = "opentrans") -> dict:
+def analyze(model: Model, **options) -> dict:
     """Heavy-tail spectral analysis: ``{estimator: SpectralReport}`` with each layer's power-law alpha
-    (:func:`opentrans.finetune.spectral.analyze_model`)."""
-    from opentrans.finetune.spectral import analyze_model
+    (:func:`opentrans.analyze.spectral.analyze_model`); ``options`` are fields of
+    :class:`~opentrans.analyze.options.AnalyzeOptions` (``towers``, default ``("image",)``; ``estimator``, default
+    ``opentrans``).
 
-    return analyze_model(model.segmentor, towers, estimator)
+    Raises:
+        OpenTransError: an unknown option, estimator or tower.
+    """
+    from opentrans.analyze.options import AnalyzeOptions
+    from opentrans.analyze.spectral import analyze_model
+
+    opts = _options(AnalyzeOptions, options)
+    return analyze_model(model.segmentor, opts.towers, opts.estimator)
 
 
 def prune(model: Model, sparsity: float, structures: tuple[str, ...] = ("channels",), **options) -> dict:
@@ -95,33 +103,53 @@ def prune(model: Model, sparsity: float, structures: tuple[str, ...] = ("channel
     return report
 
 
-def finetune(model: Model, data: str, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
-             freeze_heavy_tail: bool = True, estimator: str = "opentrans", seed: int = 0,
-             train_limit: int | None = None) -> list[float]:
-    """Finetune in place on ``data``'s train split: with ``freeze_heavy_tail`` the layers whose alpha is below the
-    median are frozen (the OpenTrans plan, :func:`opentrans.finetune.freeze.freeze_plan`), the rest and the head
-    train; otherwise the head alone. Returns the loss of every step.
+def finetune(model: Model, data: str, **options) -> list[float]:
+    """Finetune in place on ``data``'s train split: with ``freeze_heavy_tail`` (default) the layers the freeze
+    policy picks are frozen (default ``median``: alpha below the median, the OpenTrans plan,
+    :func:`opentrans.finetune.freeze.freeze_plan`), the rest and the head train; otherwise the head alone. Returns
+    the loss of every step (nats).
+
+    ``options`` are fields of :class:`~opentrans.finetune.options.FinetuneOptions`, with its defaults (``steps``
+    40, ``batch_size`` 4, ``lr`` 1e-3, ``freeze_heavy_tail``, ``estimator``, ``seed``, ``train_limit``, ``loss``,
+    ``grad_accum``, ``amp``, ...); adapters, prompts, heads and zero-shot splits are the stage's
+    (:func:`opentrans.finetune.stage.finetune_stage`).
 
     Raises:
         OpenTransError: a bad data spec or training option.
     """
     from opentrans.data import open_dataset
-    from opentrans.finetune.freeze import apply_freeze_plan, freeze_plan, head_only_plan
-    from opentrans.finetune.spectral import analyze_model
+    from opentrans.finetune.freeze import apply_freeze_plan
+    from opentrans.finetune.options import FinetuneOptions
+    from opentrans.finetune.stage import make_freeze_plan
     from opentrans.finetune.trainer import train_segmentor
 
+    opts = _options(FinetuneOptions, options)
     seg, spec = model.segmentor, model.spec
-    train = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, train_limit)
-    if freeze_heavy_tail:
-        plan = freeze_plan(analyze_model(seg, ("image",), estimator)[estimator].layers, "median", seed=seed)
-    else:
-        plan = head_only_plan()
-    apply_freeze_plan(seg, plan)
+    train = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, opts.train_limit)
+    apply_freeze_plan(seg, make_freeze_plan(seg, opts)[0])
     text = seg.encode_classes(list(train.class_names), model_name=spec.model)
-    losses = train_segmentor(seg, train, text, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False)
+    losses = train_segmentor(seg, train, text, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
+                             seed=opts.seed, progress=False, grad_accum=opts.grad_accum, amp=opts.amp, loss=opts.loss)
     seg.eval()
     spec.lineage = [*spec.lineage, "finetune"]
     return losses
+
+
+def _options(cls, values: dict):
+    """``cls(**values)``, checked.
+
+    Raises:
+        OpenTransError: a name that is not a field of ``cls``, or a value its check refuses.
+    """
+    from dataclasses import fields
+
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise OpenTransError(f"unknown option(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(f.name for f in fields(cls)))}")
+    opts = cls(**values)
+    opts.check()
+    return opts
 
 
 def deploy(model: Model, target: str, precision: str, data: str, out_dir: str | os.PathLike, **options) -> Build:

@@ -14,6 +14,7 @@ from opentrans import __version__
 from opentrans.errors import OpenTransError, OpenTransWarning
 from opentrans.options import FiniteFloat
 from opentrans.analyze.options import AnalyzeOptions  # analyze/finetune: typed options
+from opentrans.finetune.options import FinetuneOptions  # analyze/finetune: typed options
 from opentrans.options import cli_options, options_from_kwargs  # analyze/finetune: typed options
 
 
@@ -290,48 +291,9 @@ def prune(source, method, sparsity, importance, structures, head_sparsity,
                     "--data camvid:../shared/data/camvid --steps 40 --out runs/x/finetune")
 @model_options
 @data_options(split="train")
-@click.option("--freeze-heavy-tail/--no-freeze-heavy-tail", default=True, show_default=True,
-              help="Freeze image-encoder layers by their alpha (see --freeze-policy); train the rest and the head.")
-@click.option("--freeze-policy", type=click.Choice(["median", "fraction", "inverse", "random"]), default="median",
-              show_default=True, help="median: freeze alpha < median (OpenTrans); fraction: freeze the "
-              "--freeze-fraction smallest alphas; inverse: freeze alpha > median; random: a seeded control.")
-@click.option("--freeze-fraction", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True)
-@click.option("--estimator", type=click.Choice(["opentrans", "opentrans-qkv", "weightwatcher"]), default="opentrans",
-              show_default=True, help="Alphas of the plan: the OpenTrans authors' estimator and layer set, ours "
-                                      "(opentrans-qkv: Q/K/V split), or weightwatcher's.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batches per optimizer step.")
-@click.option("--amp", type=click.Choice(["off", "bf16", "auto"]), default="off", show_default=True,
-              help="bf16 autocast (auto: where the CPU has native bf16).")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Save the training state every N steps into OUT/checkpoints; rerun to resume after a kill.")
-@click.option("--loss", type=click.Choice(["ce", "focal", "dice", "focal-dice", "ssim", "focal-ssim"]), default="ce",
-              show_default=True, help="focal-ssim: focal + (1 - SSIM) of class probability maps (SPT-SEG).")
-@click.option("--adapter", type=click.Choice(["none", "lora", "oft", "hclip"]), default="none", show_default=True,
-              help="Train LoRA/OFT/H-CLIP adapters on the plan's trainable layers instead of the layers themselves "
-              "(merged into plain weights before saving).")
-@click.option("--adapter-rank", type=click.IntRange(min=1), default=4, show_default=True, help="LoRA rank.")
-@click.option("--oft-block", type=click.IntRange(min=2), default=16, show_default=True, help="OFT block size.")
-@click.option("--adapter-options", metavar="JSON", help="Options of --adapter hclip, e.g. '{\"block_size\": 64}'.")
-@click.option("--prompts", metavar="KIND", help="Learnable prompts to add and train: none (remove), vpt, spt-seg, "
-              "ldvc, ...; default: keep the model's.")
-@click.option("--prompt-options", metavar="JSON", help="Options of --prompts, e.g. '{\"tokens\": 10}'.")
-@click.option("--head", metavar="NAME", help="Replace the head before training: linear, none, spt-seg, ldvc, ...; "
-              "default: keep the model's.")
-@click.option("--head-options", metavar="JSON", help="Options of --head (JSON object).")
-@click.option("--unseen-classes", metavar="A,B,C", help="Zero-shot split: these classes are never labelled in "
-              "training; reports mIoU(S), mIoU(U) and hIoU (CamVid: car,pedestrian,bicyclist).")
-@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Images per step (all processes together under torchrun).")
-@click.option("--lr", type=FiniteFloat(), default=1e-3, show_default=True)
-@click.option("--val-limit", type=click.IntRange(min=1), help="Validate on the first N val images.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@cli_options(FinetuneOptions, exclude=("train_limit",))
 @_out_option()
-def finetune(source, data, split, limit, freeze_heavy_tail, freeze_policy,
-             freeze_fraction, estimator, grad_accum, amp, checkpoint_every, loss, adapter, adapter_rank, oft_block,
-             adapter_options, prompts, prompt_options, head, head_options, unseen_classes, steps,
-             batch_size, lr, val_limit, seed, out):
+def finetune(source, data, split, limit, out, **kwargs):
     """Selective finetuning on a labelled dataset, with heavy-tail freezing; reports val mIoU before/after.
 
     Under torchrun (e.g. torchrun --standalone --nproc_per_node 2 --no-python opentrans finetune ...) training
@@ -341,14 +303,8 @@ def finetune(source, data, split, limit, freeze_heavy_tail, freeze_policy,
 
     if split != "train":
         raise OpenTransError("finetune trains on --split train and validates on val")
-    figures = finetune_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, data=data,
-                             steps=steps, batch_size=batch_size, lr=lr, freeze_heavy_tail=freeze_heavy_tail,
-                             train_limit=limit, val_limit=val_limit, image_size=source.image_size, seed=seed,
-                             freeze_policy=freeze_policy, freeze_fraction=freeze_fraction, estimator=estimator,
-                             grad_accum=grad_accum, amp=amp, checkpoint_every=checkpoint_every, loss=loss,
-                             adapter=adapter, adapter_rank=adapter_rank, oft_block=oft_block,
-                             adapter_options=adapter_options, prompts=prompts, prompt_options=prompt_options,
-                             head=head, head_options=head_options, unseen_classes=unseen_classes)
+    options = options_from_kwargs(FinetuneOptions, {**kwargs, "train_limit": limit})
+    figures = finetune_stage(source, options, out, data)
     if figures:  # {} on torchrun ranks other than 0
         _print_figures("finetune", figures, out)
 

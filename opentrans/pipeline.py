@@ -70,7 +70,8 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     if recipe.finetune is not None:
         out, opts = root / "finetune", asdict(recipe.finetune)
         plan.append(("finetune", out, {**base, **opts, "data": recipe.data},
-                     lambda out=out, src=dict(source), o=opts: finetune_stage(out_dir=out, data=recipe.data, **src, **o)))
+                     lambda out=out, src=dict(source): finetune_stage(
+                         ModelSource(**src, allow_pickle=recipe.allow_pickle), recipe.finetune, out, recipe.data)))
         source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
     if recipe.deploy is not None:
         d = recipe.deploy

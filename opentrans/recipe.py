@@ -26,8 +26,10 @@ from typing import Any
 import yaml
 
 from opentrans.analyze.options import AnalyzeOptions
+from opentrans.finetune.options import FinetuneOptions
 from opentrans.artifacts import read_text
 from opentrans.errors import OpenTransError
+from opentrans.options import StageOptions, from_mapping
 
 
 @dataclass
@@ -43,41 +45,6 @@ class PruneOptions:
     head_sparsity: float | None = None
     width_sparsity: float | None = None
     ranking: str | None = None
-
-
-@dataclass
-class FinetuneOptions:
-    """Options of ``opentrans finetune`` (the keyword arguments of
-    :func:`~opentrans.finetune.stage.finetune_stage`; see docs/finetune.md).
-
-    ``adapter``: none, lora, oft or hclip; ``prompts``: None (keep the model's), none or a prompt kind (vpt,
-    spt-seg, ldvc) with ``prompt_options``; ``head``: None (keep) or a head name (linear, none, spt-seg, ldvc)
-    with ``head_options``; ``unseen_classes``: zero-shot split (e.g. ``[car, pedestrian, bicyclist]`` on CamVid).
-    """
-
-    steps: int = 40
-    batch_size: int = 4
-    lr: float = 1e-3
-    freeze_heavy_tail: bool = True
-    train_limit: int | None = None
-    val_limit: int | None = None
-    seed: int = 0
-    freeze_policy: str = "median"
-    freeze_fraction: float = 0.5
-    estimator: str = "opentrans"
-    grad_accum: int = 1
-    amp: str = "off"
-    checkpoint_every: int = 0
-    loss: str = "ce"
-    adapter: str = "none"
-    adapter_rank: int = 4
-    oft_block: int = 16
-    adapter_options: dict | None = None
-    prompts: str | None = None
-    prompt_options: dict | None = None
-    head: str | None = None
-    head_options: dict | None = None
-    unseen_classes: list[str] | None = None
 
 
 @dataclass
@@ -187,7 +154,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     recipe = _build(Recipe, top, str(path))
     for stage, cls in stage_types.items():
         if stage in raw:
-            opts = _build(cls, raw[stage], f"{path}: {stage}")
+            build = from_mapping if issubclass(cls, StageOptions) else _build  # the typed stage options check themselves
+            opts = build(cls, raw[stage], f"{path}: {stage}")
             if stage == "deploy":
                 opts.builds = [_build(Build, b, f"{path}: deploy.builds") for b in opts.builds]
             setattr(recipe, stage, opts)

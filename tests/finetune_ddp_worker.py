@@ -13,15 +13,18 @@ import sys
 from pathlib import Path
 
 #: global batch 2 = one image per process; checkpoints every step (rank 0 writes them)
-SETTINGS = {"steps": 2, "batch_size": 2, "lr": 1e-3, "train_limit": 2, "val_limit": 1, "progress": False,
+SETTINGS = {"steps": 2, "batch_size": 2, "lr": 1e-3, "train_limit": 2, "val_limit": 1,
             "checkpoint_every": 1, "freeze_policy": "fraction", "freeze_fraction": 0.75, "seed": 1}
 
 
 def run(data: str, out: str) -> dict:
     """The stage's figures (``{}`` on a rank other than 0)."""
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
 
-    return finetune_stage(None, "opentrans-tiny-vit", "none", out, data, **SETTINGS)
+    return finetune_stage(ModelSource(model="opentrans-tiny-vit"), FinetuneOptions(**SETTINGS), out, data,
+                          progress=False)
 
 
 if __name__ == "__main__":

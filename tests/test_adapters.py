@@ -126,13 +126,16 @@ def test_bad_targets_register_nothing(tiny_vit):
 def test_finetune_stage_with_adapter_saves_merged_plain_weights(tmp_path, adapter):
     import json
 
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
     from opentrans.models.artifact import build_segmentor, load_segmentor
     from tests.conftest import CAMVID_SPEC, TINY_VIT
 
     out = tmp_path / adapter
-    figures = finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=2, batch_size=1, lr=1e-2,
-                             train_limit=1, val_limit=1, progress=False, adapter=adapter, adapter_rank=2)
+    figures = finetune_stage(ModelSource(model=TINY_VIT),
+                             FinetuneOptions(steps=2, batch_size=1, lr=1e-2, train_limit=1, val_limit=1,
+                                             adapter=adapter, adapter_rank=2), out, CAMVID_SPEC, progress=False)
     report = json.loads((out / "finetune_report.json").read_text())
     info = report["adapter"]
     assert info["kind"] == adapter and info["merged"] == len(info["targets"]) > 0

@@ -142,12 +142,15 @@ def _layer_weight(state: dict, layer: str) -> torch.Tensor:
 
 def test_finetune_stage_writes_loadable_model(tmp_path):
     from opentrans.artifacts import load_manifest
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
     from opentrans.models.artifact import build_segmentor, load_segmentor
 
     out = tmp_path / "ft"
-    figures = finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=3, batch_size=2, lr=1e-3,
-                             train_limit=2, val_limit=2, progress=False)
+    figures = finetune_stage(ModelSource(model=TINY_VIT),
+                             FinetuneOptions(steps=3, batch_size=2, lr=1e-3, train_limit=2, val_limit=2), out,
+                             CAMVID_SPEC, progress=False)
     manifest = load_manifest(out)
     assert manifest["status"] == "complete" and manifest["weights"] == "random-init weights"
     assert manifest["figures"] == figures
@@ -187,12 +190,15 @@ def test_finetune_stage_writes_loadable_model(tmp_path):
     ({"train_limit": 0}, "--limit 0"),
 ])
 def test_finetune_stage_bad_input_leaves_out_dir_untouched(tmp_path, kwargs, match):
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
 
     out = tmp_path / "ft"
-    args = {"data": CAMVID_SPEC, "steps": 2, "train_limit": 1, "val_limit": 1, "progress": False, **kwargs}
+    args = {"data": CAMVID_SPEC, "steps": 2, "train_limit": 1, "val_limit": 1, **kwargs}
+    data = args.pop("data")
     with pytest.raises(OpenTransError, match=match) as info:
-        finetune_stage(None, TINY_VIT, "none", out, **args)
+        finetune_stage(ModelSource(model=TINY_VIT), FinetuneOptions(**args), out, data, progress=False)
     assert "\n" not in str(info.value)
     assert not out.exists()
 
@@ -379,13 +385,15 @@ def _count(module) -> int:
 def test_finetune_wires_paper_prompts_and_heads_and_keeps_them(tmp_path):
     """--prompts ldvc --head ldvc: both are built, trained (LDVC's text prompts through a text forward with
     gradient at every step), counted per component, saved in the artifact, and kept by a later finetune."""
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
     from opentrans.models.artifact import load_segmentor
 
-    common = {"steps": 1, "batch_size": 2, "lr": 1e-3, "train_limit": 2, "val_limit": 1, "progress": False,
-              "freeze_heavy_tail": False}
+    common = {"steps": 1, "batch_size": 2, "lr": 1e-3, "train_limit": 2, "val_limit": 1, "freeze_heavy_tail": False}
     first = tmp_path / "ldvc"
-    finetune_stage(None, TINY_VIT, "none", first, CAMVID_SPEC, prompts="ldvc", head="ldvc", **common)
+    finetune_stage(ModelSource(model=TINY_VIT), FinetuneOptions(prompts="ldvc", head="ldvc", **common), first,
+                   CAMVID_SPEC, progress=False)
     report = json.loads((first / "finetune_report.json").read_text())
     seg, spec = load_segmentor(first)
     assert spec.head == "ldvc" and spec.prompts["kind"] == "ldvc" and seg.prompts.kind == "ldvc"
@@ -396,7 +404,7 @@ def test_finetune_wires_paper_prompts_and_heads_and_keeps_them(tmp_path):
     assert f"prompts {parts['prompts']:,}" in (first / "finetune_report.md").read_text()
 
     second = tmp_path / "again"
-    finetune_stage(first, None, "none", second, CAMVID_SPEC, **common)
+    finetune_stage(ModelSource(from_dir=first), FinetuneOptions(**common), second, CAMVID_SPEC, progress=False)
     again = json.loads((second / "finetune_report.json").read_text())
     assert again["head"] == "ldvc" and again["prompts"] == "ldvc"  # not given: the artifact's are kept
     assert again["trainable_by_component"] == parts
@@ -411,13 +419,16 @@ HCLIP_FAST = {"block_size": 16, "dcrc": False, "text_targets": ["clip.transforme
 
 
 def test_finetune_hclip_with_spt_seg_prompts_and_head_merges_before_saving(tmp_path):
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
     from opentrans.models.artifact import build_segmentor, load_segmentor
 
     out = tmp_path / "hclip"
-    figures = finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=1, batch_size=2, lr=1e-3,
-                             train_limit=2, val_limit=1, progress=False, freeze_heavy_tail=False, adapter="hclip",
-                             adapter_options=HCLIP_FAST, prompts="spt-seg", head="spt-seg")
+    figures = finetune_stage(ModelSource(model=TINY_VIT),
+                             FinetuneOptions(steps=1, batch_size=2, lr=1e-3, train_limit=2, val_limit=1,
+                                             freeze_heavy_tail=False, adapter="hclip", adapter_options=HCLIP_FAST,
+                                             prompts="spt-seg", head="spt-seg"), out, CAMVID_SPEC, progress=False)
     report = json.loads((out / "finetune_report.json").read_text())
     parts = report["trainable_by_component"]
     assert report["adapter"]["kind"] == "hclip" and report["adapter"]["merged"] > 0

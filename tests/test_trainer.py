@@ -33,11 +33,13 @@ def test_killed_finetune_stage_reruns_to_the_same_weights(tmp_path, monkeypatch)
     """A ``finetune`` run killed after step 3 (checkpoint at step 2) and run again with the same options ends
     with exactly the weights of an uninterrupted run."""
     import opentrans.finetune.stage as stage
+    from opentrans.finetune.options import FinetuneOptions
+    from opentrans.models.source import ModelSource
 
-    kwargs = {"steps": 4, "batch_size": 1, "lr": 1e-3, "train_limit": 2, "val_limit": 1, "progress": False,
+    kwargs = {"steps": 4, "batch_size": 1, "lr": 1e-3, "train_limit": 2, "val_limit": 1,
               "checkpoint_every": 2, "seed": 5, "freeze_policy": "fraction", "freeze_fraction": 0.75}
     full = tmp_path / "full"
-    stage.finetune_stage(None, TINY_VIT, "none", full, CAMVID_SPEC, **kwargs)
+    stage.finetune_stage(ModelSource(model=TINY_VIT), FinetuneOptions(**kwargs), full, CAMVID_SPEC, progress=False)
 
     class Killed(Exception):
         pass
@@ -50,13 +52,13 @@ def test_killed_finetune_stage_reruns_to_the_same_weights(tmp_path, monkeypatch)
     real = stage.train_segmentor
     monkeypatch.setattr(stage, "train_segmentor", functools.partial(real, on_step=kill))
     with pytest.raises(Killed):
-        stage.finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, **kwargs)
+        stage.finetune_stage(ModelSource(model=TINY_VIT), FinetuneOptions(**kwargs), out, CAMVID_SPEC, progress=False)
     assert json.loads((out / "checkpoints" / "trainer_state.json").read_text())["step"] == 2
     assert not (out / "model.safetensors").exists() and not (out / "manifest.json").exists()
 
     seen = []
     monkeypatch.setattr(stage, "train_segmentor", functools.partial(real, on_step=lambda s, _: seen.append(s)))
-    stage.finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, **kwargs)
+    stage.finetune_stage(ModelSource(model=TINY_VIT), FinetuneOptions(**kwargs), out, CAMVID_SPEC, progress=False)
     assert seen == [3, 4]  # steps 1-2 came from the checkpoint
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -65,7 +65,9 @@ def test_seen_classes_dataset_renumbers_and_hides_unseen(tiny_vit):
 def test_zero_shot_finetune_never_trains_on_unseen_labels(tmp_path, monkeypatch):
     import opentrans.finetune.trainer as trainer
     from opentrans.artifacts import load_manifest
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
 
     received = []
     real_loss = trainer.segmentation_loss
@@ -76,9 +78,10 @@ def test_zero_shot_finetune_never_trains_on_unseen_labels(tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "segmentation_loss", spy)
     out = tmp_path / "zs"
-    figures = finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=2, batch_size=2, lr=1e-3,
-                             train_limit=2, val_limit=2, progress=False, freeze_heavy_tail=False,
-                             unseen_classes=",".join(UNSEEN))
+    figures = finetune_stage(ModelSource(model=TINY_VIT),
+                             FinetuneOptions(steps=2, batch_size=2, lr=1e-3, train_limit=2, val_limit=2,
+                                             freeze_heavy_tail=False, unseen_classes=",".join(UNSEEN)),
+                             out, CAMVID_SPEC, progress=False)
     assert len(received) == 2
     for classes, labels, ignore in received:
         assert classes == 8  # logits only against the 8 seen classes' text embeddings
@@ -99,12 +102,15 @@ def test_zero_shot_finetune_never_trains_on_unseen_labels(tmp_path, monkeypatch)
 @pytest.mark.parametrize("unseen, match", [("car,zebra", "'zebra' is not a class"),
                                            ("car,car", "named twice")])
 def test_bad_unseen_classes_fail_before_writing(tmp_path, unseen, match):
+    from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage
+    from opentrans.models.source import ModelSource
 
     out = tmp_path / "bad"
     with pytest.raises(OpenTransError, match=match) as info:
-        finetune_stage(None, TINY_VIT, "none", out, CAMVID_SPEC, steps=1, train_limit=1, val_limit=1,
-                       progress=False, unseen_classes=unseen)
+        finetune_stage(ModelSource(model=TINY_VIT), FinetuneOptions(steps=1, train_limit=1, val_limit=1,
+                                                                    unseen_classes=unseen),
+                       out, CAMVID_SPEC, progress=False)
     assert "\n" not in str(info.value) and not out.exists()
 
 
