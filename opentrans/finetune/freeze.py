@@ -51,6 +51,7 @@ from torch import nn
 
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import has_fused_qkv
+from opentrans.models.modes import preserved_modes
 from opentrans.analyze.spectral import LayerAlpha
 from opentrans.models.segmentor import OpenVocabSegmentor
 
@@ -277,16 +278,13 @@ def gradient_free_parameters(seg: OpenVocabSegmentor) -> list[str]:
         return []
     for _, p in named:
         p.grad = None
-    was_training = seg.training
-    seg.eval()
     images = torch.zeros(1, 3, *seg.image_size)
     text = torch.randn(2, seg.embed_dim, generator=torch.Generator().manual_seed(0))
-    with torch.enable_grad():
+    with preserved_modes(seg, train=False), torch.enable_grad():
         seg(images, text).sum().backward()
     # a row-masked in-projection whose trainable rows get a zero gradient is as unreachable as no gradient
     missing = [n for n, p in named if p.grad is None or (getattr(p, _MASK_ATTR, None) is not None
                                                          and not bool(p.grad[getattr(p, _MASK_ATTR)].any()))]
     for _, p in named:
         p.grad = None
-    seg.train(was_training)
     return missing
