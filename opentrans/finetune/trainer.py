@@ -29,6 +29,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -344,19 +345,10 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
             parameter, a checkpoint of another run, a global batch that is not a multiple of the process
             count, or a loss that became NaN/inf (lower the learning rate).
     """
-    from opentrans.finetune.freeze import row_masked_parameters
-
     check_train_options(steps, batch_size, lr, grad_accum, checkpoint_every)
     use_bf16 = resolve_amp(amp)
     check_loss(loss)
-    if tuple(dataset.image_size) != tuple(seg.image_size):
-        raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
-    text_trains = callable(text_embeds)
-    if not text_trains:
-        text_embeds = text_embeds.detach().float()
-        if len(dataset.class_names) != text_embeds.shape[0]:
-            raise OpenTransError(f"{len(dataset.class_names)} classes in the dataset but {text_embeds.shape[0]} "
-                                 "text embeddings")
+    text_embeds = _checked_text(seg, dataset, text_embeds)
     named = [(n, p) for n, p in seg.named_parameters() if p.requires_grad]
     if not named:
         raise OpenTransError("nothing to train: no parameter of the model requires a gradient")
@@ -364,87 +356,35 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
     if world > 1 and min(batch_size, len(dataset)) % world:
         raise OpenTransError(f"--batch-size {batch_size}: the global batch ({min(batch_size, len(dataset))} images) "
                              f"must be a multiple of the {world} processes")
-    params = [p for _, p in named]
 
     seg.eval()
-    forward = _TrainForward(seg, text_embeds)
-    if world > 1:
-        from opentrans.finetune.freeze import gradient_free_parameters
-
-        # parameters without a gradient path need DDP's (slower) unused-parameter search; the stage freezes them
-        unused = bool(gradient_free_parameters(seg))
-        forward = torch.nn.parallel.DistributedDataParallel(forward, find_unused_parameters=unused)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=POLY_POWER)
-    generator = torch.Generator().manual_seed(seed)
-    masked = [(p, ~mask, p.detach()[~mask].clone()) for p, mask in row_masked_parameters(seg)]
+    loop = _Loop(seg=seg, dataset=dataset, forward=_wrap_forward(seg, text_embeds, world), optimizer=optimizer,
+                 masked=_frozen_rows(seg), loss=loss, use_bf16=use_bf16, grad_accum=grad_accum, lr=lr, rank=rank,
+                 world=world)
     fingerprint = _fingerprint([n for n, _ in named], steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                weight_decay=weight_decay, grad_accum=grad_accum, amp=use_bf16, loss=loss,
                                data=len(dataset), classes=list(dataset.class_names))
-    if text_trains:
+    if callable(text_embeds):
         fingerprint = _fingerprint([fingerprint], text_trains=True)
     start_step, losses = 0, []
     if checkpoint_dir is not None:
-        # the starting weights are part of the run: a checkpoint must not resume onto another model
-        digest = hashlib.sha256()
-        for name, value in seg.state_dict().items():
-            digest.update(name.encode())
-            digest.update(value.detach().contiguous().cpu().numpy().tobytes())
-        fingerprint = _fingerprint([fingerprint], start_weights=digest.hexdigest())
+        fingerprint = _fingerprint([fingerprint], start_weights=_weights_digest(seg))
         resumed = load_checkpoint(checkpoint_dir, fingerprint, named, optimizer, scheduler)
         if resumed is not None:
             start_step, losses = resumed
-    batches = _batches(len(dataset), batch_size, steps * grad_accum, generator)
+    batches = _batches(len(dataset), batch_size, steps * grad_accum, torch.Generator().manual_seed(seed))
     for _ in range(start_step * grad_accum):  # replay the sampler: same data order as an uninterrupted run
         next(batches)
     bar = progress_bar(range(start_step, steps), total=steps, initial=start_step, desc="finetune",
-               disable=not progress or rank != 0, leave=False)
+                       disable=not progress or rank != 0, leave=False)
     with torch.enable_grad():
         for step in bar:
             current_lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, labelled = 0.0, 0
-            for _ in range(grad_accum):
-                idx = next(batches)[rank::world]
-                images, masks = collate([dataset[i] for i in idx])
-                target = resize_masks(masks, seg.image_size)
-                n_local = int((target != dataset.ignore_index).sum())
-                n_global = n_local
-                if world > 1:
-                    count = torch.tensor([n_local], dtype=torch.int64)
-                    torch.distributed.all_reduce(count)
-                    n_global = int(count)
-                if n_global == 0:
-                    continue
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = forward(images)
-                if n_local:
-                    value = segmentation_loss(logits, target, dataset.ignore_index, loss)
-                else:  # this process's share is unlabelled: a zero loss that still reaches every parameter (DDP)
-                    value = logits.float().sum() * 0.0
-                if world > 1:
-                    share = value.detach().reshape(1) * (n_local / n_global)
-                    torch.distributed.all_reduce(share)
-                    logged = float(share)
-                else:
-                    logged = float(value.detach())
-                if not math.isfinite(logged):
-                    raise OpenTransError(f"training loss became {logged} at step {step + 1}; "
-                                         f"lower --lr (now {lr})")
-                if world > 1:
-                    value = value * (n_local * world / n_global)
-                (value / grad_accum).backward()
-                step_loss += logged
-                labelled += 1
-            if labelled:
-                optimizer.step()
-                with torch.no_grad():
-                    for p, frozen_rows, values in masked:
-                        p[frozen_rows] = values
-                losses.append(step_loss / labelled)
+            losses.append(_train_step(loop, batches, step))
+            if math.isfinite(losses[-1]):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{current_lr:.2e}")
-            else:
-                losses.append(float("nan"))
             scheduler.step()
             done = step + 1
             if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
@@ -455,3 +395,122 @@ def train_segmentor(seg: OpenVocabSegmentor, dataset: SegDataset,
                 on_step(done, losses[-1])
     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def _checked_text(seg: OpenVocabSegmentor, dataset, text_embeds):
+    """Fixed class embeddings detached as float32 ``(C, D)`` (a callable is returned as it is).
+
+    Raises:
+        OpenTransError: images of another size than ``seg.image_size``, or a class count other than ``C``.
+    """
+    if tuple(dataset.image_size) != tuple(seg.image_size):
+        raise OpenTransError(f"dataset images are {dataset.image_size} but the model takes {seg.image_size}")
+    if callable(text_embeds):
+        return text_embeds
+    text_embeds = text_embeds.detach().float()
+    if len(dataset.class_names) != text_embeds.shape[0]:
+        raise OpenTransError(f"{len(dataset.class_names)} classes in the dataset but {text_embeds.shape[0]} "
+                             "text embeddings")
+    return text_embeds
+
+
+def _wrap_forward(seg: OpenVocabSegmentor, text_embeds, world: int) -> torch.nn.Module:
+    """The training forward (:class:`_TrainForward`), under DistributedDataParallel when ``world > 1``."""
+    forward = _TrainForward(seg, text_embeds)
+    if world > 1:
+        from opentrans.finetune.freeze import gradient_free_parameters
+
+        # parameters without a gradient path need DDP's (slower) unused-parameter search; the stage freezes them
+        unused = bool(gradient_free_parameters(seg))
+        forward = torch.nn.parallel.DistributedDataParallel(forward, find_unused_parameters=unused)
+    return forward
+
+
+def _frozen_rows(seg: OpenVocabSegmentor) -> list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]:
+    """``(parameter, frozen-row mask, their values)`` of every partly trainable fused in-projection."""
+    from opentrans.finetune.freeze import row_masked_parameters
+
+    return [(p, ~mask, p.detach()[~mask].clone()) for p, mask in row_masked_parameters(seg)]
+
+
+def _weights_digest(seg: OpenVocabSegmentor) -> str:
+    """sha256 of the state dict: the starting weights are part of a run, a checkpoint must not resume onto another
+    model."""
+    digest = hashlib.sha256()
+    for name, value in seg.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Loop:
+    """What one optimizer step of :func:`train_segmentor` needs."""
+
+    seg: OpenVocabSegmentor
+    dataset: SegDataset
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    masked: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]
+    loss: str
+    use_bf16: bool
+    grad_accum: int
+    lr: float
+    rank: int
+    world: int
+
+
+def _labelled_pixels(loop: _Loop, target: torch.Tensor) -> tuple[int, int]:
+    """``(labelled pixels of this process's share, of the whole global batch)``."""
+    n_local = int((target != loop.dataset.ignore_index).sum())
+    if loop.world == 1:
+        return n_local, n_local
+    count = torch.tensor([n_local], dtype=torch.int64)
+    torch.distributed.all_reduce(count)
+    return n_local, int(count)
+
+
+def _micro_batch(loop: _Loop, idx: list[int], step: int) -> float | None:
+    """Forward and backward of one micro-batch (gradients accumulate); its loss (of the global batch under
+    DDP), or None when no process has a labelled pixel.
+
+    Raises:
+        OpenTransError: the loss became NaN/inf.
+    """
+    images, masks = collate([loop.dataset[i] for i in idx[loop.rank::loop.world]])
+    target = resize_masks(masks, loop.seg.image_size)
+    n_local, n_global = _labelled_pixels(loop, target)
+    if n_global == 0:
+        return None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=loop.use_bf16):
+        logits = loop.forward(images)
+    if n_local:
+        value = segmentation_loss(logits, target, loop.dataset.ignore_index, loop.loss)
+    else:  # this process's share is unlabelled: a zero loss that still reaches every parameter (DDP)
+        value = logits.float().sum() * 0.0
+    if loop.world > 1:
+        share = value.detach().reshape(1) * (n_local / n_global)
+        torch.distributed.all_reduce(share)
+        logged = float(share)
+    else:
+        logged = float(value.detach())
+    if not math.isfinite(logged):
+        raise OpenTransError(f"training loss became {logged} at step {step + 1}; lower --lr (now {loop.lr})")
+    if loop.world > 1:
+        value = value * (n_local * loop.world / n_global)
+    (value / loop.grad_accum).backward()
+    return logged
+
+
+def _train_step(loop: _Loop, batches, step: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; frozen rows of fused in-projections are written back.
+    Returns the mean loss of the labelled micro-batches, NaN when none had a labelled pixel (step skipped)."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    logged = [v for v in (_micro_batch(loop, next(batches), step) for _ in range(loop.grad_accum)) if v is not None]
+    if not logged:
+        return float("nan")
+    loop.optimizer.step()
+    with torch.no_grad():
+        for p, frozen_rows, values in loop.masked:
+            p[frozen_rows] = values
+    return sum(logged) / len(logged)
