@@ -154,3 +154,25 @@ def test_finetune_stage_with_adapter_saves_merged_plain_weights(tmp_path, adapte
         for k in changed & adapted:
             if k.endswith(".weight"):
                 assert torch.allclose(state[k].norm(dim=1), fresh_state[k].norm(dim=1), rtol=1e-4)
+
+
+def test_adapter_registry_gives_the_cli_choices_and_takes_a_plugin():
+    """Each adapter registers itself in its own module; a new kind is a choice of the options and the CLI."""
+    import click
+    from click.testing import CliRunner
+
+    from opentrans.finetune.adapters import ADAPTERS, AdapterKind, adapter_names
+    from opentrans.finetune.options import FinetuneOptions
+    from opentrans.options import cli_options
+
+    assert adapter_names() == ["none", "lora", "oft", "hclip"]
+    ADAPTERS.add("test-kind", AdapterKind("test-kind", None))
+    try:
+        assert adapter_names()[-1] == "test-kind"
+        FinetuneOptions(adapter="test-kind").check()
+        command = cli_options(FinetuneOptions)(click.command()(lambda **kwargs: None))  # as the CLI builds it
+        assert "test-kind" in CliRunner().invoke(command, ["--help"]).output
+    finally:
+        ADAPTERS._entries.pop("test-kind")
+    with pytest.raises(OpenTransError, match="--adapter test-kind: choose one of none, lora, oft, hclip"):
+        FinetuneOptions(adapter="test-kind").check()

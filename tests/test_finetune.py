@@ -466,3 +466,35 @@ def test_finetune_cli_bad_values_are_one_line_errors(tmp_path, args, expected):
     lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(lines) == 1 and all(part in lines[0] for part in expected), result.output
     assert not out.exists()
+
+
+def test_loss_registry_takes_a_plugin():
+    from opentrans.finetune.losses import LOSS_FUNCTIONS, loss_names, segmentation_loss
+    from opentrans.finetune.options import FinetuneOptions
+
+    assert loss_names() == ["ce", "focal", "dice", "focal-dice", "ssim", "focal-ssim"]
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(1, 3, 4, 5, generator=g), torch.randint(0, 3, (1, 4, 5), generator=g)
+    LOSS_FUNCTIONS.add("half-ce", lambda lg, tg, ignore_index, **weights: 0.5 * segmentation_loss(lg, tg, ignore_index))
+    try:
+        assert float(segmentation_loss(logits, target, 255, "half-ce")) == pytest.approx(
+            0.5 * float(segmentation_loss(logits, target, 255)))
+        FinetuneOptions(loss="half-ce").check()
+    finally:
+        LOSS_FUNCTIONS._entries.pop("half-ce")
+
+
+def test_preserved_modes_restores_modes_and_flags_after_an_error():
+    from opentrans.models.modes import frozen, preserved_modes
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    net.train()
+    net[1].eval()
+    net[0].bias.requires_grad_(False)
+    with frozen(net):
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(RuntimeError), preserved_modes(net, train=False):
+        net[0].weight.requires_grad_(False)
+        raise RuntimeError
+    assert net.training and not net[1].training
+    assert net[0].weight.requires_grad and not net[0].bias.requires_grad

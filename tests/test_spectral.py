@@ -434,3 +434,13 @@ def test_authors_fit_with_its_logged_lower_bound_and_conv_scaling(scale):
     theirs = _authors_matrix_esd_estimator((conv.flatten(2) * math.sqrt(0.5)).transpose(1, 2).transpose(0, 1))
     ours = fit_power_law_authors(esd(conv, conv_norm=0.5))
     assert ours.alpha == pytest.approx(theirs[0], rel=1e-9) and ours.ks_distance == pytest.approx(theirs[1], rel=1e-9)
+
+
+def test_estimator_registry_names_and_lookup():
+    from opentrans.analyze.spectral import SPECTRAL_ESTIMATORS, estimator_names
+
+    assert estimator_names() == ["opentrans", "opentrans-qkv", "weightwatcher"]
+    assert estimator_names(with_both=True)[-1] == "both"
+    assert SPECTRAL_ESTIMATORS.get("opentrans").authors_fit and not SPECTRAL_ESTIMATORS.get("weightwatcher").authors_fit
+    with pytest.raises(OpenTransError, match="unknown estimator 'nope'; choose one of opentrans, opentrans-qkv"):
+        analyze_model(nn.Linear(4, 4), estimator="nope")
