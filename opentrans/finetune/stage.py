@@ -180,8 +180,6 @@ def _text_side_trains(seg, encode) -> bool:
         return False  # only the image encoder and the head train: nothing on the text path
     for p in named:
         p.grad = None
-    import torch
-
     with torch.enable_grad():
         text = encode()
         if not text.requires_grad:
@@ -209,7 +207,7 @@ def _check_unseen(unseen: list[str] | None, class_names: list[str]) -> list[str]
     return names
 
 
-def _open_model(source: ModelSource, options: FinetuneOptions):
+def _open_model(source: ModelSource):
     """``(segmentor, spec, input files, IMP masks or None)``; an IMP artifact's pruned weights stay zero."""
     seg, spec, inputs = source.resolve()
     # IMP masks: area prune moves these helpers to opentrans.models.masks (the integrator repoints this import)
@@ -283,7 +281,7 @@ def prepare_finetune(source: ModelSource, options: FinetuneOptions, data: str) -
         OpenTransError: bad model arguments, a bad data spec or limit, an unknown unseen class, an adapter
             without plan layers, options the head/prompts/adapter do not accept, or nothing to train.
     """
-    seg, spec, inputs, imp_masks = _open_model(source, options)
+    seg, spec, inputs, imp_masks = _open_model(source)
     train_ds = open_dataset(data, "train", spec.image_size, spec.mean, spec.std, options.train_limit)
     val_ds = open_dataset(data, "val", spec.image_size, spec.mean, spec.std, options.val_limit)
     unseen = _check_unseen(options.unseen_classes, list(train_ds.class_names))
