@@ -3,7 +3,7 @@
 Random-init weights (no pretrained weights can be downloaded here): the SVD cost does not depend on the
 weight values; the alphas do and are not meaningful. Prints the load average before and after (the machine
 is shared: a loaded machine inflates wall time), wall and process CPU time of
-:func:`opentrans.finetune.spectral.analyze_model` for each tower and estimator, and the layer counts.
+:func:`opentrans.analyze.spectral.analyze_model` for each tower and estimator, and the layer counts.
 Target: the OpenTrans estimator on the image tower in at most 15 s on the project's 2-core CPU machine.
 
     python benchmarks/analyze_vit_b16.py [--towers image,text] [--estimator opentrans|weightwatcher|both]
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from opentrans.finetune.spectral import analyze_model
+from opentrans.analyze.spectral import analyze_model
 from opentrans.models.artifact import build_segmentor
 
 MODEL = "ViT-B-16"
