@@ -81,6 +81,22 @@ def _image_size(ctx, param, value):
     return int(h), int(w)
 
 
+class _DenseModeOption(click.Option):
+    """``--dense-mode``: its help starts with the registered dense modes (:mod:`opentrans.models.dense`), read only
+    when the help is shown, so the CLI starts without importing torch."""
+
+    def get_help_record(self, ctx):
+        from opentrans.models.dense import RN_MODES, VIT_MODES
+
+        if not getattr(self, "_modes_listed", False):
+            default, *others = VIT_MODES
+            vit_only = [m for m in others if m not in RN_MODES]
+            self.help = (f"Training-free dense mode: {default} (default), {', '.join(vit_only[:-1])} or {vit_only[-1]} "
+                         f"(ViT only){self.help}")
+            self._modes_listed = True
+        return super().get_help_record(ctx)
+
+
 def model_options(f):
     """--from / --model / --pretrained / --allow-pickle / --image-size / --dense-mode, handed to the command as one
     ``source`` (:class:`opentrans.models.source.ModelSource`).
@@ -109,9 +125,8 @@ def model_options(f):
                        "checkpoints load and anything else is refused.")
     @click.option("--image-size", callback=_image_size, metavar="HxW",
                   help="Network input size; default: short side = the model's native size.")
-    @click.option("--dense-mode", "dense_mode", metavar="MODE",
-                  help="Training-free dense mode: maskclip (default), sclip, clearclip, naclip or cliper "
-                       "(ViT only); with --from, replaces the artifact's mode." +
+    @click.option("--dense-mode", "dense_mode", metavar="MODE", cls=_DenseModeOption,
+                  help="; with --from, replaces the artifact's mode." +
                        (" eval also takes 'all' or a comma-separated list." if takes_list else ""))
     @functools.wraps(f)
     def wrapper(*args, from_dir=None, model=None, pretrained="none", image_size=None, dense_mode=None,

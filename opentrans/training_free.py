@@ -31,6 +31,7 @@ from opentrans.models.inference import (
     read_prompt_sets,
     read_templates,
 )
+from opentrans.models.dense import DENSE
 from opentrans.models.segmentor import DENSE_MODES
 
 
@@ -49,83 +50,19 @@ def parse_modes(value: str | None) -> list[str] | None:
     return list(dict.fromkeys(modes))
 
 
-#: Each method's published ViT-B/16 evaluation settings, from the authors' configs: ``"*"`` holds the settings of
-#: every dataset, a ``--data`` format key (``coco-object``, ``voc``, ...) what differs for it; ``"source"`` names
-#: the files, ``"notes"`` what OpenTrans does not reproduce. ``templates: "imagenet80"`` is CLIP's 80 ImageNet
-#: templates (``openai_imagenet_template`` in the SCLIP/ClearCLIP/NACLIP repositories, identical to open_clip's
-#: ``OPENAI_IMAGENET_TEMPLATES``); ``templates: None`` with ``needs_templates`` means the authors used a file
-#: OpenTrans does not ship. ``window: None`` is whole-image inference (at ``short_side``).
-PAPER_PROTOCOLS: dict[str, dict] = {
-    "sclip": {
-        "source": "wangf3014/SCLIP@b56bd3014b9e8a3ee3450bcfc53700a67d627b7a clip_segmentor.py L19-21, "
-                  "configs/cfg_*.py (Resize scale=(2048, 336))",
-        "*": {"short_side": 336, "window": (224, 224), "stride": (112, 112), "templates": "imagenet80",
-              "logit_scale": 40.0},
-        "coco-object": {"logit_scale": 50.0, "bg_threshold": 0.1, "prompt_sets": "coco-object"},
-        "voc": {"logit_scale": 65.0, "bg_threshold": 0.1, "prompt_sets": "voc",
-                "notes": ("SCLIP's area_thd=0.1 on VOC-21 (small predicted classes sent to background) is not "
-                          "implemented",)},
-        "notes": ("prompt sets: OpenTrans's built-in coco-object/voc sets differ from the authors' "
-                  "configs/cls_*.txt in a few names; pass theirs with --prompt-sets for an exact match",),
-    },
-    "clearclip": {
-        "source": "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f clearclip_segmentor.py L22-23, "
-                  "configs/cfg_*.py (Resize scale=(2048, 448))",
-        "*": {"short_side": 448, "window": (448, 448), "stride": (224, 224), "templates": "imagenet80",
-              "logit_scale": 50.0},
-        "coco-object": {"bg_threshold": 0.4, "prompt_sets": "coco-object"},
-        "voc": {"bg_threshold": 0.5, "prompt_sets": "voc"},
-        "notes": ("prompt sets: ClearCLIP's configs/cls_*.txt name one prompt per class ('background', 'person'); "
-                  "pass such a file with --prompt-sets for an exact match",
-                  "ClearCLIP pads crops whose size is not a multiple of the patch size; OpenTrans floors them"),
-    },
-    "naclip": {
-        "source": "sinahmr/NACLIP@0cac3a651f753b11315ea799cfbfabf79da1bd76 naclip.py L20-22, "
-                  "configs/cfg_*.py (Resize scale=(2048, 336))",
-        "*": {"short_side": 336, "window": (224, 224), "stride": (112, 112), "templates": "imagenet80",
-              "logit_scale": 40.0},
-        "coco-object": {"bg_threshold": 0.1, "prompt_sets": "coco-object"},
-        "voc": {"bg_threshold": 0.1, "prompt_sets": "voc", "window": None, "stride": None},
-        "notes": ("NACLIP's PAMR post-processing (pamr_steps=10 by default) is not implemented",
-                  "prompt sets: OpenTrans's built-in coco-object/voc sets differ from the authors' "
-                  "configs/cls_*.txt in a few names; pass theirs with --prompt-sets for an exact match"),
-    },
-    "cliper": {
-        "source": "linsun449/cliper.code@c05fa41a4966d0a43af513546b17c346ccd42559 scripts/config/vit-b-16/ovs_*.yaml, "
-                  "modified_clip/model.py L30, L155-163, L221-227",
-        "*": {"short_side": 336, "window": None, "stride": None, "templates": None, "needs_templates": True,
-              "logit_scale": 100.0, "cliper_keep": 0.2},
-        "voc": {"cliper_keep": 0.1},
-        "voc20": {"cliper_keep": 0.1},
-        "coco-object": {"logit_scale": 50.0, "templates": "imagenet80", "needs_templates": False},
-        "cityscapes": {"short_side": 560, "cliper_keep": 0.35, "templates": "imagenet80", "needs_templates": False},
-        "notes": ("CLIPer's label assignment (cam_to_label with bkg_thre/score_threshold) and its 0.5/0.5 mix of "
-                  "whole-image and sliding-window scores (sliding_crop_size in some configs) are not implemented; "
-                  "whole-image inference as in its sliding_crop_size: 0 configs",
-                  "CLIPer rounds both sides to a multiple of the patch size; OpenTrans resizes the short side to "
-                  "336 and floors the long side's patches"),
-    },
-    "maskclip-noresidual": {
-        "source": "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f (the repository that evaluates this "
-                  "baseline, model_type='MaskCLIP'): clearclip_segmentor.py L22-23, configs/cfg_*.py",
-        "*": {"short_side": 448, "window": (448, 448), "stride": (224, 224), "templates": "imagenet80",
-              "logit_scale": 50.0},
-        "coco-object": {"bg_threshold": 0.4, "prompt_sets": "coco-object"},
-        "voc": {"bg_threshold": 0.5, "prompt_sets": "voc"},
-        "notes": ("prompt sets: ClearCLIP's configs/cls_*.txt name one prompt per class; pass such a file with "
-                  "--prompt-sets for an exact match",),
-    },
-}
-
-
 def paper_protocol(mode: str, data_format: str) -> dict:
-    """The settings of ``mode``'s paper for a ``--data`` format (see :data:`PAPER_PROTOCOLS`), merged.
+    """The settings of ``mode``'s paper for a ``--data`` format, merged: each mode's ``PROTOCOL`` registered with it
+    (:class:`opentrans.models.dense.DenseMode`, e.g. ``opentrans/models/dense/sclip.py``), taken from the authors'
+    configs: ``"*"`` holds the settings of every dataset, a ``--data`` format key (``coco-object``, ``voc``, ...)
+    what differs for it; ``"source"`` names the files, ``"notes"`` what OpenTrans does not reproduce.
+    ``templates: "imagenet80"`` is CLIP's 80 ImageNet templates; ``templates: None`` with ``needs_templates`` means
+    the authors used a file OpenTrans does not ship. ``window: None`` is whole-image inference (at ``short_side``).
 
     Returns:
         ``{"settings": {option: value}, "source": str, "notes": tuple[str, ...]}``; for a mode without a recorded
         protocol (``maskclip``: MaskCLIP's own mmseg configs were not transcribed) empty settings and one note.
     """
-    table = PAPER_PROTOCOLS.get(mode)
+    table = DENSE.get(mode).protocol if mode in DENSE else None
     if table is None:
         return {"settings": {}, "source": "", "notes": (f"no paper protocol recorded for {mode}: the given options "
                                                          "are used",)}

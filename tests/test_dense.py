@@ -644,3 +644,17 @@ def test_eval_protocol_paper_through_the_cli(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["eval", "--model", TINY_VIT, "--dense-mode", "cliper", "--protocol", "paper",
                                    "--data", CAMVID_SPEC, "--limit", "1"])
     assert res.exit_code == 1 and "car_template.txt" in res.output
+
+
+def test_dense_modes_come_from_the_registry():
+    """Each mode is one registered file: the lists, the resizes, the ResNet support and the protocols read DENSE."""
+    from opentrans.models.dense import DENSE
+    from opentrans.training_free import parse_modes
+
+    assert DENSE.names() == sorted(VIT_MODES)
+    assert dense.RN_MODES == ("maskclip",)
+    assert all(dense.POS_RESIZE[m] == DENSE.get(m).pos_resize for m in VIT_MODES)
+    assert parse_modes("all") == list(VIT_MODES)
+    assert DENSE.get("sclip").protocol["*"]["short_side"] == 336 and DENSE.get("maskclip").protocol is None
+    with pytest.raises(OpenTransError, match="unknown dense mode 'gem'"):
+        DENSE.get("gem")

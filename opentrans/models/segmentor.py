@@ -23,7 +23,8 @@ from opentrans.models import dense as _dense
 from opentrans.models.heads import build_head
 from opentrans.models.prompts import PromptModule
 
-#: Training-free dense modes (see :mod:`opentrans.models.dense`); a ModifiedResNet supports only ``maskclip``.
+#: Training-free dense modes (the registry of :mod:`opentrans.models.dense`, in report order); a ModifiedResNet
+#: supports only :data:`~opentrans.models.dense.RN_MODES` (``maskclip``).
 DENSE_MODES = _dense.VIT_MODES
 #: Floor of CLIPer's fused scores before the log that turns them into logits.
 CLIPER_EPS = 1e-6
@@ -71,11 +72,12 @@ def check_inference_memory(seg: "OpenVocabSegmentor", hw: tuple[int, int], what:
 
 def check_dense_mode(dense_mode: str, visual: nn.Module) -> None:
     """Raise :class:`OpenTransError` unless ``dense_mode`` is one of :data:`DENSE_MODES` and, for a
-    ModifiedResNet image tower, ``maskclip``."""
+    ModifiedResNet image tower, one of :data:`~opentrans.models.dense.RN_MODES` (``maskclip``)."""
     if dense_mode not in DENSE_MODES:
         raise OpenTransError(f"unknown dense mode '{dense_mode}'; choose one of {', '.join(DENSE_MODES)}")
-    if dense_mode != "maskclip" and not isinstance(visual, VisionTransformer):
-        raise OpenTransError(f"dense mode '{dense_mode}' needs a ViT image tower; a ResNet supports only maskclip")
+    if dense_mode not in _dense.RN_MODES and not isinstance(visual, VisionTransformer):
+        raise OpenTransError(f"dense mode '{dense_mode}' needs a ViT image tower; a ResNet supports only "
+                             f"{', '.join(_dense.RN_MODES)}")
 
 
 class OpenVocabSegmentor(nn.Module):
