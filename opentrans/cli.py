@@ -104,10 +104,11 @@ def model_options(f):
     ``--allow-pickle`` reaches :func:`opentrans.models.clip.load_clip` through
     :func:`opentrans.models.clip.pickle_allowed`: without it a ``--pretrained`` file is never unpickled.
 
-    ``--dense-mode`` reaches the stage through :func:`opentrans.models.artifact.dense_mode_override`: with
-    ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces the
-    mode stored in the artifact (default: keep it). A command whose function takes ``dense_modes`` (``eval``)
-    receives the parsed list instead and may accept ``all`` or a comma-separated list.
+    ``--dense-mode`` is ``source.dense_mode``, which :meth:`~opentrans.models.source.ModelSource.resolve` passes on:
+    with ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces
+    the mode stored in the artifact (default: keep it). A command whose function takes ``dense_modes`` (``eval``)
+    also receives the parsed list and may accept ``all`` or a comma-separated list (``source.dense_mode`` is then
+    the mode when exactly one is given, else None).
     """
     import inspect
 
@@ -131,20 +132,18 @@ def model_options(f):
     @functools.wraps(f)
     def wrapper(*args, from_dir=None, model=None, pretrained="none", image_size=None, dense_mode=None,
                 allow_pickle=False, **kwargs):
-        from opentrans.models.artifact import dense_mode_override
         from opentrans.models.clip import pickle_allowed
         from opentrans.models.source import ModelSource
         from opentrans.training_free import parse_modes
 
         modes = parse_modes(dense_mode)
-        if takes_list:
-            source = ModelSource(from_dir, model, pretrained, image_size, None, allow_pickle)
-            with pickle_allowed(allow_pickle):
-                return f(*args, source=source, dense_modes=modes, **kwargs)
-        if modes is not None and len(modes) > 1:
+        if modes is not None and len(modes) > 1 and not takes_list:
             raise OpenTransError(f"--dense-mode {dense_mode}: this command takes one mode (only eval compares several)")
-        source = ModelSource(from_dir, model, pretrained, image_size, modes[0] if modes else None, allow_pickle)
-        with dense_mode_override(source.dense_mode), pickle_allowed(allow_pickle):
+        one = modes[0] if modes is not None and len(modes) == 1 else None
+        source = ModelSource(from_dir, model, pretrained, image_size, one, allow_pickle)
+        with pickle_allowed(allow_pickle):
+            if takes_list:
+                return f(*args, source=source, dense_modes=modes, **kwargs)
             return f(*args, source=source, **kwargs)
 
     return wrapper
@@ -458,19 +457,23 @@ def bench(paths, data, split, limit, warmup, repeats, batch_sizes, roofline, ref
     click.echo(f"report: {out / 'bench.md'}, plot: {out / 'bench.png'} ({result['header']['weights']})")
 
 
-def _open_for_inference(from_dir, model, pretrained, image_size):
-    """(runner, segmentor whose text tower encodes the class names, spec) from a model directory, a deploy
-    build (its text tower is the source model's) or ``--model``/``--pretrained``."""
+def _open_for_inference(source):
+    """(runner, segmentor whose text tower encodes the class names, spec) of a model source
+    (:class:`~opentrans.models.source.ModelSource`): a model directory, a deploy build (its text tower is the source
+    model's; ``source.dense_mode`` must be the mode baked into its graph) or ``--model``/``--pretrained``.
+
+    Raises:
+        OpenTransError: a ``--dense-mode`` other than a deploy build's, or anything ``source.resolve()`` refuses.
+    """
     from opentrans.deploy.targets import load_runner, read_build, source_model_dir
     from opentrans.evaluate import TorchRunner
     from opentrans.models.artifact import SPEC_FILE, resolve_model
 
+    from_dir = source.from_dir
     if from_dir is not None and not (Path(from_dir) / SPEC_FILE).exists():
-        from opentrans.models.artifact import current_dense_mode_override
-
         runner = load_runner(from_dir)
         build = read_build(from_dir)
-        baked, asked = build.get("spec", {}).get("dense_mode", "maskclip"), current_dense_mode_override()
+        baked, asked = build.get("spec", {}).get("dense_mode", "maskclip"), source.dense_mode
         if asked is not None and asked != baked:
             raise OpenTransError(f"--dense-mode {asked}: {from_dir} was exported with dense mode {baked}, which is part "
                                  f"of its graph; re-run deploy with --dense-mode {asked}")
@@ -480,7 +483,7 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
             seg, spec, _ = resolve_model(None, build["model"], build["pretrained"], image_size=tuple(build["image_size"]),
                                          dense_mode=baked)
         return runner, seg, spec
-    seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
+    seg, spec, _ = source.resolve()
     return TorchRunner(seg), seg, spec
 
 
@@ -514,7 +517,6 @@ def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
     from opentrans.artifacts import check_writable, write_json
     from opentrans.data.datasets import check_labels
     from opentrans.evaluate import evaluate
-    from opentrans.models.artifact import dense_mode_override
     from opentrans.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
                                          protocol_options, write_modes_report)
 
@@ -535,8 +537,7 @@ def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
             paths = write_modes_report(report, out)
             click.echo(f"report: {', '.join(str(p) for p in paths)}")
         return
-    with dense_mode_override(dense_modes[0] if dense_modes else None):
-        runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
+    runner, seg, spec = _open_for_inference(source)
     fixed = not hasattr(runner, "segmentor")
     if protocol == "paper":
         options = protocol_options(options, spec.dense_mode, data)
@@ -578,7 +579,7 @@ def segment(image, classes, source, out):
     if not names:
         raise OpenTransError("--classes: give at least one class name")
     check_unique_classes(names, "--classes")
-    runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
+    runner, seg, spec = _open_for_inference(source)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
     encode = getattr(runner, "encode_classes", None)
     if encode is not None:

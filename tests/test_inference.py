@@ -167,14 +167,13 @@ def test_eval_single_mode_and_option_errors(tmp_path):
 
 def test_dense_mode_option_reaches_stages_and_overrides_from(tmp_path, tiny_vit):
     """--dense-mode with --model builds that mode; with --from it replaces the stored one."""
-    from opentrans.models.artifact import dense_mode_override, resolve_model
+    from opentrans.models.artifact import resolve_model
     from conftest import save_finished
 
     seg, spec = tiny_vit
     save_finished(seg, spec, tmp_path)
-    with dense_mode_override("naclip"):
-        fresh, fresh_spec, _ = resolve_model(None, TINY_VIT)
-        loaded, loaded_spec, _ = resolve_model(tmp_path, None)
+    fresh, fresh_spec, _ = resolve_model(None, TINY_VIT, dense_mode="naclip")
+    loaded, loaded_spec, _ = resolve_model(tmp_path, None, dense_mode="naclip")
     assert fresh.dense_mode == fresh_spec.dense_mode == "naclip"
     assert loaded.dense_mode == loaded_spec.dense_mode == "naclip"
     assert resolve_model(tmp_path, None)[1].dense_mode == "maskclip"
