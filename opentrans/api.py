@@ -41,8 +41,8 @@ class Model:
 
     @property
     def runner(self):
-        """A :class:`~opentrans.evaluate.TorchRunner` on the segmentor (numpy in, numpy logits out)."""
-        from opentrans.evaluate import TorchRunner
+        """A :class:`~opentrans.inference.evaluate.TorchRunner` on the segmentor (numpy in, numpy logits out)."""
+        from opentrans.inference.evaluate import TorchRunner
 
         return TorchRunner(self.segmentor)
 
@@ -164,10 +164,10 @@ def _input(model: Model | Build) -> tuple[tuple[int, int], tuple, tuple]:
 
 
 def evaluate(model: Model | Build, data: str, split: str = "val", limit: int | None = None) -> dict:
-    """mIoU, pixel accuracy (%) and per-class IoU of a model or build on ``data`` (:func:`opentrans.evaluate.
+    """mIoU, pixel accuracy (%) and per-class IoU of a model or build on ``data`` (:func:`opentrans.inference.evaluate.
     evaluate`); class names are encoded by the build's own text graph where it has one."""
     from opentrans.data import open_dataset
-    from opentrans.evaluate import evaluate as run_eval
+    from opentrans.inference.evaluate import evaluate as run_eval
 
     size, mean, std = _input(model)
     dataset = open_dataset(data, split, size, mean, std, limit=limit)
@@ -187,7 +187,7 @@ def segment(model: Model | Build, image: str | os.PathLike, classes: list[str]) 
         OpenTransError: a missing or unreadable image, or duplicate class names.
     """
     from opentrans.data.datasets import _read, preprocess_image
-    from opentrans.evaluate import predict_labels
+    from opentrans.inference.evaluate import predict_labels
 
     if len(set(classes)) != len(classes):
         raise OpenTransError("segment: duplicate class names")

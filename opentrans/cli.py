@@ -134,7 +134,7 @@ def model_options(f):
                 allow_pickle=False, **kwargs):
         from opentrans.models.clip import pickle_allowed
         from opentrans.models.source import ModelSource
-        from opentrans.training_free import parse_modes
+        from opentrans.inference.training_free import parse_modes
 
         modes = parse_modes(dense_mode)
         if modes is not None and len(modes) > 1 and not takes_list:
@@ -466,7 +466,7 @@ def _open_for_inference(source):
         OpenTransError: a ``--dense-mode`` other than a deploy build's, or anything ``source.resolve()`` refuses.
     """
     from opentrans.deploy.targets import load_runner, read_build, source_model_dir
-    from opentrans.evaluate import TorchRunner
+    from opentrans.inference.evaluate import TorchRunner
     from opentrans.models.artifact import SPEC_FILE, resolve_model
 
     from_dir = source.from_dir
@@ -516,8 +516,8 @@ def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import check_writable, write_json
     from opentrans.data.datasets import check_labels
-    from opentrans.evaluate import evaluate
-    from opentrans.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
+    from opentrans.inference.evaluate import evaluate
+    from opentrans.inference.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
                                          protocol_options, write_modes_report)
 
     if out is not None:
@@ -569,7 +569,7 @@ def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Overlay PNG to write.")
 def segment(image, classes, source, out):
     """Segment one image with free-form class names and write an overlay PNG."""
-    from opentrans.segment import segment_image
+    from opentrans.inference.segment import segment_image
 
     from opentrans.artifacts import check_writable
     from opentrans.data.datasets import check_unique_classes

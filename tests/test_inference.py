@@ -14,7 +14,7 @@ from conftest import CAMVID_SPEC, COCO_OBJECT, TINY_VIT
 from opentrans.cli import cli
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
-from opentrans.models.inference import (
+from opentrans.inference.sliding import (
     PromptSetRunner,
     ShortSideDataset,
     SlidingWindowRunner,
@@ -64,7 +64,7 @@ def test_sliding_window_places_crops_and_averages():
 
 
 def test_sliding_window_matches_whole_image_when_window_is_the_image(tiny_vit, camvid_val):
-    from opentrans.evaluate import TorchRunner
+    from opentrans.inference.evaluate import TorchRunner
 
     seg, spec = tiny_vit
     image = camvid_val[0][0][None].numpy()
@@ -182,7 +182,7 @@ def test_dense_mode_option_reaches_stages_and_overrides_from(tmp_path, tiny_vit)
 
 
 def test_templates_file(tmp_path, tiny_vit):
-    from opentrans.models.inference import read_templates
+    from opentrans.inference.sliding import read_templates
 
     good = tmp_path / "t.txt"
     good.write_text("a photo of a {}.\n\nitap of a {}.\n")

@@ -34,7 +34,7 @@ from torch import nn
 from opentrans.artifacts import StageRecord, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.inference.evaluate import TorchRunner, evaluate
 from opentrans.finetune.adapters import add_lora, add_oft, merge_adapters
 from opentrans.finetune.freeze import (
     POLICIES,

@@ -10,7 +10,7 @@ from opentrans.models.dense.common import _head, _self_softmax, _trunk, attend, 
 
 #: How clearclip resizes the positional embedding (:data:`opentrans.models.dense.common.POS_RESIZE_METHODS`).
 POS_RESIZE = "dino"
-#: The paper's published ViT-B/16 evaluation settings (see :func:`opentrans.training_free.paper_protocol`):
+#: The paper's published ViT-B/16 evaluation settings (see :func:`opentrans.inference.training_free.paper_protocol`):
 #: ``"*"`` for every dataset, a ``--data`` format key for what differs, ``"source"`` the files read,
 #: ``"notes"`` what OpenTrans does not reproduce.
 PROTOCOL = {

@@ -12,7 +12,7 @@ from opentrans.models.dense.common import _head, attend, embed_tokens, qkv, regi
 
 #: How cliper resizes the positional embedding (:data:`opentrans.models.dense.common.POS_RESIZE_METHODS`).
 POS_RESIZE = "bilinear"
-#: The paper's published ViT-B/16 evaluation settings (see :func:`opentrans.training_free.paper_protocol`):
+#: The paper's published ViT-B/16 evaluation settings (see :func:`opentrans.inference.training_free.paper_protocol`):
 #: ``"*"`` for every dataset, a ``--data`` format key for what differs, ``"source"`` the files read,
 #: ``"notes"`` what OpenTrans does not reproduce.
 PROTOCOL = {
@@ -34,7 +34,7 @@ PROTOCOL = {
 #: (``seg_last[seg_last < seg_last.amax((-1, -2), keepdim=True) * self.cfg.attention_thr] = 0`` in
 #: linsun449/cliper.code ``modified_clip/model.py`` L227). ``attention_thr`` is 0.2 in most of the authors'
 #: ViT-B/16 configs (``scripts/config/vit-b-16/ovs_*.yaml``), 0.1 for VOC-21/VOC-20 and 0.35 for Cityscapes;
-#: :mod:`opentrans.training_free` sets the per-dataset value under ``--protocol paper``.
+#: :mod:`opentrans.inference.training_free` sets the per-dataset value under ``--protocol paper``.
 CLIPER_KEEP = 0.2
 #: CLIPer's softmax temperature: ``self.logit_scale = cfg.logit_scale`` (``modified_clip/model.py`` L30), 100 in the
 #: authors' ViT-B/16 configs but for COCO-Object (``ovs_coco5k.yaml``) and COCO-Stuff, 50. A constant of

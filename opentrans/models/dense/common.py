@@ -212,7 +212,7 @@ class DenseMode:
         pos_resize: how the positional embedding is resized to another grid (``bicubic``, ``dino``, ``bilinear``;
             see :data:`~opentrans.models.dense.POS_RESIZE`).
         resnet: whether a ModifiedResNet image tower supports the mode too.
-        protocol: the paper's evaluation settings (see :func:`opentrans.training_free.paper_protocol`), or None.
+        protocol: the paper's evaluation settings (see :func:`opentrans.inference.training_free.paper_protocol`), or None.
     """
 
     name: str

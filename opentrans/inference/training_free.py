@@ -20,8 +20,8 @@ import numpy as np
 from opentrans.artifacts import atomic_path, machine_description, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner, evaluate
-from opentrans.models.inference import (
+from opentrans.inference.evaluate import TorchRunner, evaluate
+from opentrans.inference.sliding import (
     LogitScaleRunner,
     PromptSetRunner,
     ShortSideDataset,
