@@ -12,7 +12,8 @@ import click
 
 from opentrans import __version__
 from opentrans.errors import OpenTransError, OpenTransWarning
-from opentrans.options import FiniteFloat
+from opentrans.inference.options import InferenceOptions
+from opentrans.options import FiniteFloat, cli_options, options_from_kwargs
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -493,37 +494,24 @@ def _open_for_inference(source):
              "--bg-threshold 0.1 --out runs/tf/coco.json")
 @model_options
 @data_options()
-@click.option("--short-side", type=click.IntRange(min=1), help="Resize images to this short side (px, aspect kept).")
-@click.option("--window", callback=_image_size, metavar="HxW", help="Sliding-window crop size (px).")
-@click.option("--stride", callback=_image_size, metavar="HxW", help="Sliding-window step (px); default half the window.")
-@click.option("--prompt-sets", metavar="FILE|NAME",
-              help="One line per class, comma-separated prompts (e.g. a background set); built in: coco-object, voc.")
-@click.option("--bg-threshold", type=FiniteFloat(0, 1, max_open=True),
-              help="Pixels whose top class probability is below this go to the dataset's background class.")
-@click.option("--templates", type=click.Path(dir_okay=False, path_type=Path),
-              help="Prompt templates, one per line with {} for the class, or imagenet80 (CLIP's 80 ImageNet "
-                   "templates; default: 6 built-in templates).")
-@click.option("--logit-scale", type=float, help="Softmax temperature of the logits (default: the model's own; "
-                                                "matters for --prompt-sets, --bg-threshold and cliper).")
+@cli_options(InferenceOptions)
 @click.option("--protocol", type=click.Choice(["paper"]),
               help="paper: each dense mode's published settings (short side, windows, templates, temperature, "
                    "background threshold; docs/training_free.md); options given explicitly win.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics as JSON here (several modes: also .md table and .png plot beside it).")
-def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
-          prompt_sets, bg_threshold, templates, logit_scale, protocol, out):
+def eval_(source, dense_modes, data, split, limit, protocol, out, **kwargs):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import check_writable, write_json
     from opentrans.data.datasets import check_labels
     from opentrans.inference.evaluate import evaluate
-    from opentrans.inference.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
-                                         protocol_options, write_modes_report)
+    from opentrans.inference.training_free import (evaluate_modes, markdown_modes, open_inference, protocol_options,
+                                                   write_modes_report)
 
     if out is not None:
         check_writable(out)
-    options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
-                               bg_threshold=bg_threshold, templates=templates, logit_scale=logit_scale)
+    options = options_from_kwargs(InferenceOptions, kwargs)
     if dense_modes is not None and len(dense_modes) > 1:
         from opentrans.models.artifact import SPEC_FILE
 

@@ -572,7 +572,8 @@ PAPER_MODES = ("maskclip-noresidual", "sclip", "clearclip", "naclip", "cliper")
 
 
 def test_protocol_options_fill_only_what_was_not_given():
-    from opentrans.inference.training_free import InferenceOptions, protocol_options
+    from opentrans.inference.options import InferenceOptions
+    from opentrans.inference.training_free import protocol_options
 
     got = protocol_options(InferenceOptions(), "sclip", "coco-object:/data/coco")
     assert (got.short_side, got.window, got.stride, got.logit_scale, got.bg_threshold, got.prompt_sets) == \

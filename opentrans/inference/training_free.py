@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from opentrans.artifacts import atomic_path, machine_description, write_json, wr
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.inference.evaluate import TorchRunner, evaluate
+from opentrans.inference.options import InferenceOptions
 from opentrans.inference.sliding import (
     LogitScaleRunner,
     PromptSetRunner,
@@ -97,57 +98,6 @@ def protocol_options(options: InferenceOptions, mode: str, data: str) -> Inferen
             updates[key] = value
     source = (f"paper protocol of {mode}: {proto['source']}",) if proto["source"] else ()
     return replace(options, **updates, notes=tuple(options.notes) + source + tuple(proto["notes"]))
-
-
-@dataclass
-class InferenceOptions:
-    """How eval turns a runner into per-image predictions (all optional; defaults reproduce plain eval).
-
-    Attributes:
-        short_side: resize images to this short side (pixels, aspect kept) instead of the model's input size;
-            needs ``window`` unless the runner accepts any size (a PyTorch model does).
-        window, stride: sliding-window crop and step ``(h, w)`` in pixels (default stride: half the window).
-        prompt_sets: file with one line per class, comma-separated prompts (e.g. a background set).
-        bg_threshold: probability below which a pixel goes to the dataset's background class.
-        templates: file of prompt templates, or ``imagenet80`` for CLIP's 80 ImageNet templates (default: the
-            six of :data:`~opentrans.models.segmentor.TEMPLATES`).
-        cache_dir: text-embedding cache folder (default ``~/.cache/opentrans/text``).
-        logit_scale: softmax temperature of the logits (a paper's ``logit_scale``; default: the model's own, see
-            :meth:`~opentrans.models.segmentor.OpenVocabSegmentor.logit_scale`). It changes only what a softmax
-            sees (prompt-set maxima, ``bg_threshold``) and, for ``cliper``, its per-layer probabilities.
-        cliper_keep: CLIPer's last-layer keep threshold (default :data:`~opentrans.models.dense.CLIPER_KEEP`).
-        notes: what a paper protocol (:func:`protocol_options`) could not reproduce, reported with the results.
-    """
-
-    short_side: int | None = None
-    window: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
-    prompt_sets: str | os.PathLike | None = None
-    bg_threshold: float | None = None
-    templates: str | os.PathLike | None = None
-    cache_dir: str | os.PathLike | None = None
-    logit_scale: float | None = None
-    cliper_keep: float | None = None
-    notes: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        parts = []
-        if self.short_side:
-            parts.append(f"short side {self.short_side} px")
-        if self.window:
-            s = self.stride or (self.window[0] // 2, self.window[1] // 2)
-            parts.append(f"sliding window {self.window[0]}x{self.window[1]} stride {s[0]}x{s[1]}")
-        if self.prompt_sets:
-            parts.append(f"prompt sets {Path(self.prompt_sets).name}")
-        if self.bg_threshold is not None:
-            parts.append(f"background below p={self.bg_threshold:g}")
-        if self.templates:
-            parts.append(f"templates {Path(self.templates).name}")
-        if self.logit_scale is not None:
-            parts.append(f"logit scale {self.logit_scale:g}")
-        if self.cliper_keep is not None:
-            parts.append(f"CLIPer keep {self.cliper_keep:g}")
-        return ", ".join(parts) or "whole image at the model's input size"
 
 
 def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, options: InferenceOptions,
