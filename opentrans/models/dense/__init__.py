@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from opentrans.models.dense.clearclip import clearclip
 from opentrans.models.dense.cliper import (
+    CLIPER_EPS,
     CLIPER_FUSIONS,
     CLIPER_KEEP,
     CLIPER_LOGIT_SCALE,
@@ -71,7 +72,7 @@ POS_RESIZE = {name: DENSE.get(name).pos_resize for name in VIT_MODES}
 #: Dense features ``(B, h*w, D)`` of each mode (for ``cliper``: those of the last-layer embedding).
 MODE_FUNCTIONS = {name: DENSE.get(name).features for name in VIT_MODES}
 
-__all__ = ["VIT_MODES", "RN_MODES", "NACLIP_STD", "CLIPER_KEEP", "CLIPER_LOGIT_SCALE", "CLIPER_FUSIONS",
+__all__ = ["VIT_MODES", "RN_MODES", "NACLIP_STD", "CLIPER_EPS", "CLIPER_KEEP", "CLIPER_LOGIT_SCALE", "CLIPER_FUSIONS",
            "POS_RESIZE", "MODE_FUNCTIONS", "DENSE", "DenseMode", "embed_tokens", "qkv", "attend", "maskclip",
            "maskclip_noresidual", "sclip", "clearclip", "gaussian_bias", "naclip", "cliper_features",
            "cliper_scores", "vit_dense", "grid_logits_to_image", "symbolic_grid", "_SYMBOLIC_GRID", "_dino_matrix",

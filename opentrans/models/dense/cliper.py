@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.models.dense.common import _head, attend, embed_tokens, qkv, register
+from opentrans.models.dense.common import _head, attend, embed_tokens, grid_logits_to_image, qkv, register
 
 
 #: How cliper resizes the positional embedding (:data:`opentrans.models.dense.common.POS_RESIZE_METHODS`).
@@ -40,6 +40,8 @@ CLIPER_KEEP = 0.2
 #: authors' ViT-B/16 configs but for COCO-Object (``ovs_coco5k.yaml``) and COCO-Stuff, 50. A constant of
 #: the method, not CLIP's learnt logit scale (which is also 100 for OpenAI's weights).
 CLIPER_LOGIT_SCALE = 100.0
+#: Floor of CLIPer's fused scores before the log that turns them into logits.
+CLIPER_EPS = 1e-6
 #: Score fusions :func:`cliper_scores` offers: the authors' (default) and OpenTrans's own earlier variant.
 CLIPER_FUSIONS = ("cliper", "row-average")
 
@@ -137,7 +139,22 @@ def cliper_scores(feats: torch.Tensor, attn_map: torch.Tensor, text: torch.Tenso
     return attn_map.transpose(-2, -1) @ last + layers.mean(0)
 
 
-@register("cliper", rank=5, pos_resize=POS_RESIZE, protocol=PROTOCOL)
+def cliper_logits(seg: nn.Module, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """The ``cliper`` mode's logits ``(B, C, H, W)`` for a segmentor ``seg``
+    (:class:`~opentrans.models.segmentor.OpenVocabSegmentor`): ``log`` of CLIPer's fused class scores
+    (:func:`cliper_scores` at ``seg.logit_scale()`` and ``seg.cliper_keep``, the head applied to every layer's
+    features), bilinearly upsampled to the input size and floored at :data:`CLIPER_EPS`, so their argmax and
+    softmax are those of the fused scores."""
+    feats, attn_map = cliper_features(seg.visual, images)  # (L, B, h*w, D), (B, h*w, h*w)
+    grid = seg.grid_of(images)
+    feats = seg.head(feats.flatten(0, 1), grid, text_embeds).view_as(feats)
+    scores = cliper_scores(feats, attn_map, text_embeds, seg.logit_scale(), keep=seg.cliper_keep)
+    scores = grid_logits_to_image(scores, grid, images.shape[-2:])
+    return torch.log(torch.clamp(scores, min=CLIPER_EPS))
+
+
+@register("cliper", rank=5, pos_resize=POS_RESIZE, protocol=PROTOCOL, logits=cliper_logits,
+          logit_scale=CLIPER_LOGIT_SCALE)
 def cliper_last(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Dense features ``(B, h*w, D)`` of CLIPer's last-layer embedding (the mode's features without the score
     fusion, which :meth:`opentrans.models.segmentor.OpenVocabSegmentor.forward` applies)."""

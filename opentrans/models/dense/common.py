@@ -213,6 +213,10 @@ class DenseMode:
             see :data:`~opentrans.models.dense.POS_RESIZE`).
         resnet: whether a ModifiedResNet image tower supports the mode too.
         protocol: the paper's evaluation settings (see :func:`opentrans.inference.training_free.paper_protocol`), or None.
+        logits: for a mode whose logits are not ``scale * cos(features, text)``:
+            ``(segmentor, images (B, 3, H, W), text (C, D)) -> logits (B, C, H, W)``, replacing
+            :meth:`~opentrans.models.segmentor.OpenVocabSegmentor.forward`'s; None for the cosine logits.
+        logit_scale: the method's own softmax temperature, or None for CLIP's learnt logit scale.
     """
 
     name: str
@@ -221,17 +225,20 @@ class DenseMode:
     pos_resize: str
     resnet: bool = False
     protocol: dict | None = None
+    logits: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    logit_scale: float | None = None
 
 
 #: Every training-free dense mode, by name; each registers itself in its own module of this package.
 DENSE = Registry("dense mode", plugins="opentrans.models.dense")
 
 
-def register(name: str, *, rank: int, pos_resize: str, resnet: bool = False, protocol: dict | None = None):
+def register(name: str, *, rank: int, pos_resize: str, resnet: bool = False, protocol: dict | None = None,
+             logits: Callable | None = None, logit_scale: float | None = None):
     """Decorator: register the decorated feature function as the dense mode ``name`` (see :class:`DenseMode`)."""
 
     def deco(features):
-        DENSE.add(name, DenseMode(name, rank, features, pos_resize, resnet, protocol))
+        DENSE.add(name, DenseMode(name, rank, features, pos_resize, resnet, protocol, logits, logit_scale))
         return features
 
     return deco
