@@ -504,9 +504,7 @@ def eval_(source, dense_modes, data, split, limit, protocol, out, **kwargs):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import check_writable, write_json
-    from opentrans.data.datasets import check_labels
-    from opentrans.inference.evaluate import evaluate
-    from opentrans.inference.training_free import (evaluate_modes, markdown_modes, open_inference, protocol_options,
+    from opentrans.inference.training_free import (eval_text, evaluate_modes, evaluate_one, markdown_modes,
                                                    write_modes_report)
 
     if out is not None:
@@ -526,27 +524,10 @@ def eval_(source, dense_modes, data, split, limit, protocol, out, **kwargs):
             click.echo(f"report: {', '.join(str(p) for p in paths)}")
         return
     runner, seg, spec = _open_for_inference(source)
-    fixed = not hasattr(runner, "segmentor")
-    if protocol == "paper":
-        options = protocol_options(options, spec.dense_mode, data)
-    runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
-    unknown = check_labels(dataset)
-    metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
-    metrics["unknown_label_pixels"] = unknown
-    click.echo(f"{runner.name} ({spec.dense_mode}) on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}; "
-               f"{options.describe()}")
-    for note in options.notes:
-        click.echo(f"  note: {note}")
-    click.echo(f"mIoU {metrics['miou']:.2f} %   pixel accuracy {metrics['pixel_acc']:.2f} %")
-    if unknown:
-        click.echo(f"  ignored: {unknown} mask pixels whose value is neither one of the {len(dataset.class_names)} "
-                   f"classes nor the ignore index {dataset.ignore_index}")
-    for name, iou in metrics["per_class_iou"].items():
-        click.echo(f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}")
+    result = evaluate_one(runner, seg, spec, data, split, limit, options, protocol)
+    click.echo(eval_text(result))
     if out is not None:
-        write_json(out, {"runner": runner.name, "dense_mode": spec.dense_mode, "weights": spec.weights,
-                         "dataset": dataset.name, "split": split, "input": options.describe(),
-                         "notes": list(options.notes), **metrics})
+        write_json(out, result.record)
 
 
 @cli.command(epilog='Example: opentrans segment street.png --classes "road,car,sky,building" '

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +157,58 @@ def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, 
     else:
         text = cached_text_embeddings(seg, list(dataset.class_names), spec.model, options.cache_dir, templates)
     return runner, dataset, text, batch_size
+
+
+@dataclass
+class EvalResult:
+    """One runner's evaluation on one dataset (what ``opentrans eval`` prints and writes).
+
+    Attributes:
+        record: JSON-able ``{"runner", "dense_mode", "weights", "dataset", "split", "input", "notes", "miou",
+            "pixel_acc", "per_class_iou", "images", "unknown_label_pixels"}`` (percentages).
+        ignore_index: the dataset's ignore label (named when mask pixels outside the classes were ignored).
+    """
+
+    record: dict
+    ignore_index: int
+
+
+def evaluate_one(runner, seg, spec, data: str, split: str, limit: int | None, options: InferenceOptions,
+                 protocol: str | None = None) -> EvalResult:
+    """mIoU, pixel accuracy and per-class IoU of ``runner`` (PyTorch or a deploy build, see :func:`open_inference`)
+    on ``data``; with ``protocol="paper"`` the options the user left unset come from the mode's paper
+    (:func:`protocol_options`).
+
+    Raises:
+        OpenTransError: as :func:`open_inference`.
+    """
+    from opentrans.data.datasets import check_labels
+
+    fixed = not hasattr(runner, "segmentor")
+    if protocol == "paper":
+        options = protocol_options(options, spec.dense_mode, data)
+    runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
+    unknown = check_labels(dataset)
+    metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
+    metrics["unknown_label_pixels"] = unknown
+    record = {"runner": runner.name, "dense_mode": spec.dense_mode, "weights": spec.weights, "dataset": dataset.name,
+              "split": split, "input": options.describe(), "notes": list(options.notes), **metrics}
+    return EvalResult(record, dataset.ignore_index)
+
+
+def eval_text(result: EvalResult) -> str:
+    """The console report of :func:`evaluate_one`: header, paper-protocol notes, mIoU and pixel accuracy, ignored
+    pixels, and one line per class."""
+    r = result.record
+    lines = [f"{r['runner']} ({r['dense_mode']}) on {r['dataset']} ({r['split']}, {r['images']} images), "
+             f"{r['weights']}; {r['input']}"]
+    lines += [f"  note: {note}" for note in r["notes"]]
+    lines.append(f"mIoU {r['miou']:.2f} %   pixel accuracy {r['pixel_acc']:.2f} %")
+    if r["unknown_label_pixels"]:
+        lines.append(f"  ignored: {r['unknown_label_pixels']} mask pixels whose value is neither one of the "
+                     f"{len(r['per_class_iou'])} classes nor the ignore index {result.ignore_index}")
+    lines += [f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}" for name, iou in r["per_class_iou"].items()]
+    return "\n".join(lines)
 
 
 class _Timed:
