@@ -36,7 +36,7 @@ import torch
 from opentrans.timing import interleaved_times
 from opentrans.data import open_dataset
 from opentrans.deploy.stage import deploy_stage
-from opentrans.evaluate import TorchRunner, agreement
+from opentrans.inference.evaluate import TorchRunner, agreement
 from opentrans.models.artifact import build_segmentor
 
 ROOT = Path(__file__).resolve().parents[1]

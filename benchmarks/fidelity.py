@@ -29,7 +29,7 @@ from opentrans.bench.report import plot_pareto
 from opentrans.data import open_dataset
 from opentrans.deploy.stage import deploy_stage
 from opentrans.deploy.targets import load_runner
-from opentrans.evaluate import TorchRunner, agreement, evaluate
+from opentrans.inference.evaluate import TorchRunner, agreement, evaluate
 from opentrans.hardware import cpu_isa
 from opentrans.models.artifact import load_segmentor
 from opentrans.prune.imp_stage import imp_stage

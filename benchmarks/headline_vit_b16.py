@@ -34,7 +34,7 @@ from opentrans.data import open_dataset
 from opentrans.deploy.stage import check_parity, deploy_stage
 from opentrans.deploy.targets import load_runner
 from opentrans.deploy.targets.openvino import OpenVINORunner
-from opentrans.evaluate import TorchRunner, agreement
+from opentrans.inference.evaluate import TorchRunner, agreement
 from opentrans.hardware import cpu_isa
 from opentrans.models.artifact import load_segmentor
 from opentrans.pipeline import base_stage

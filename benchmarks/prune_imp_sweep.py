@@ -4,7 +4,7 @@ One IMP run (global L1 magnitude, ``--rate`` of the remaining weights per round,
 is stopped at every ``--sparsities`` level; at each level the script measures, against the unpruned model:
 
 * fidelity on CamVid val (``--eval-limit`` images): teacher-agreement mIoU (the unpruned model's argmax as
-  labels, :func:`opentrans.evaluate.agreement`) and the mean cosine of the dense features;
+  labels, :func:`opentrans.inference.evaluate.agreement`) and the mean cosine of the dense features;
 * zlib-compressed size of the image-tower weights (MB);
 * latency of the dense path, batch 1, fp32: torch eager (unpruned and pruned measured in alternation in this
   process) and, with ``--openvino``, OpenVINO CPU at f32 inference precision (same process, alternating).

@@ -28,7 +28,7 @@ import torch
 
 from opentrans.artifacts import StageRecord, is_complete, read_json, write_json
 from opentrans.data import open_dataset
-from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.inference.evaluate import TorchRunner, evaluate
 from opentrans.finetune.trainer import train_segmentor
 from opentrans.models.artifact import build_segmentor, save_segmentor
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from opentrans.errors import OpenTransError
+from opentrans.models.source import ModelSource
 
 
 @dataclass
@@ -41,8 +42,8 @@ class Model:
 
     @property
     def runner(self):
-        """A :class:`~opentrans.evaluate.TorchRunner` on the segmentor (numpy in, numpy logits out)."""
-        from opentrans.evaluate import TorchRunner
+        """A :class:`~opentrans.inference.evaluate.TorchRunner` on the segmentor (numpy in, numpy logits out)."""
+        from opentrans.inference.evaluate import TorchRunner
 
         return TorchRunner(self.segmentor)
 
@@ -56,20 +57,37 @@ class Build:
     figures: dict
 
 
-def load_model(model: str | os.PathLike, pretrained: str = "none",
-               image_size: tuple[int, int] | None = None) -> Model:
+def load_model(model: str | os.PathLike | ModelSource, pretrained: str = "none",
+               image_size: tuple[int, int] | None = None, dense_mode: str | None = None,
+               allow_pickle: bool = False) -> Model:
     """An open_clip architecture (``ViT-B-16``, ``RN50``, ...) with ``pretrained`` weights (``none``: random init,
-    an open_clip tag, or a local file), or a model directory written by prune/finetune.
+    an open_clip tag, or a local file), or a model directory written by prune/finetune; or a ready
+    :class:`~opentrans.models.source.ModelSource` (the other arguments are then ignored).
+
+    Args:
+        image_size: network input (H, W) in pixels for an architecture (a directory keeps its own).
+        dense_mode: training-free dense mode (None: ``maskclip`` for an architecture, the stored one for a directory).
+        allow_pickle: let a ``pretrained`` checkpoint holding pickled objects be unpickled (runs its code).
 
     Raises:
-        OpenTransError: unknown architecture, weights that cannot be loaded, or an incomplete model directory.
+        OpenTransError: unknown architecture or dense mode, weights that cannot be loaded, or an incomplete model
+            directory.
     """
-    from opentrans.models.artifact import resolve_model
-
-    is_dir = Path(model).is_dir()
-    seg, spec, _ = resolve_model(model if is_dir else None, None if is_dir else str(model), pretrained,
-                                 image_size=None if is_dir else image_size)
+    source = model if isinstance(model, ModelSource) else model_source(model, pretrained, image_size, dense_mode,
+                                                                         allow_pickle)
+    source.check()
+    seg, spec, _ = source.resolve()
     return Model(seg, spec)
+
+
+def model_source(model: str | os.PathLike, pretrained: str = "none", image_size: tuple[int, int] | None = None,
+                 dense_mode: str | None = None, allow_pickle: bool = False) -> ModelSource:
+    """The :class:`~opentrans.models.source.ModelSource` of ``model``: an existing directory is a model directory
+    (``from_dir``; ``image_size`` does not apply), anything else an open_clip architecture name."""
+    if Path(model).is_dir():
+        return ModelSource(from_dir=Path(model), dense_mode=dense_mode, allow_pickle=allow_pickle)
+    return ModelSource(model=str(model), pretrained=pretrained, image_size=image_size, dense_mode=dense_mode,
+                       allow_pickle=allow_pickle)
 
 
 def analyze(model: Model, **options) -> dict:
@@ -175,14 +193,21 @@ def deploy(model: Model, target: str, precision: str, data: str, out_dir: str | 
     return Build(Path(out_dir), load_runner(out_dir), figures)
 
 
-def _input(model: Model | Build) -> tuple[tuple[int, int], tuple, tuple]:
-    """``(input (H, W), mean, std)`` of a model or build.
+def _opened(model: Model | Build | ModelSource) -> Model | Build:
+    """A model or build as is; a :class:`~opentrans.models.source.ModelSource` loaded (:func:`load_model`).
 
     Raises:
-        OpenTransError: anything else.
+        OpenTransError: anything else (a bare name or path: wrap it with :func:`model_source` or :func:`load_model`).
     """
+    if isinstance(model, ModelSource):
+        return load_model(model)
     if not isinstance(model, (Model, Build)):
         raise OpenTransError(f"expected an api.Model or api.Build, got {type(model).__name__}")
+    return model
+
+
+def _input(model: Model | Build) -> tuple[tuple[int, int], tuple, tuple]:
+    """``(input (H, W), mean, std)`` of a model or build."""
     if isinstance(model, Model):
         return tuple(model.spec.image_size), model.spec.mean, model.spec.std
     from opentrans.deploy.targets import read_build
@@ -191,12 +216,18 @@ def _input(model: Model | Build) -> tuple[tuple[int, int], tuple, tuple]:
     return tuple(build["image_size"]), tuple(build["mean"]), tuple(build["std"])
 
 
-def evaluate(model: Model | Build, data: str, split: str = "val", limit: int | None = None) -> dict:
-    """mIoU, pixel accuracy (%) and per-class IoU of a model or build on ``data`` (:func:`opentrans.evaluate.
-    evaluate`); class names are encoded by the build's own text graph where it has one."""
-    from opentrans.data import open_dataset
-    from opentrans.evaluate import evaluate as run_eval
+def evaluate(model: Model | Build | ModelSource, data: str, split: str = "val", limit: int | None = None) -> dict:
+    """mIoU, pixel accuracy (%) and per-class IoU of a model, build or model source on ``data``
+    (:func:`opentrans.inference.evaluate.evaluate`); class names are encoded by the build's own text graph where it
+    has one.
 
+    Raises:
+        OpenTransError: something other than a model, build or source; a bad data spec.
+    """
+    from opentrans.data import open_dataset
+    from opentrans.inference.evaluate import evaluate as run_eval
+
+    model = _opened(model)
     size, mean, std = _input(model)
     dataset = open_dataset(data, split, size, mean, std, limit=limit)
     return run_eval(model.runner, dataset, _encode(model, list(dataset.class_names)))
@@ -208,17 +239,20 @@ def _encode(model: Model | Build, names: list[str]) -> np.ndarray:
     return np.asarray(model.runner.encode_classes(names), dtype=np.float32)
 
 
-def segment(model: Model | Build, image: str | os.PathLike, classes: list[str]) -> np.ndarray:
-    """Class index per pixel, int64 ``(h, w)`` at the image's own size, for free-form ``classes``.
+def segment(model: Model | Build | ModelSource, image: str | os.PathLike, classes: list[str]) -> np.ndarray:
+    """Class index per pixel, int64 ``(h, w)`` at the image's own size, for free-form ``classes``, by a model, build
+    or model source.
 
     Raises:
-        OpenTransError: a missing or unreadable image, or duplicate class names.
+        OpenTransError: a missing or unreadable image, duplicate class names, or something other than a model,
+            build or source.
     """
     from opentrans.data.datasets import _read, preprocess_image
-    from opentrans.evaluate import predict_labels
+    from opentrans.inference.evaluate import predict_labels
 
     if len(set(classes)) != len(classes):
         raise OpenTransError("segment: duplicate class names")
+    model = _opened(model)
     size, mean, std = _input(model)
     rgb, original = _read(Path(image), "RGB")
     logits = model.runner(preprocess_image(rgb, size, mean, std).numpy()[None], _encode(model, list(classes)))

@@ -12,10 +12,10 @@ import click
 
 from opentrans import __version__
 from opentrans.errors import OpenTransError, OpenTransWarning
-from opentrans.options import FiniteFloat
-from opentrans.analyze.options import AnalyzeOptions  # analyze/finetune: typed options
-from opentrans.finetune.options import FinetuneOptions  # analyze/finetune: typed options
-from opentrans.options import cli_options, options_from_kwargs  # analyze/finetune: typed options
+from opentrans.analyze.options import AnalyzeOptions
+from opentrans.finetune.options import FinetuneOptions
+from opentrans.inference.options import InferenceOptions
+from opentrans.options import FiniteFloat, cli_options, options_from_kwargs
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -84,6 +84,22 @@ def _image_size(ctx, param, value):
     return int(h), int(w)
 
 
+class _DenseModeOption(click.Option):
+    """``--dense-mode``: its help starts with the registered dense modes (:mod:`opentrans.models.dense`), read only
+    when the help is shown, so the CLI starts without importing torch."""
+
+    def get_help_record(self, ctx):
+        from opentrans.models.dense import RN_MODES, VIT_MODES
+
+        if not getattr(self, "_modes_listed", False):
+            default, *others = VIT_MODES
+            vit_only = [m for m in others if m not in RN_MODES]
+            self.help = (f"Training-free dense mode: {default} (default), {', '.join(vit_only[:-1])} or {vit_only[-1]} "
+                         f"(ViT only){self.help}")
+            self._modes_listed = True
+        return super().get_help_record(ctx)
+
+
 def model_options(f):
     """--from / --model / --pretrained / --allow-pickle / --image-size / --dense-mode, handed to the command as one
     ``source`` (:class:`opentrans.models.source.ModelSource`).
@@ -91,10 +107,11 @@ def model_options(f):
     ``--allow-pickle`` reaches :func:`opentrans.models.clip.load_clip` through
     :func:`opentrans.models.clip.pickle_allowed`: without it a ``--pretrained`` file is never unpickled.
 
-    ``--dense-mode`` reaches the stage through :func:`opentrans.models.artifact.dense_mode_override`: with
-    ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces the
-    mode stored in the artifact (default: keep it). A command whose function takes ``dense_modes`` (``eval``)
-    receives the parsed list instead and may accept ``all`` or a comma-separated list.
+    ``--dense-mode`` is ``source.dense_mode``, which :meth:`~opentrans.models.source.ModelSource.resolve` passes on:
+    with ``--model`` it is the mode the segmentor is built with (default ``maskclip``), with ``--from`` it replaces
+    the mode stored in the artifact (default: keep it). A command whose function takes ``dense_modes`` (``eval``)
+    also receives the parsed list and may accept ``all`` or a comma-separated list (``source.dense_mode`` is then
+    the mode when exactly one is given, else None).
     """
     import inspect
 
@@ -112,27 +129,24 @@ def model_options(f):
                        "checkpoints load and anything else is refused.")
     @click.option("--image-size", callback=_image_size, metavar="HxW",
                   help="Network input size; default: short side = the model's native size.")
-    @click.option("--dense-mode", "dense_mode", metavar="MODE",
-                  help="Training-free dense mode: maskclip (default), sclip, clearclip, naclip or cliper "
-                       "(ViT only); with --from, replaces the artifact's mode." +
+    @click.option("--dense-mode", "dense_mode", metavar="MODE", cls=_DenseModeOption,
+                  help="; with --from, replaces the artifact's mode." +
                        (" eval also takes 'all' or a comma-separated list." if takes_list else ""))
     @functools.wraps(f)
     def wrapper(*args, from_dir=None, model=None, pretrained="none", image_size=None, dense_mode=None,
                 allow_pickle=False, **kwargs):
-        from opentrans.models.artifact import dense_mode_override
         from opentrans.models.clip import pickle_allowed
         from opentrans.models.source import ModelSource
-        from opentrans.training_free import parse_modes
+        from opentrans.inference.training_free import parse_modes
 
         modes = parse_modes(dense_mode)
-        if takes_list:
-            source = ModelSource(from_dir, model, pretrained, image_size, None, allow_pickle)
-            with pickle_allowed(allow_pickle):
-                return f(*args, source=source, dense_modes=modes, **kwargs)
-        if modes is not None and len(modes) > 1:
+        if modes is not None and len(modes) > 1 and not takes_list:
             raise OpenTransError(f"--dense-mode {dense_mode}: this command takes one mode (only eval compares several)")
-        source = ModelSource(from_dir, model, pretrained, image_size, modes[0] if modes else None, allow_pickle)
-        with dense_mode_override(source.dense_mode), pickle_allowed(allow_pickle):
+        one = modes[0] if modes is not None and len(modes) == 1 else None
+        source = ModelSource(from_dir, model, pretrained, image_size, one, allow_pickle)
+        with pickle_allowed(allow_pickle):
+            if takes_list:
+                return f(*args, source=source, dense_modes=modes, **kwargs)
             return f(*args, source=source, **kwargs)
 
     return wrapper
@@ -393,19 +407,23 @@ def bench(paths, data, split, limit, warmup, repeats, batch_sizes, roofline, ref
     click.echo(f"report: {out / 'bench.md'}, plot: {out / 'bench.png'} ({result['header']['weights']})")
 
 
-def _open_for_inference(from_dir, model, pretrained, image_size):
-    """(runner, segmentor whose text tower encodes the class names, spec) from a model directory, a deploy
-    build (its text tower is the source model's) or ``--model``/``--pretrained``."""
+def _open_for_inference(source):
+    """(runner, segmentor whose text tower encodes the class names, spec) of a model source
+    (:class:`~opentrans.models.source.ModelSource`): a model directory, a deploy build (its text tower is the source
+    model's; ``source.dense_mode`` must be the mode baked into its graph) or ``--model``/``--pretrained``.
+
+    Raises:
+        OpenTransError: a ``--dense-mode`` other than a deploy build's, or anything ``source.resolve()`` refuses.
+    """
     from opentrans.deploy.targets import load_runner, read_build, source_model_dir
-    from opentrans.evaluate import TorchRunner
+    from opentrans.inference.evaluate import TorchRunner
     from opentrans.models.artifact import SPEC_FILE, resolve_model
 
+    from_dir = source.from_dir
     if from_dir is not None and not (Path(from_dir) / SPEC_FILE).exists():
-        from opentrans.models.artifact import current_dense_mode_override
-
         runner = load_runner(from_dir)
         build = read_build(from_dir)
-        baked, asked = build.get("spec", {}).get("dense_mode", "maskclip"), current_dense_mode_override()
+        baked, asked = build.get("spec", {}).get("dense_mode", "maskclip"), source.dense_mode
         if asked is not None and asked != baked:
             raise OpenTransError(f"--dense-mode {asked}: {from_dir} was exported with dense mode {baked}, which is part "
                                  f"of its graph; re-run deploy with --dense-mode {asked}")
@@ -415,7 +433,7 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
             seg, spec, _ = resolve_model(None, build["model"], build["pretrained"], image_size=tuple(build["image_size"]),
                                          dense_mode=baked)
         return runner, seg, spec
-    seg, spec, _ = resolve_model(from_dir, model, pretrained, image_size=image_size)
+    seg, spec, _ = source.resolve()
     return TorchRunner(seg), seg, spec
 
 
@@ -425,38 +443,22 @@ def _open_for_inference(from_dir, model, pretrained, image_size):
              "--bg-threshold 0.1 --out runs/tf/coco.json")
 @model_options
 @data_options()
-@click.option("--short-side", type=click.IntRange(min=1), help="Resize images to this short side (px, aspect kept).")
-@click.option("--window", callback=_image_size, metavar="HxW", help="Sliding-window crop size (px).")
-@click.option("--stride", callback=_image_size, metavar="HxW", help="Sliding-window step (px); default half the window.")
-@click.option("--prompt-sets", metavar="FILE|NAME",
-              help="One line per class, comma-separated prompts (e.g. a background set); built in: coco-object, voc.")
-@click.option("--bg-threshold", type=FiniteFloat(0, 1, max_open=True),
-              help="Pixels whose top class probability is below this go to the dataset's background class.")
-@click.option("--templates", type=click.Path(dir_okay=False, path_type=Path),
-              help="Prompt templates, one per line with {} for the class, or imagenet80 (CLIP's 80 ImageNet "
-                   "templates; default: 6 built-in templates).")
-@click.option("--logit-scale", type=float, help="Softmax temperature of the logits (default: the model's own; "
-                                                "matters for --prompt-sets, --bg-threshold and cliper).")
+@cli_options(InferenceOptions)
 @click.option("--protocol", type=click.Choice(["paper"]),
               help="paper: each dense mode's published settings (short side, windows, templates, temperature, "
                    "background threshold; docs/training_free.md); options given explicitly win.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the metrics as JSON here (several modes: also .md table and .png plot beside it).")
-def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
-          prompt_sets, bg_threshold, templates, logit_scale, protocol, out):
+def eval_(source, dense_modes, data, split, limit, protocol, out, **kwargs):
     """mIoU, pixel accuracy and per-class IoU of a model or deploy build on a dataset; with several
     --dense-mode values (or 'all'), mIoU and latency of each training-free mode as a table and plot."""
     from opentrans.artifacts import check_writable, write_json
-    from opentrans.data.datasets import check_labels
-    from opentrans.evaluate import evaluate
-    from opentrans.models.artifact import dense_mode_override
-    from opentrans.training_free import (InferenceOptions, evaluate_modes, markdown_modes, open_inference,
-                                         protocol_options, write_modes_report)
+    from opentrans.inference.training_free import (eval_text, evaluate_modes, evaluate_one, markdown_modes,
+                                                   write_modes_report)
 
     if out is not None:
         check_writable(out)
-    options = InferenceOptions(short_side=short_side, window=window, stride=stride, prompt_sets=prompt_sets,
-                               bg_threshold=bg_threshold, templates=templates, logit_scale=logit_scale)
+    options = options_from_kwargs(InferenceOptions, kwargs)
     if dense_modes is not None and len(dense_modes) > 1:
         from opentrans.models.artifact import SPEC_FILE
 
@@ -470,29 +472,11 @@ def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
             paths = write_modes_report(report, out)
             click.echo(f"report: {', '.join(str(p) for p in paths)}")
         return
-    with dense_mode_override(dense_modes[0] if dense_modes else None):
-        runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
-    fixed = not hasattr(runner, "segmentor")
-    if protocol == "paper":
-        options = protocol_options(options, spec.dense_mode, data)
-    runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
-    unknown = check_labels(dataset)
-    metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
-    metrics["unknown_label_pixels"] = unknown
-    click.echo(f"{runner.name} ({spec.dense_mode}) on {dataset.name} ({split}, {len(dataset)} images), {spec.weights}; "
-               f"{options.describe()}")
-    for note in options.notes:
-        click.echo(f"  note: {note}")
-    click.echo(f"mIoU {metrics['miou']:.2f} %   pixel accuracy {metrics['pixel_acc']:.2f} %")
-    if unknown:
-        click.echo(f"  ignored: {unknown} mask pixels whose value is neither one of the {len(dataset.class_names)} "
-                   f"classes nor the ignore index {dataset.ignore_index}")
-    for name, iou in metrics["per_class_iou"].items():
-        click.echo(f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}")
+    runner, seg, spec = _open_for_inference(source)
+    result = evaluate_one(runner, seg, spec, data, split, limit, options, protocol)
+    click.echo(eval_text(result))
     if out is not None:
-        write_json(out, {"runner": runner.name, "dense_mode": spec.dense_mode, "weights": spec.weights,
-                         "dataset": dataset.name, "split": split, "input": options.describe(),
-                         "notes": list(options.notes), **metrics})
+        write_json(out, result.record)
 
 
 @cli.command(epilog='Example: opentrans segment street.png --classes "road,car,sky,building" '
@@ -503,7 +487,7 @@ def eval_(source, dense_modes, data, split, limit, short_side, window, stride,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Overlay PNG to write.")
 def segment(image, classes, source, out):
     """Segment one image with free-form class names and write an overlay PNG."""
-    from opentrans.segment import segment_image
+    from opentrans.inference.segment import segment_image
 
     from opentrans.artifacts import check_writable
     from opentrans.data.datasets import check_unique_classes
@@ -513,7 +497,7 @@ def segment(image, classes, source, out):
     if not names:
         raise OpenTransError("--classes: give at least one class name")
     check_unique_classes(names, "--classes")
-    runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
+    runner, seg, spec = _open_for_inference(source)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
     encode = getattr(runner, "encode_classes", None)
     if encode is not None:

@@ -41,3 +41,15 @@ def test_segment_refuses_duplicate_classes_and_foreign_objects():
         api.segment(model, image, ["road", "road"])
     with pytest.raises(OpenTransError, match="expected an api.Model or api.Build"):
         api.evaluate("ViT-B-16", CAMVID_SPEC)
+
+
+def test_load_model_takes_or_builds_a_model_source(tmp_path):
+    from opentrans.models.source import ModelSource
+
+    assert api.model_source(tmp_path) == ModelSource(from_dir=tmp_path)
+    assert api.model_source(TINY_VIT, image_size=(64, 64)) == ModelSource(model=TINY_VIT, image_size=(64, 64))
+    model = api.load_model(ModelSource(model=TINY_VIT, dense_mode="sclip"))
+    assert model.segmentor.dense_mode == model.spec.dense_mode == "sclip"
+    assert api.load_model(TINY_VIT, dense_mode="naclip").spec.dense_mode == "naclip"
+    with pytest.raises(OpenTransError, match="unknown dense mode"):
+        api.load_model(TINY_VIT, dense_mode="gem")

@@ -546,7 +546,7 @@ def test_paper_protocols_hold_the_authors_settings():
     (prob_thd=0.1, slide_crop=0);
     CLIPer scripts/config/vit-b-16/ovs_voc21.yaml (attention_thr 0.1, logit_scale 100, size 336), ovs_context59.yaml
     (attention_thr 0.2), ovs_coco5k.yaml (logit_scale 50, openai_template.txt), ovs_city.yaml (size 560, 0.35)."""
-    from opentrans.training_free import paper_protocol
+    from opentrans.inference.training_free import paper_protocol
 
     def s(mode, fmt):
         return paper_protocol(mode, fmt)["settings"]
@@ -572,7 +572,8 @@ PAPER_MODES = ("maskclip-noresidual", "sclip", "clearclip", "naclip", "cliper")
 
 
 def test_protocol_options_fill_only_what_was_not_given():
-    from opentrans.training_free import InferenceOptions, protocol_options
+    from opentrans.inference.options import InferenceOptions
+    from opentrans.inference.training_free import protocol_options
 
     got = protocol_options(InferenceOptions(), "sclip", "coco-object:/data/coco")
     assert (got.short_side, got.window, got.stride, got.logit_scale, got.bg_threshold, got.prompt_sets) == \
@@ -589,15 +590,15 @@ def test_protocol_options_fill_only_what_was_not_given():
 
 def test_imagenet80_templates_are_the_authors():
     """The first and last of SCLIP's prompts/imagenet_template.py openai_imagenet_template (80 entries)."""
-    from opentrans.models.inference import read_templates
+    from opentrans.inference.sliding import read_templates
 
     t = read_templates("imagenet80")
     assert len(t) == 80 and t[0] == "a bad photo of a {}." and t[-1] == "a tattoo of the {}."
 
 
 def test_logit_scale_runner_on_torch_and_on_a_fixed_graph(tiny_vit):
-    from opentrans.evaluate import TorchRunner
-    from opentrans.models.inference import LogitScaleRunner
+    from opentrans.inference.evaluate import TorchRunner
+    from opentrans.inference.sliding import LogitScaleRunner
 
     seg, spec = tiny_vit
     images = torch.randn(1, 3, *spec.image_size).numpy()
@@ -644,3 +645,17 @@ def test_eval_protocol_paper_through_the_cli(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["eval", "--model", TINY_VIT, "--dense-mode", "cliper", "--protocol", "paper",
                                    "--data", CAMVID_SPEC, "--limit", "1"])
     assert res.exit_code == 1 and "car_template.txt" in res.output
+
+
+def test_dense_modes_come_from_the_registry():
+    """Each mode is one registered file: the lists, the resizes, the ResNet support and the protocols read DENSE."""
+    from opentrans.models.dense import DENSE
+    from opentrans.inference.training_free import parse_modes
+
+    assert DENSE.names() == sorted(VIT_MODES)
+    assert dense.RN_MODES == ("maskclip",)
+    assert all(dense.POS_RESIZE[m] == DENSE.get(m).pos_resize for m in VIT_MODES)
+    assert parse_modes("all") == list(VIT_MODES)
+    assert DENSE.get("sclip").protocol["*"]["short_side"] == 336 and DENSE.get("maskclip").protocol is None
+    with pytest.raises(OpenTransError, match="unknown dense mode 'gem'"):
+        DENSE.get("gem")

@@ -23,7 +23,7 @@ from opentrans.deploy.export import onnx_opset
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
 from opentrans.errors import OpenTransError
 from opentrans.hardware import cpu_isa
-from opentrans.evaluate import TorchRunner, agreement
+from opentrans.inference.evaluate import TorchRunner, agreement
 from opentrans.models.artifact import build_segmentor
 
 FP32_TOL = 1e-4  # logits are logit_scale x cosine (|logit| <= 100); fp32 re-implementations differ by ~1e-5

@@ -31,7 +31,7 @@ from opentrans.deploy.text_graph import (
     text_parity,
 )
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner
+from opentrans.inference.evaluate import TorchRunner
 from opentrans.models.artifact import build_segmentor
 from opentrans.models.segmentor import TEMPLATES
 

@@ -14,7 +14,7 @@ from conftest import CAMVID_SPEC, COCO_OBJECT, TINY_VIT
 from opentrans.cli import cli
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
-from opentrans.models.inference import (
+from opentrans.inference.sliding import (
     PromptSetRunner,
     ShortSideDataset,
     SlidingWindowRunner,
@@ -64,7 +64,7 @@ def test_sliding_window_places_crops_and_averages():
 
 
 def test_sliding_window_matches_whole_image_when_window_is_the_image(tiny_vit, camvid_val):
-    from opentrans.evaluate import TorchRunner
+    from opentrans.inference.evaluate import TorchRunner
 
     seg, spec = tiny_vit
     image = camvid_val[0][0][None].numpy()
@@ -167,14 +167,13 @@ def test_eval_single_mode_and_option_errors(tmp_path):
 
 def test_dense_mode_option_reaches_stages_and_overrides_from(tmp_path, tiny_vit):
     """--dense-mode with --model builds that mode; with --from it replaces the stored one."""
-    from opentrans.models.artifact import dense_mode_override, resolve_model
+    from opentrans.models.artifact import resolve_model
     from conftest import save_finished
 
     seg, spec = tiny_vit
     save_finished(seg, spec, tmp_path)
-    with dense_mode_override("naclip"):
-        fresh, fresh_spec, _ = resolve_model(None, TINY_VIT)
-        loaded, loaded_spec, _ = resolve_model(tmp_path, None)
+    fresh, fresh_spec, _ = resolve_model(None, TINY_VIT, dense_mode="naclip")
+    loaded, loaded_spec, _ = resolve_model(tmp_path, None, dense_mode="naclip")
     assert fresh.dense_mode == fresh_spec.dense_mode == "naclip"
     assert loaded.dense_mode == loaded_spec.dense_mode == "naclip"
     assert resolve_model(tmp_path, None)[1].dense_mode == "maskclip"
@@ -183,7 +182,7 @@ def test_dense_mode_option_reaches_stages_and_overrides_from(tmp_path, tiny_vit)
 
 
 def test_templates_file(tmp_path, tiny_vit):
-    from opentrans.models.inference import read_templates
+    from opentrans.inference.sliding import read_templates
 
     good = tmp_path / "t.txt"
     good.write_text("a photo of a {}.\n\nitap of a {}.\n")

@@ -25,7 +25,7 @@ from opentrans.deploy.stage import PARITY_THRESHOLDS, check_parity
 from opentrans.deploy.targets import PRECISIONS
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner, agreement
+from opentrans.inference.evaluate import TorchRunner, agreement
 from opentrans.models.artifact import build_segmentor
 
 

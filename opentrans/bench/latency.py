@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from opentrans.evaluate import Runner
+from opentrans.inference.evaluate import Runner
 from opentrans.timing import interleaved_ms, interleaved_times  # noqa: F401 - part of this module's API
 
 

@@ -18,7 +18,7 @@ from opentrans.bench.worker import Job, measure_isolated
 from opentrans.data import open_dataset
 from opentrans.deploy.targets import BUILD_FILE
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import label_agreement
+from opentrans.inference.evaluate import label_agreement
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, open_model_dir
 
 

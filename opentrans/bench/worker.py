@@ -74,7 +74,7 @@ def measure(job: Job) -> dict:
     from opentrans.bench.latency import measure_latency
     from opentrans.data import open_dataset
     from opentrans.deploy.targets import load_runner
-    from opentrans.evaluate import evaluate
+    from opentrans.inference.evaluate import evaluate
 
     path = Path(job.artifact)
     spec, precision = _artifact_spec(path)

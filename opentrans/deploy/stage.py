@@ -50,7 +50,7 @@ from opentrans.errors import OpenTransError
 QUANT_REPORT_FILE = "quant_report.json"
 
 #: Parity thresholds per precision that the parity check exercises, against PyTorch fp32 on real validation
-#: images (figures from :func:`opentrans.evaluate.agreement`). ``max_abs_diff`` is an upper bound, the others lower
+#: images (figures from :func:`opentrans.inference.evaluate.agreement`). ``max_abs_diff`` is an upper bound, the others lower
 #: bounds; ``teacher_miou`` is reported, not gated. The measurements behind each bound are in docs/quantization.md
 #: ("Parity thresholds").
 PARITY_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
@@ -64,7 +64,7 @@ PARITY_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
 
 
 def check_parity(figures: dict[str, float], precision: str) -> list[str]:
-    """The thresholds of ``precision`` that ``figures`` (from :func:`opentrans.evaluate.agreement`) miss, as
+    """The thresholds of ``precision`` that ``figures`` (from :func:`opentrans.inference.evaluate.agreement`) miss, as
     ``"cosine 0.95 < 0.99"`` strings; empty when all pass."""
     failures = []
     for key, (op, bound) in PARITY_THRESHOLDS[precision].items():
@@ -141,7 +141,7 @@ def _build_and_check(target: str, candidate: Candidate, build_dir: Path, onnx_pa
         ``(BuildOutput, parity figures, failed thresholds)``; the runner of a bf16 candidate is the fp32 IR compiled
         with the bf16 inference hint, checked against the ``bf16`` gate.
     """
-    from opentrans.evaluate import TorchRunner, agreement
+    from opentrans.inference.evaluate import TorchRunner, agreement
 
     ctx = BuildContext(precision=candidate.build_precision, build_dir=build_dir, onnx_path=onnx_path, **context)
     built = target_module(target).build(ctx)

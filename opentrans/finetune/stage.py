@@ -34,7 +34,7 @@ from opentrans.analyze.stage import check_out_dir
 from opentrans.artifacts import StageRecord, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner, evaluate
+from opentrans.inference.evaluate import TorchRunner, evaluate
 from opentrans.finetune.adapters import ADAPTERS, AdapterReport, merge_adapters
 from opentrans.finetune.freeze import (
     FreezePlan,
@@ -112,7 +112,7 @@ class FinetuneResult:
     """What training and evaluation produced (rank 0).
 
     Attributes:
-        before, after: :func:`~opentrans.evaluate.evaluate` results on val (``miou``, ``pixel_acc`` in %,
+        before, after: :func:`~opentrans.inference.evaluate.evaluate` results on val (``miou``, ``pixel_acc`` in %,
             ``per_class_iou``) before and after training.
         losses: the training loss of every step (nats; NaN for a step without labelled pixels).
         train_seconds: training wall time (s).

@@ -7,7 +7,6 @@ from the fresh architecture (structured pruning), so :func:`load_segmentor` rebu
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -366,37 +365,16 @@ def open_model_dir(model_dir: str | os.PathLike) -> tuple[OpenVocabSegmentor, Se
     return load_segmentor(model_dir)
 
 
-_DENSE_MODE_OVERRIDE: list[str] = []
-
-
-@contextlib.contextmanager
-def dense_mode_override(dense_mode: str | None):
-    """Within the block, :func:`resolve_model` uses ``dense_mode`` when its caller gives none (how the CLI's
-    ``--dense-mode`` reaches every stage). ``None``: no override."""
-    if dense_mode is None:
-        yield
-        return
-    _DENSE_MODE_OVERRIDE.append(dense_mode)
-    try:
-        yield
-    finally:
-        _DENSE_MODE_OVERRIDE.pop()
-
-
-def current_dense_mode_override() -> str | None:
-    """The mode of the innermost :func:`dense_mode_override`, or None."""
-    return _DENSE_MODE_OVERRIDE[-1] if _DENSE_MODE_OVERRIDE else None
-
-
 def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrained: str = "none",
                   image_size: tuple[int, int] | None = None, head: str = "linear", dense_mode: str | None = None,
                   ) -> tuple[OpenVocabSegmentor, SegmentorSpec, list[Path]]:
     """The segmentor a stage starts from: the model of an earlier stage (``--from DIR``) or a fresh one
     (``--model NAME --pretrained TAG|PATH|none``).
 
-    ``dense_mode`` (or, when None, the innermost :func:`dense_mode_override`): with ``--model`` the mode the
-    segmentor is built with (default ``maskclip``); with ``--from`` it replaces the mode stored in the
-    artifact's spec (default: keep the stored mode). Every mode shares the same weights.
+    ``dense_mode``: with ``--model`` the mode the segmentor is built with (None: ``maskclip``); with ``--from`` it
+    replaces the mode stored in the artifact's spec (None: keep the stored mode). Every mode shares the same
+    weights. Stages reach this through :meth:`opentrans.models.source.ModelSource.resolve`, which passes the
+    CLI's ``--dense-mode``.
 
     Returns:
         ``(segmentor, spec, input files)``; the input files are what the stage's manifest should hash.
@@ -408,8 +386,6 @@ def resolve_model(from_dir: str | os.PathLike | None, model: str | None, pretrai
     """
     if from_dir is not None and model is not None:
         raise OpenTransError("give either --from RUN_DIR or --model NAME, not both")
-    if dense_mode is None and _DENSE_MODE_OVERRIDE:
-        dense_mode = _DENSE_MODE_OVERRIDE[-1]
     if from_dir is not None:
         from_dir = Path(from_dir)
         if not (from_dir / SPEC_FILE).exists():

@@ -34,9 +34,6 @@ RANDOM_INIT = "random-init weights"
 _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
-#: Small random-initialised architectures shipped for tests and quick experiments.
-TINY_MODELS = ("opentrans-tiny-vit", "opentrans-tiny-rn")
-
 _ALLOW_PICKLE: list[bool] = []
 
 

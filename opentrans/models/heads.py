@@ -18,37 +18,25 @@ and register themselves on import.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.registry import import_submodules
+from opentrans.registry import Registry
 
-#: name -> factory ``(embed_dim: int, **options) -> nn.Module`` with the head signature above.
-HEADS: dict[str, Callable[..., nn.Module]] = {}
+#: name -> factory ``(embed_dim: int, **options) -> nn.Module`` with the head signature above; the papers' decoders
+#: (every module of :mod:`opentrans.models.decoders`) are imported, and so registered, on the first lookup.
+HEADS = Registry("head", plugins="opentrans.models.decoders")
 
 
 def register_head(name: str):
     """Class/function decorator: register a head factory under ``name`` (``factory(embed_dim, **options)``)."""
-
-    def deco(factory):
-        HEADS[name] = factory
-        return factory
-
-    return deco
-
-
-def _load_decoders() -> None:
-    """Import every module of :mod:`opentrans.models.decoders`, which registers the papers' decoders."""
-    import_submodules("opentrans.models.decoders")
+    return HEADS.register(name)
 
 
 def head_names() -> list[str]:
-    """Every registered head name (the papers' decoders included)."""
-    _load_decoders()
-    return sorted(HEADS)
+    """Every registered head name (the papers' decoders included), sorted."""
+    return HEADS.names()
 
 
 def build_head(name: str, embed_dim: int, options: dict | None = None) -> nn.Module:
@@ -62,11 +50,10 @@ def build_head(name: str, embed_dim: int, options: dict | None = None) -> nn.Mod
     Raises:
         OpenTransError: an unknown name, or options the factory does not accept.
     """
-    _load_decoders()
     if name not in HEADS:
-        raise OpenTransError(f"unknown head '{name}'; choose one of {', '.join(sorted(HEADS))}")
+        raise OpenTransError(f"unknown head '{name}'; choose one of {', '.join(HEADS.names())}")
     try:
-        return HEADS[name](embed_dim, **(options or {}))
+        return HEADS.get(name)(embed_dim, **(options or {}))
     except TypeError as exc:
         raise OpenTransError(f"head '{name}': bad options {options}: {exc}") from None
 

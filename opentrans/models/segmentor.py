@@ -23,10 +23,9 @@ from opentrans.models import dense as _dense
 from opentrans.models.heads import build_head
 from opentrans.models.prompts import PromptModule
 
-#: Training-free dense modes (see :mod:`opentrans.models.dense`); a ModifiedResNet supports only ``maskclip``.
+#: Training-free dense modes (the registry of :mod:`opentrans.models.dense`, in report order); a ModifiedResNet
+#: supports only :data:`~opentrans.models.dense.RN_MODES` (``maskclip``).
 DENSE_MODES = _dense.VIT_MODES
-#: Floor of CLIPer's fused scores before the log that turns them into logits.
-CLIPER_EPS = 1e-6
 #: Prompt templates averaged per class (a subset of CLIP's ImageNet ensemble).
 TEMPLATES = (
     "a photo of a {}.",
@@ -71,11 +70,12 @@ def check_inference_memory(seg: "OpenVocabSegmentor", hw: tuple[int, int], what:
 
 def check_dense_mode(dense_mode: str, visual: nn.Module) -> None:
     """Raise :class:`OpenTransError` unless ``dense_mode`` is one of :data:`DENSE_MODES` and, for a
-    ModifiedResNet image tower, ``maskclip``."""
+    ModifiedResNet image tower, one of :data:`~opentrans.models.dense.RN_MODES` (``maskclip``)."""
     if dense_mode not in DENSE_MODES:
         raise OpenTransError(f"unknown dense mode '{dense_mode}'; choose one of {', '.join(DENSE_MODES)}")
-    if dense_mode != "maskclip" and not isinstance(visual, VisionTransformer):
-        raise OpenTransError(f"dense mode '{dense_mode}' needs a ViT image tower; a ResNet supports only maskclip")
+    if dense_mode not in _dense.RN_MODES and not isinstance(visual, VisionTransformer):
+        raise OpenTransError(f"dense mode '{dense_mode}' needs a ViT image tower; a ResNet supports only "
+                             f"{', '.join(_dense.RN_MODES)}")
 
 
 class OpenVocabSegmentor(nn.Module):
@@ -98,7 +98,7 @@ class OpenVocabSegmentor(nn.Module):
             * ``naclip``: k-k attention plus a Gaussian neighbourhood bias, no residual, no FFN.
             * ``cliper``: CLIPer's early-layer fusion: summed early-layer attention maps and early-layer
               embeddings pushed through the last block; the logits are ``log`` of CLIPer's fused class scores
-              (floored at :data:`CLIPER_EPS`), so their argmax and softmax are those of the fused scores.
+              (floored at :data:`~opentrans.models.dense.CLIPER_EPS`), so their argmax and softmax are those of the fused scores.
               CLIPer's diffusion-based fine-grained compensation is not part of the graph (see
               :mod:`opentrans.models.diffusion_refine`).
 
@@ -140,12 +140,14 @@ class OpenVocabSegmentor(nn.Module):
         self.cliper_keep: float = _dense.CLIPER_KEEP
 
     def logit_scale(self) -> torch.Tensor:
-        """The softmax temperature the logits carry (a scalar tensor): ``logit_temperature`` if set, else
-        :data:`~opentrans.models.dense.CLIPER_LOGIT_SCALE` for ``cliper`` and CLIP's learnt logit scale otherwise."""
+        """The softmax temperature the logits carry (a scalar tensor): ``logit_temperature`` if set, else the dense
+        mode's own (:attr:`~opentrans.models.dense.DenseMode.logit_scale`, e.g.
+        :data:`~opentrans.models.dense.CLIPER_LOGIT_SCALE` for ``cliper``) and CLIP's learnt logit scale otherwise."""
         if self.logit_temperature is not None:
             return torch.tensor(float(self.logit_temperature))
-        if self.dense_mode == "cliper":
-            return torch.tensor(_dense.CLIPER_LOGIT_SCALE)
+        own = _dense.DENSE.get(self.dense_mode).logit_scale
+        if own is not None:
+            return torch.tensor(own)
         return self.clip.logit_scale.exp()
 
     def set_head(self, head: str, options: dict | None = None) -> None:
@@ -251,14 +253,10 @@ class OpenVocabSegmentor(nn.Module):
     def forward(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, H, W)``: :meth:`logit_scale` times the cosine of each patch with each class embedding,
         bilinearly upsampled to the input size (for ``cliper``: ``log`` of the fused class scores, see the class
-        docstring)."""
-        if self.dense_mode == "cliper":
-            feats, attn_map = _dense.cliper_features(self.visual, images)  # (L, B, h*w, D), (B, h*w, h*w)
-            grid = self.grid_of(images)
-            feats = self.head(feats.flatten(0, 1), grid, text_embeds).view_as(feats)
-            scores = _dense.cliper_scores(feats, attn_map, text_embeds, self.logit_scale(), keep=self.cliper_keep)
-            scores = _dense.grid_logits_to_image(scores, grid, images.shape[-2:])
-            return torch.log(torch.clamp(scores, min=CLIPER_EPS))
+        docstring); a mode with its own logits (:attr:`~opentrans.models.dense.DenseMode.logits`) computes them."""
+        own_logits = _dense.DENSE.get(self.dense_mode).logits
+        if own_logits is not None:
+            return own_logits(self, images, text_embeds)
         feats = F.normalize(self.dense_features(images, text_embeds), dim=-1)
         text = F.normalize(text_embeds, dim=-1)
         logits = self.logit_scale() * feats @ text.t()  # (B, h*w, C)

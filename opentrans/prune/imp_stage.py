@@ -102,7 +102,7 @@ def fidelity(student, teacher, dataset, text: torch.Tensor) -> dict:
         (%), ``logit_cosine`` (min over images), ``feature_cosine`` (mean over images and patches of the cosine
         of the dense features ``(B, h*w, D)``) and ``images``.
     """
-    from opentrans.evaluate import TorchRunner, agreement, batches
+    from opentrans.inference.evaluate import TorchRunner, agreement, batches
 
     agree = agreement(TorchRunner(teacher), TorchRunner(student), dataset, text.numpy())
     cos, n = 0.0, 0

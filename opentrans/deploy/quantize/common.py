@@ -133,7 +133,7 @@ def drop_metric(metric: str, num_classes: int, ignore_index: int = 255):
     """
     import torch
 
-    from opentrans.evaluate import predict_labels
+    from opentrans.inference.evaluate import predict_labels
     from opentrans.metrics import ConfusionMatrix
 
     if metric not in DROP_METRICS:

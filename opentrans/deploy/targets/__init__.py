@@ -263,7 +263,7 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
       with ``openvino_precision``: ``f32`` by default, ``None`` for the device default, which is bf16 on CPUs
       with avx512_bf16; a bf16 build of ``--precision auto`` always with its recorded ``inference_precision``),
       TensorRT for ``nvidia``;
-    * a model directory (``model.json`` from prune/finetune): :class:`opentrans.evaluate.TorchRunner`.
+    * a model directory (``model.json`` from prune/finetune): :class:`opentrans.inference.evaluate.TorchRunner`.
 
     The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W). A deploy
     build's runner also has ``runner.text_encoder`` (:class:`opentrans.deploy.text_graph.TextEncoder` on the build's
@@ -289,7 +289,7 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
             runner.encode_classes = runner.text_encoder.encode_classes
         return runner
     if (path / "model.json").exists():
-        from opentrans.evaluate import TorchRunner
+        from opentrans.inference.evaluate import TorchRunner
         from opentrans.models.artifact import open_model_dir
 
         return TorchRunner(open_model_dir(path)[0])

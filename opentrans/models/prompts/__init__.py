@@ -32,19 +32,19 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.registry import import_submodules
+from opentrans.registry import Registry
 
-#: kind -> PromptModule subclass, constructed as ``cls(clip, **options)``.
-PROMPTS: dict[str, type] = {}
+#: kind -> PromptModule subclass, constructed as ``cls(clip, **options)``; every module of this package is imported,
+#: and so registered, on the first lookup.
+PROMPTS = Registry("prompts", plugins=__name__)
 
 
 def register_prompts(kind: str):
-    """Class decorator: register a :class:`PromptModule` subclass under ``kind``."""
+    """Class decorator: register a :class:`PromptModule` subclass under ``kind`` (and set its ``kind``)."""
 
     def deco(cls):
         cls.kind = kind
-        PROMPTS[kind] = cls
-        return cls
+        return PROMPTS.register(kind)(cls)
 
     return deco
 
@@ -117,15 +117,9 @@ def append_tokens(x: torch.Tensor, tokens: torch.Tensor, replace: int = 0) -> to
     return torch.cat([kept, tokens.to(x.dtype)], dim=1)
 
 
-def _load_modules() -> None:
-    """Import every module of this package, which registers the papers' prompt modules (VPT, SPT-SEG, LDVC)."""
-    import_submodules(__name__)
-
-
 def prompt_kinds() -> list[str]:
-    """Every registered prompt kind."""
-    _load_modules()
-    return sorted(PROMPTS)
+    """Every registered prompt kind, sorted."""
+    return PROMPTS.names()
 
 
 def build_prompts(kind: str, clip: nn.Module, options: dict | None = None) -> PromptModule:
@@ -134,10 +128,9 @@ def build_prompts(kind: str, clip: nn.Module, options: dict | None = None) -> Pr
     Raises:
         OpenTransError: an unknown kind, or options its constructor does not accept.
     """
-    _load_modules()
     if kind not in PROMPTS:
-        raise OpenTransError(f"unknown prompts '{kind}'; choose one of {', '.join(sorted(PROMPTS)) or 'none'}")
+        raise OpenTransError(f"unknown prompts '{kind}'; choose one of {', '.join(PROMPTS.names()) or 'none'}")
     try:
-        return PROMPTS[kind](clip, **(options or {}))
+        return PROMPTS.get(kind)(clip, **(options or {}))
     except TypeError as exc:
         raise OpenTransError(f"prompts '{kind}': bad options {options}: {exc}") from None

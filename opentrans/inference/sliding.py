@@ -1,6 +1,6 @@
 """Inference wrappers used by training-free segmentation: sliding windows, short-side resize, prompt sets and
-background handling. Each wrapper is itself a runner (:class:`opentrans.evaluate.Runner`), so
-:func:`opentrans.evaluate.evaluate` and ``bench`` take it unchanged.
+background handling. Each wrapper is itself a runner (:class:`opentrans.inference.evaluate.Runner`), so
+:func:`opentrans.inference.evaluate.evaluate` and ``bench`` take it unchanged.
 
 * :class:`ShortSideDataset`: a dataset whose images are resized so their *short side* is ``short_side`` pixels
   (aspect kept), as the training-free papers evaluate (e.g. 336 for ViT-B/16 in NACLIP/SCLIP/ClearCLIP);

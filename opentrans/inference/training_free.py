@@ -20,8 +20,9 @@ import numpy as np
 from opentrans.artifacts import atomic_path, machine_description, write_json, write_text
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
-from opentrans.evaluate import TorchRunner, evaluate
-from opentrans.models.inference import (
+from opentrans.inference.evaluate import TorchRunner, evaluate
+from opentrans.inference.options import InferenceOptions
+from opentrans.inference.sliding import (
     LogitScaleRunner,
     PromptSetRunner,
     ShortSideDataset,
@@ -31,6 +32,7 @@ from opentrans.models.inference import (
     read_prompt_sets,
     read_templates,
 )
+from opentrans.models.dense import DENSE
 from opentrans.models.segmentor import DENSE_MODES
 
 
@@ -49,83 +51,19 @@ def parse_modes(value: str | None) -> list[str] | None:
     return list(dict.fromkeys(modes))
 
 
-#: Each method's published ViT-B/16 evaluation settings, from the authors' configs: ``"*"`` holds the settings of
-#: every dataset, a ``--data`` format key (``coco-object``, ``voc``, ...) what differs for it; ``"source"`` names
-#: the files, ``"notes"`` what OpenTrans does not reproduce. ``templates: "imagenet80"`` is CLIP's 80 ImageNet
-#: templates (``openai_imagenet_template`` in the SCLIP/ClearCLIP/NACLIP repositories, identical to open_clip's
-#: ``OPENAI_IMAGENET_TEMPLATES``); ``templates: None`` with ``needs_templates`` means the authors used a file
-#: OpenTrans does not ship. ``window: None`` is whole-image inference (at ``short_side``).
-PAPER_PROTOCOLS: dict[str, dict] = {
-    "sclip": {
-        "source": "wangf3014/SCLIP@b56bd3014b9e8a3ee3450bcfc53700a67d627b7a clip_segmentor.py L19-21, "
-                  "configs/cfg_*.py (Resize scale=(2048, 336))",
-        "*": {"short_side": 336, "window": (224, 224), "stride": (112, 112), "templates": "imagenet80",
-              "logit_scale": 40.0},
-        "coco-object": {"logit_scale": 50.0, "bg_threshold": 0.1, "prompt_sets": "coco-object"},
-        "voc": {"logit_scale": 65.0, "bg_threshold": 0.1, "prompt_sets": "voc",
-                "notes": ("SCLIP's area_thd=0.1 on VOC-21 (small predicted classes sent to background) is not "
-                          "implemented",)},
-        "notes": ("prompt sets: OpenTrans's built-in coco-object/voc sets differ from the authors' "
-                  "configs/cls_*.txt in a few names; pass theirs with --prompt-sets for an exact match",),
-    },
-    "clearclip": {
-        "source": "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f clearclip_segmentor.py L22-23, "
-                  "configs/cfg_*.py (Resize scale=(2048, 448))",
-        "*": {"short_side": 448, "window": (448, 448), "stride": (224, 224), "templates": "imagenet80",
-              "logit_scale": 50.0},
-        "coco-object": {"bg_threshold": 0.4, "prompt_sets": "coco-object"},
-        "voc": {"bg_threshold": 0.5, "prompt_sets": "voc"},
-        "notes": ("prompt sets: ClearCLIP's configs/cls_*.txt name one prompt per class ('background', 'person'); "
-                  "pass such a file with --prompt-sets for an exact match",
-                  "ClearCLIP pads crops whose size is not a multiple of the patch size; OpenTrans floors them"),
-    },
-    "naclip": {
-        "source": "sinahmr/NACLIP@0cac3a651f753b11315ea799cfbfabf79da1bd76 naclip.py L20-22, "
-                  "configs/cfg_*.py (Resize scale=(2048, 336))",
-        "*": {"short_side": 336, "window": (224, 224), "stride": (112, 112), "templates": "imagenet80",
-              "logit_scale": 40.0},
-        "coco-object": {"bg_threshold": 0.1, "prompt_sets": "coco-object"},
-        "voc": {"bg_threshold": 0.1, "prompt_sets": "voc", "window": None, "stride": None},
-        "notes": ("NACLIP's PAMR post-processing (pamr_steps=10 by default) is not implemented",
-                  "prompt sets: OpenTrans's built-in coco-object/voc sets differ from the authors' "
-                  "configs/cls_*.txt in a few names; pass theirs with --prompt-sets for an exact match"),
-    },
-    "cliper": {
-        "source": "linsun449/cliper.code@c05fa41a4966d0a43af513546b17c346ccd42559 scripts/config/vit-b-16/ovs_*.yaml, "
-                  "modified_clip/model.py L30, L155-163, L221-227",
-        "*": {"short_side": 336, "window": None, "stride": None, "templates": None, "needs_templates": True,
-              "logit_scale": 100.0, "cliper_keep": 0.2},
-        "voc": {"cliper_keep": 0.1},
-        "voc20": {"cliper_keep": 0.1},
-        "coco-object": {"logit_scale": 50.0, "templates": "imagenet80", "needs_templates": False},
-        "cityscapes": {"short_side": 560, "cliper_keep": 0.35, "templates": "imagenet80", "needs_templates": False},
-        "notes": ("CLIPer's label assignment (cam_to_label with bkg_thre/score_threshold) and its 0.5/0.5 mix of "
-                  "whole-image and sliding-window scores (sliding_crop_size in some configs) are not implemented; "
-                  "whole-image inference as in its sliding_crop_size: 0 configs",
-                  "CLIPer rounds both sides to a multiple of the patch size; OpenTrans resizes the short side to "
-                  "336 and floors the long side's patches"),
-    },
-    "maskclip-noresidual": {
-        "source": "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f (the repository that evaluates this "
-                  "baseline, model_type='MaskCLIP'): clearclip_segmentor.py L22-23, configs/cfg_*.py",
-        "*": {"short_side": 448, "window": (448, 448), "stride": (224, 224), "templates": "imagenet80",
-              "logit_scale": 50.0},
-        "coco-object": {"bg_threshold": 0.4, "prompt_sets": "coco-object"},
-        "voc": {"bg_threshold": 0.5, "prompt_sets": "voc"},
-        "notes": ("prompt sets: ClearCLIP's configs/cls_*.txt name one prompt per class; pass such a file with "
-                  "--prompt-sets for an exact match",),
-    },
-}
-
-
 def paper_protocol(mode: str, data_format: str) -> dict:
-    """The settings of ``mode``'s paper for a ``--data`` format (see :data:`PAPER_PROTOCOLS`), merged.
+    """The settings of ``mode``'s paper for a ``--data`` format, merged: each mode's ``PROTOCOL`` registered with it
+    (:class:`opentrans.models.dense.DenseMode`, e.g. ``opentrans/models/dense/sclip.py``), taken from the authors'
+    configs: ``"*"`` holds the settings of every dataset, a ``--data`` format key (``coco-object``, ``voc``, ...)
+    what differs for it; ``"source"`` names the files, ``"notes"`` what OpenTrans does not reproduce.
+    ``templates: "imagenet80"`` is CLIP's 80 ImageNet templates; ``templates: None`` with ``needs_templates`` means
+    the authors used a file OpenTrans does not ship. ``window: None`` is whole-image inference (at ``short_side``).
 
     Returns:
         ``{"settings": {option: value}, "source": str, "notes": tuple[str, ...]}``; for a mode without a recorded
         protocol (``maskclip``: MaskCLIP's own mmseg configs were not transcribed) empty settings and one note.
     """
-    table = PAPER_PROTOCOLS.get(mode)
+    table = DENSE.get(mode).protocol if mode in DENSE else None
     if table is None:
         return {"settings": {}, "source": "", "notes": (f"no paper protocol recorded for {mode}: the given options "
                                                          "are used",)}
@@ -160,57 +98,6 @@ def protocol_options(options: InferenceOptions, mode: str, data: str) -> Inferen
             updates[key] = value
     source = (f"paper protocol of {mode}: {proto['source']}",) if proto["source"] else ()
     return replace(options, **updates, notes=tuple(options.notes) + source + tuple(proto["notes"]))
-
-
-@dataclass
-class InferenceOptions:
-    """How eval turns a runner into per-image predictions (all optional; defaults reproduce plain eval).
-
-    Attributes:
-        short_side: resize images to this short side (pixels, aspect kept) instead of the model's input size;
-            needs ``window`` unless the runner accepts any size (a PyTorch model does).
-        window, stride: sliding-window crop and step ``(h, w)`` in pixels (default stride: half the window).
-        prompt_sets: file with one line per class, comma-separated prompts (e.g. a background set).
-        bg_threshold: probability below which a pixel goes to the dataset's background class.
-        templates: file of prompt templates, or ``imagenet80`` for CLIP's 80 ImageNet templates (default: the
-            six of :data:`~opentrans.models.segmentor.TEMPLATES`).
-        cache_dir: text-embedding cache folder (default ``~/.cache/opentrans/text``).
-        logit_scale: softmax temperature of the logits (a paper's ``logit_scale``; default: the model's own, see
-            :meth:`~opentrans.models.segmentor.OpenVocabSegmentor.logit_scale`). It changes only what a softmax
-            sees (prompt-set maxima, ``bg_threshold``) and, for ``cliper``, its per-layer probabilities.
-        cliper_keep: CLIPer's last-layer keep threshold (default :data:`~opentrans.models.dense.CLIPER_KEEP`).
-        notes: what a paper protocol (:func:`protocol_options`) could not reproduce, reported with the results.
-    """
-
-    short_side: int | None = None
-    window: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
-    prompt_sets: str | os.PathLike | None = None
-    bg_threshold: float | None = None
-    templates: str | os.PathLike | None = None
-    cache_dir: str | os.PathLike | None = None
-    logit_scale: float | None = None
-    cliper_keep: float | None = None
-    notes: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        parts = []
-        if self.short_side:
-            parts.append(f"short side {self.short_side} px")
-        if self.window:
-            s = self.stride or (self.window[0] // 2, self.window[1] // 2)
-            parts.append(f"sliding window {self.window[0]}x{self.window[1]} stride {s[0]}x{s[1]}")
-        if self.prompt_sets:
-            parts.append(f"prompt sets {Path(self.prompt_sets).name}")
-        if self.bg_threshold is not None:
-            parts.append(f"background below p={self.bg_threshold:g}")
-        if self.templates:
-            parts.append(f"templates {Path(self.templates).name}")
-        if self.logit_scale is not None:
-            parts.append(f"logit scale {self.logit_scale:g}")
-        if self.cliper_keep is not None:
-            parts.append(f"CLIPer keep {self.cliper_keep:g}")
-        return ", ".join(parts) or "whole image at the model's input size"
 
 
 def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, options: InferenceOptions,
@@ -270,6 +157,58 @@ def open_inference(runner, seg, spec, data: str, split: str, limit: int | None, 
     else:
         text = cached_text_embeddings(seg, list(dataset.class_names), spec.model, options.cache_dir, templates)
     return runner, dataset, text, batch_size
+
+
+@dataclass
+class EvalResult:
+    """One runner's evaluation on one dataset (what ``opentrans eval`` prints and writes).
+
+    Attributes:
+        record: JSON-able ``{"runner", "dense_mode", "weights", "dataset", "split", "input", "notes", "miou",
+            "pixel_acc", "per_class_iou", "images", "unknown_label_pixels"}`` (percentages).
+        ignore_index: the dataset's ignore label (named when mask pixels outside the classes were ignored).
+    """
+
+    record: dict
+    ignore_index: int
+
+
+def evaluate_one(runner, seg, spec, data: str, split: str, limit: int | None, options: InferenceOptions,
+                 protocol: str | None = None) -> EvalResult:
+    """mIoU, pixel accuracy and per-class IoU of ``runner`` (PyTorch or a deploy build, see :func:`open_inference`)
+    on ``data``; with ``protocol="paper"`` the options the user left unset come from the mode's paper
+    (:func:`protocol_options`).
+
+    Raises:
+        OpenTransError: as :func:`open_inference`.
+    """
+    from opentrans.data.datasets import check_labels
+
+    fixed = not hasattr(runner, "segmentor")
+    if protocol == "paper":
+        options = protocol_options(options, spec.dense_mode, data)
+    runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)
+    unknown = check_labels(dataset)
+    metrics = evaluate(runner, dataset, text, batch_size=batch_size, desc=f"eval {runner.name}")
+    metrics["unknown_label_pixels"] = unknown
+    record = {"runner": runner.name, "dense_mode": spec.dense_mode, "weights": spec.weights, "dataset": dataset.name,
+              "split": split, "input": options.describe(), "notes": list(options.notes), **metrics}
+    return EvalResult(record, dataset.ignore_index)
+
+
+def eval_text(result: EvalResult) -> str:
+    """The console report of :func:`evaluate_one`: header, paper-protocol notes, mIoU and pixel accuracy, ignored
+    pixels, and one line per class."""
+    r = result.record
+    lines = [f"{r['runner']} ({r['dense_mode']}) on {r['dataset']} ({r['split']}, {r['images']} images), "
+             f"{r['weights']}; {r['input']}"]
+    lines += [f"  note: {note}" for note in r["notes"]]
+    lines.append(f"mIoU {r['miou']:.2f} %   pixel accuracy {r['pixel_acc']:.2f} %")
+    if r["unknown_label_pixels"]:
+        lines.append(f"  ignored: {r['unknown_label_pixels']} mask pixels whose value is neither one of the "
+                     f"{len(r['per_class_iou'])} classes nor the ignore index {result.ignore_index}")
+    lines += [f"  {name:<14} {'n/a' if iou is None else f'{iou:6.2f}'}" for name, iou in r["per_class_iou"].items()]
+    return "\n".join(lines)
 
 
 class _Timed:

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from opentrans.artifacts import atomic_path
 from opentrans.data.datasets import _read, preprocess_image
-from opentrans.evaluate import Runner, predict_labels
+from opentrans.inference.evaluate import Runner, predict_labels
 
 
 def palette(n: int) -> np.ndarray:
