@@ -44,6 +44,8 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     from opentrans.deploy.stage import deploy_stage
     from opentrans.deploy.targets import CPU_TARGETS
     from opentrans.finetune.stage import analyze_stage, finetune_stage
+    from opentrans.models.source import ModelSource
+    from opentrans.options import as_record
     from opentrans.prune.stage import prune_stage
 
     base = {"model": recipe.model, "pretrained": recipe.pretrained, "image_size": recipe.image_size}
@@ -58,9 +60,9 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
         out = root / "analyze"
         plan.append(("analyze", out, {**base}, lambda out=out, src=dict(source): analyze_stage(out_dir=out, **src)))
     if recipe.prune is not None:
-        out, opts = root / "prune", asdict(recipe.prune)
+        out, opts = root / "prune", as_record(recipe.prune)
         plan.append(("prune", out, {**base, **opts},
-                     lambda out=out, src=dict(source), o=opts: prune_stage(out_dir=out, **src, **o)))
+                     lambda out=out, src=dict(source): prune_stage(ModelSource(**src), recipe.prune, out)))
         source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
     if recipe.finetune is not None:
         out, opts = root / "finetune", asdict(recipe.finetune)

@@ -439,7 +439,7 @@ def finetune_stage(from_dir: str | os.PathLike | None, model: str | None, pretra
                              "'weightwatcher'")
     out_dir = _check_out_dir(out_dir)
     seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
-    from opentrans.prune.imp import artifact_masks, keep_masked_zeros
+    from opentrans.models.masks import artifact_masks, keep_masked_zeros
 
     imp_masks = artifact_masks(from_dir)  # an IMP artifact: its pruned weights stay zero (gradient hooks)
     if imp_masks is not None:
@@ -573,7 +573,7 @@ def _write_finetune(*, seg, spec, inputs, train_ds, val_ds, unseen, text_trains,
         after = evaluate(TorchRunner(seg), val_ds, text_embeds.numpy(), desc="val" if progress else None)
         merged = merge_adapters(seg) if adapter_report is not None else 0
         if imp_masks is not None:  # merged adapters may have filled IMP's zeros: prune them again
-            from opentrans.prune.imp import apply_masks
+            from opentrans.models.masks import apply_masks
 
             apply_masks(seg, imp_masks)
         for p in seg.parameters():

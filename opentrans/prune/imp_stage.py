@@ -37,16 +37,15 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from opentrans.artifacts import StageRecord, atomic_path, read_json, sha256, write_json, write_text
 from opentrans.errors import OpenTransError
-from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
-from opentrans.prune.distill import _world, check_recovery_options, evaluate_distill_loss, open_images, recover
+from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, save_segmentor
+from opentrans.models.source import ModelSource
+from opentrans.options import as_record
+from opentrans.prune.distill import _world, evaluate_distill_loss, fidelity, open_images, recover  # noqa: F401 (fidelity re-exported)
 from opentrans.prune.imp import (
-    DEFAULT_RATE,
-    IMP_TARGETS,
     apply_masks,
     artifact_masks,
     attach_masks,
@@ -61,7 +60,9 @@ from opentrans.prune.imp import (
     save_masks,
     sparsity_schedule,
 )
-from opentrans.prune.structured import count_encoder_cost
+from opentrans.models.cost import count_encoder_cost
+from opentrans.prune.options import ImpOptions
+from opentrans.prune.stage import check_source
 
 STATE_FILE = "imp_state.json"
 STATE_FORMAT = "opentrans.imp-state/1"
@@ -79,11 +80,6 @@ LATENCY_NOTE = ("Unstructured sparsity shrinks the compressed size of the weight
                 "Use `--method structured` to make the model faster.")
 
 
-def _check_fraction(value, flag: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise OpenTransError(f"{flag} {value}: must be a fraction strictly between 0 and 1 (e.g. 0.5)")
-
-
 def compressed_mb(state: dict[str, torch.Tensor]) -> float:
     """zlib (level 6) size in MB (10^6 bytes) of the raw bytes of every tensor of ``state``."""
     comp = zlib.compressobj(6)
@@ -91,26 +87,6 @@ def compressed_mb(state: dict[str, torch.Tensor]) -> float:
     for t in state.values():
         size += len(comp.compress(t.detach().contiguous().numpy().tobytes()))
     return (size + len(comp.flush())) / 1e6
-
-
-@torch.no_grad()
-def fidelity(student, teacher, dataset, text: torch.Tensor) -> dict:
-    """How closely ``student`` reproduces ``teacher`` on ``dataset`` (e.g. CamVid val).
-
-    Returns:
-        ``teacher_miou`` (%: mIoU of the student against the teacher's argmax as labels), ``pixel_agreement``
-        (%), ``logit_cosine`` (min over images), ``feature_cosine`` (mean over images and patches of the cosine
-        of the dense features ``(B, h*w, D)``) and ``images``.
-    """
-    from opentrans.evaluate import TorchRunner, agreement, batches
-
-    agree = agreement(TorchRunner(teacher), TorchRunner(student), dataset, text.numpy())
-    cos, n = 0.0, 0
-    for images, _ in batches(dataset):
-        c = F.cosine_similarity(student.dense_features(images), teacher.dense_features(images), dim=-1)
-        cos, n = cos + float(c.sum()), n + c.numel()
-    return {"teacher_miou": agree["teacher_miou"], "pixel_agreement": agree["pixel_agreement"],
-            "logit_cosine": agree["cosine"], "feature_cosine": cos / n, "images": len(dataset)}
 
 
 def render_markdown(report: dict) -> str:
@@ -188,18 +164,14 @@ class _WorkerRecord(StageRecord):
         return None
 
 
-def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str, out_dir: str | os.PathLike,
-              sparsity: float | None, rate: float = DEFAULT_RATE, recovery_steps: int = 0,
-              distill_data: str | None = None, distill_limit: int | None = None, batch_size: int = 4,
-              lr: float = 1e-5, seed: int = 0, eval_data: str | None = None, eval_limit: int | None = 8,
-              masks: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
-              pooled_weight: float = 1.0, targets: str = "authors") -> dict:
+def imp_stage(source: ModelSource, options: ImpOptions, out_dir: str | os.PathLike) -> dict:
     """Run OpenTrans IMP (or re-apply saved masks) on a model's image encoder and write it into ``out_dir``.
 
     Args:
-        from_dir, model, pretrained, image_size: the model to prune (see :func:`~opentrans.models.artifact.
-            resolve_model`); it is also the frozen distillation teacher and the fidelity reference.
+        source: the model to prune (:class:`~opentrans.models.source.ModelSource`); it is also the frozen
+            distillation teacher and the fidelity reference.
         out_dir: stage directory (see module docs); holding a run with the same options and inputs, it resumes.
+        options: :class:`~opentrans.prune.options.ImpOptions`, whose fields are:
         sparsity: target fraction in (0, 1) of the IMP target weights that are zero at the end (absolute, so
             an already pruned model composes: rounds continue from its current sparsity). Ignored with ``masks``.
         rate: fraction in (0, 1) of the *remaining* weights removed per round (paper: 0.1, so sparsity follows
@@ -231,22 +203,13 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if masks is None:
-        _check_fraction(sparsity, "--sparsity")
-    _check_fraction(rate, "--rate")
-    if targets not in IMP_TARGETS:
-        raise OpenTransError(f"--imp-targets {targets}: choose one of {', '.join(IMP_TARGETS)}")
-    target_set = targets  # (``targets`` names each round's list of Target below)
-    check_recovery_options(recovery_steps, batch_size, lr)
-    if recovery_steps > 0 and distill_data is None:
-        raise OpenTransError(f"--recovery-steps {recovery_steps} needs --distill-data (a folder of images); "
-                             f"or pass --recovery-steps 0")
-    if from_dir is not None and image_size is not None:
-        raise OpenTransError("--image-size applies to a fresh --model only; a --from model keeps its input size")
-    if from_dir is not None and Path(from_dir).resolve() == out_dir.resolve():
-        raise OpenTransError(f"--out {out_dir} is the --from directory; write the pruned model somewhere else")
+    options.check()
+    check_source(source, out_dir)
+    from_dir, masks, sparsity, target_set = source.from_dir, options.masks, options.sparsity, options.imp_targets
+    rate, recovery_steps, batch_size = options.rate, options.recovery_steps, options.batch_size
+    lr, seed, pooled_weight = options.lr, options.seed, options.pooled_weight
 
-    seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
+    seg, spec, inputs = source.resolve()
     teacher = copy.deepcopy(seg).eval().requires_grad_(False)
     transfer = None
     if masks is not None:
@@ -265,28 +228,20 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
                              f"that much (got {sparsity:.1%})")
     distill = None
     if recovery_steps > 0:
-        distill = open_images(distill_data, spec.image_size, spec.mean, spec.std, limit=distill_limit)
+        distill = open_images(options.distill_data, spec.image_size, spec.mean, spec.std, limit=options.distill_limit)
     evalset = None
-    if eval_data is not None:
+    if options.eval_data is not None:
         from opentrans.data import open_dataset
 
-        evalset = open_dataset(eval_data, "val", spec.image_size, spec.mean, spec.std, limit=eval_limit)
+        evalset = open_dataset(options.eval_data, "val", spec.image_size, spec.mean, spec.std, limit=options.eval_limit)
 
-    options = {
-        "method": "imp", "from": None if from_dir is None else str(from_dir), "model": spec.model,
-        "pretrained": spec.pretrained, "sparsity": sparsity, "rate": rate, "recovery_steps": recovery_steps,
-        "distill_data": distill_data, "distill_limit": distill_limit, "batch_size": batch_size, "lr": lr,
-        "seed": seed, "pooled_weight": pooled_weight, "masks": None if masks is None else str(masks),
-        "image_size": list(spec.image_size), "targets": target_set,
-    }
-    key = {"format": STATE_FORMAT, "options": options,
+    options_record = {"method": "imp", **source.record(), **as_record(options)}
+    key = {"format": STATE_FORMAT, "options": options_record,
            "inputs": {str(p): sha256(p) for p in inputs} | ({str(masks): sha256(masks)} if masks else {})}
     state_path = out_dir / STATE_FILE
     resume = None
     if state_path.exists():
         resume = read_json(state_path)
-        if isinstance(resume.get("options"), dict):  # a run started before the target sets were an option
-            resume["options"].setdefault("targets", "extended")
         if {k: resume.get(k) for k in key} != key:
             raise OpenTransError(f"--out {out_dir} holds an IMP run with other options or inputs; "
                                  f"use another --out or delete it")
@@ -300,7 +255,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
     main = _world()[0] == 0
     _barrier()  # every rank has read the resume state before rank 0 writes anything
     record_type = StageRecord if main else _WorkerRecord
-    with record_type("prune", out_dir, options, started=started) as rec:
+    with record_type("prune", out_dir, options_record, started=started) as rec:
         for path in inputs:
             rec.add_input(path)
         history: list[dict] = []
@@ -362,7 +317,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         zeros_after = total - sum(int(m.sum()) for m in current.values())
         report = {
             "model": spec.model, "weights": spec.weights, "method": "imp", "targets": target_set, "rate": rate,
-            "recovery_steps": recovery_steps, "distill_data": distill_data,
+            "recovery_steps": recovery_steps, "distill_data": options.distill_data,
             "masks_from": None if masks is None else str(masks),
             "sparsity_target": float(sparsity), "sparsity_before": already, "sparsity": mask_sparsity(current),
             "pruned_weights_total": total, "image_size": list(spec.image_size),
@@ -378,7 +333,7 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
         }
         if evalset is not None:
             text = teacher.encode_classes(list(evalset.class_names), model_name=spec.model)
-            report["eval_data"] = eval_data
+            report["eval_data"] = options.eval_data
             report["fidelity"] = fidelity(seg, teacher, evalset, text)
         rec.add_output(write_json(out_dir / REPORT_JSON, report))
         rec.add_output(write_text(out_dir / REPORT_MD, render_markdown(report)))
