@@ -36,6 +36,7 @@ from opentrans.options import as_record
 from opentrans.prune.distill import evaluate_distill_loss, fidelity, open_images, recover
 from opentrans.prune.latency import LATENCY_BACKENDS, check_openvino, measure_latency  # noqa: F401 (re-exported)
 from opentrans.prune.options import STRUCTURES, StructuredOptions
+from opentrans.prune.report import REPORT_JSON, REPORT_MD, render_markdown
 from opentrans.prune.structured import (
     apply_kept_indices,
     check_kept_indices,
@@ -46,83 +47,10 @@ from opentrans.prune.structured import (
     structure_sizes,
 )
 
-REPORT_JSON = "prune_report.json"
-REPORT_MD = "prune_report.md"
 KEPT_FILE = "kept_indices.json"
 KEPT_FORMAT = "opentrans.kept-indices/1"
 #: Calibration images used by ``--importance taylor`` (the first ones of ``--distill-data``).
 CALIBRATION_IMAGES = 8
-
-
-def _change(before: float, after: float) -> str:
-    return f"{100.0 * (after - before) / before:+.1f}%" if before else "n/a"
-
-
-def render_markdown(report: dict, model: str, weights: str) -> str:
-    """Markdown summary of a :func:`prune_structured` report (plus the stage's latency and sizes) for ``model``
-    with weights ``weights``."""
-    h, w = report["image_size"]
-    lines = [f"# Prune report: {model}", ""]
-    if report.get("transfer_from"):
-        lines += [f"Weights: **{weights}**. Pruned shapes transferred from `{report['transfer_from']}` "
-                  f"(kept indices re-applied, no scoring).", ""]
-    else:
-        lines += [
-            f"Weights: **{weights}**. Importance `{report['importance']}` ({report['ranking']} ranking), "
-            f"round_to {report['round_to']}.",
-            "",
-        ]
-    lines += ["| Structure | units (original) | target | before | achieved | kept |", "|---|---:|---:|---:|---:|---:|"]
-    for name, s in report["structures"].items():
-        target = "n/a" if s.get("target") is None else f"{s['target']:.1%}"
-        lines.append(f"| {name} | {s['original']} | {target} | {s['before']:.1%} | {s['achieved']:.1%} | {s['kept']} |")
-    lines += [
-        "",
-        f"| Image encoder ({weights}, {h}x{w}, batch 1) | before | after | change |",
-        "|---|---:|---:|---:|",
-        f"| Params (M) | {report['params_m_before']:.4g} | {report['params_m_after']:.4g} | "
-        f"{_change(report['params_m_before'], report['params_m_after'])} |",
-        f"| GMACs (dense path) | {report['gmacs_before']:.4g} | {report['gmacs_after']:.4g} | "
-        f"{_change(report['gmacs_before'], report['gmacs_after'])} |",
-    ]
-    if "weights_mb_before" in report:
-        lines.append(f"| Weights, whole segmentor (MB, fp32) | {report['weights_mb_before']:.4g} | "
-                     f"{report['weights_mb_after']:.4g} | {_change(report['weights_mb_before'], report['weights_mb_after'])} |")
-    lat = report.get("latency")
-    lat_ov = report.get("latency_openvino")
-    if lat:
-        lines.append(f"| Latency, torch CPU, {lat['threads']} threads (ms, median) | {lat['ms_before']:.4g} | "
-                     f"{lat['ms_after']:.4g} | {_change(lat['ms_before'], lat['ms_after'])} |")
-    if lat_ov:
-        lines.append(f"| Latency, OpenVINO CPU f32, {lat_ov['threads']} threads (ms, median) | "
-                     f"{lat_ov['ms_before']:.4g} | {lat_ov['ms_after']:.4g} | "
-                     f"{_change(lat_ov['ms_before'], lat_ov['ms_after'])} |")
-    lines += [
-        "",
-        "GMACs: matrix products and convolutions of the dense path the segmentor runs (element-wise ops not "
-        "counted). Params: every parameter of the image tower.",
-    ]
-    if lat:
-        lines.append(f"Latency (torch): image encoder dense path, batch 1, measured before and after pruning in the "
-                     f"same run (interleaved, {lat['repeats']} rounds); speed-up {lat['speedup']:.2f}x for a MAC "
-                     f"ratio (before / after) of {lat['mac_ratio']:.2f}x (ratio {lat['speedup'] / lat['mac_ratio']:.2f}).")
-    if lat_ov:
-        lines.append(f"Latency (OpenVINO): whole segmentor graph (ONNX -> IR, f32 inference precision, 11 classes), "
-                     f"batch 1, same run, interleaved; speed-up {lat_ov['speedup']:.2f}x.")
-    lines += ["", "| Structure | Layer | original | before | after |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {row.get('structure', 'channels')} | `{row['layer']}` | {row['original']} | {row['before']} | "
-              f"{row['after']} |" for row in report["layers"]]
-    rec = report.get("recovery")
-    if rec:
-        lines += ["", f"Recovery: {rec['steps']} label-free distillation steps on `{rec['distill_data']}`; distillation "
-                  f"loss on a fixed batch {rec['loss_pruned']:.5f} after pruning -> {rec['loss_recovered']:.5f} after "
-                  f"recovery."]
-    fid = report.get("fidelity")
-    if fid:
-        lines += ["", f"Fidelity to the unpruned model on `{report['eval_data']}` val ({fid['images']} images, "
-                  f"{weights}): teacher-agreement mIoU **{fid['teacher_miou']:.2f} %**, pixel agreement "
-                  f"{fid['pixel_agreement']:.2f} %, dense feature cosine {fid['feature_cosine']:.4f}."]
-    return "\n".join(lines) + "\n"
 
 
 def _state_mb(seg: torch.nn.Module) -> float:
@@ -391,7 +319,7 @@ def write_result(result: PruneResult, staging: Path, rec: StageRecord) -> None:
     report["weights_mb_after"] = _state_mb(result.seg)
     report["file_mb"] = (staging / WEIGHTS_FILE).stat().st_size / 1e6
     rec.add_output(write_json(staging / REPORT_JSON, report))
-    rec.add_output(write_text(staging / REPORT_MD, render_markdown(report, result.spec.model, result.spec.weights)))
+    rec.add_output(write_text(staging / REPORT_MD, render_markdown(report)))
     rec.weights = result.spec.weights
     rec.figures = prune_figures(report)
 
