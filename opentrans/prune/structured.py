@@ -668,10 +668,12 @@ def prune_structured(seg: OpenVocabSegmentor, sparsity: float, importance: str =
             architecture** ``model_name``; also the default target of ``heads`` and ``width``. Pruning composes:
             a model pruned to 0.25 and pruned again with 0.5 ends at 0.5 of the original widths (not 0.625); the
             second call removes only the difference.
-        importance: ``magnitude``: group L1 norm (channels: ``tp.importance.MagnitudeImportance(p=1)``, ``c_fc``
-            rows + ``c_proj`` columns, or conv filters + BN + next conv's input slices; heads/width: see
-            :func:`_magnitude_units`). ``lamp``: squared L2 group norms with LAMP normalisation
-            (``tp.importance.LAMPImportance`` for channels). ``taylor``: :func:`taylor_scores` on ``calibration``.
+        importance: a name registered in :data:`~opentrans.prune.importances.IMPORTANCES` (one file each in
+            ``opentrans/prune/importances/``): ``magnitude``: group L1 norm (channels:
+            ``tp.importance.MagnitudeImportance(p=1)``, ``c_fc`` rows + ``c_proj`` columns, or conv filters + BN +
+            next conv's input slices; heads/width: see :func:`_magnitude_units`). ``lamp``: squared L2 group norms
+            with LAMP normalisation (``tp.importance.LAMPImportance`` for channels). ``taylor``:
+            :func:`taylor_scores` on ``calibration``.
         round_to: kept channel and width counts are rounded half-up to a multiple of this (and kept >= one
             multiple); None or 1: no rounding. Heads are never rounded (>= 1 head per layer is kept).
         model_name: the open_clip architecture the segmentor was built from (``spec.model``). Sparsity is
@@ -719,45 +721,60 @@ def prune_structured(seg: OpenVocabSegmentor, sparsity: float, importance: str =
     # Score every unit of every structure on the model as it is now (indices stay valid across structures).
     scores = criterion.score(seg, structures, calibration, taylor_probes, seed)
 
-    kept_indices: dict[str, dict[str, list[int]]] = {}
-    for structure in structures:
-        keep = _keep_counts(structure, scores[structure], original[structure], before[structure], targets[structure],
-                            ranking, importance, round_to)
-        kept_indices[structure] = {}
-        for name, width in before[structure].items():  # drop the lowest scores (ties: the first index goes first)
-            removed = set(torch.argsort(scores[structure][name], stable=True)[:width - keep[name]].tolist())
-            kept_indices[structure][name] = [i for i in range(width) if i not in removed]
+    kept_indices = {s: _lowest_removed(scores[s], before[s], _keep_counts(
+        s, scores[s], original[s], before[s], targets[s], ranking, importance, round_to)) for s in structures}
     apply_kept_indices(seg, kept_indices)
-
     after = {s: structure_sizes(seg, s) for s in structures}
     for s in structures:
         expected = {k: len(v) for k, v in kept_indices[s].items()}
         if after[s] != expected:
             raise RuntimeError(f"{s}: pruning left sizes {after[s]}, expected {expected}")
-    cost_after = count_encoder_cost(seg)
+    report = {"importance": importance, "ranking": ranking, "round_to": round_to}
+    report |= _structured_summary(seg, model_name, targets, already, original, before, after)
+    layers = [{"structure": s, "layer": k, "original": original[s][k], "before": before[s][k], "after": after[s][k]}
+              for s in structures for k in before[s]]
+    return {**report, **_cost_change(cost_before, count_encoder_cost(seg)), "layers": layers,
+            "kept_indices": kept_indices}
+
+
+def _lowest_removed(scores: dict[str, torch.Tensor], before: dict[str, int], keep: dict[str, int]
+                    ) -> dict[str, list[int]]:
+    """Per layer, the indices kept when its ``before - keep`` lowest-scored units go (ties: the first index goes
+    first), in order."""
+    kept = {}
+    for name, width in before.items():
+        removed = set(torch.argsort(scores[name], stable=True)[:width - keep[name]].tolist())
+        kept[name] = [i for i in range(width) if i not in removed]
+    return kept
+
+
+def _structured_summary(seg: OpenVocabSegmentor, model_name: str | None, targets: dict[str, float],
+                        already: dict[str, float], original: dict, before: dict, after: dict) -> dict:
+    """The report's sparsity part: per structure target/before/achieved, the first structure's figures, the
+    prunable channels and the per-layer rows."""
+    structures = tuple(targets)
     summary = {s: {"target": targets[s], "before": already[s],
                    "achieved": 1.0 - sum(after[s].values()) / sum(original[s].values()),
                    "original": sum(original[s].values()), "kept": sum(after[s].values())} for s in structures}
     first = structures[0]
     ch_orig = original_sizes(seg, model_name, "channels") if "channels" not in structures else original["channels"]
-    ch_after = prunable_widths(seg)
     return {
-        "importance": importance,
-        "ranking": ranking,
-        "round_to": round_to,
         "structures": summary,
         "sparsity_target": targets[first],
         "sparsity_before": already[first],
         "sparsity": summary[first]["achieved"],
         "prunable_channels": sum(ch_orig.values()),
-        "kept_channels": sum(ch_after.values()),
+        "kept_channels": sum(prunable_widths(seg).values()),
         "image_size": list(seg.image_size),
+    }
+
+
+def _cost_change(cost_before: dict, cost_after: dict) -> dict:
+    """The report's cost part: params (M) and GMACs before/after and the fraction of MACs removed."""
+    return {
         "params_m_before": cost_before["params_m"],
         "params_m_after": cost_after["params_m"],
         "gmacs_before": cost_before["gmacs"],
         "gmacs_after": cost_after["gmacs"],
         "macs_reduction": 1.0 - cost_after["gmacs"] / cost_before["gmacs"] if cost_before["gmacs"] else 0.0,
-        "layers": [{"structure": s, "layer": k, "original": original[s][k], "before": before[s][k],
-                    "after": after[s][k]} for s in structures for k in before[s]],
-        "kept_indices": kept_indices,
     }
