@@ -164,7 +164,7 @@ class StructuredOptions(RecoveryOptions):
     importance: str = option(
         "magnitude", "structured only. taylor: Gauss-Newton Taylor estimate of the distillation loss increase, on the "
         "first --distill-data images (needs --distill-data).", choices=IMPORTANCES.names)
-    structures: str = option(
+    structures: str | list[str] = option(
         "channels", "structured only: what to prune, comma-separated from channels (ViT MLP hidden / ResNet "
         "bottleneck), heads (ViT attention heads / ResNet attention-pool heads), width (residual width / "
         "ResNet residual channels of every stage, layer4 through the attention pool).", metavar="LIST")
