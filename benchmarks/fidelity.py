@@ -32,9 +32,11 @@ from opentrans.deploy.targets import load_runner
 from opentrans.inference.evaluate import TorchRunner, agreement, evaluate
 from opentrans.hardware import cpu_isa
 from opentrans.models.artifact import load_segmentor
+from opentrans.models.cost import count_encoder_cost
+from opentrans.models.source import ModelSource
 from opentrans.prune.imp_stage import imp_stage
+from opentrans.prune.options import ImpOptions, StructuredOptions
 from opentrans.prune.stage import prune_stage
-from opentrans.prune.structured import count_encoder_cost
 from opentrans.timing import interleaved_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +50,17 @@ IMP_ROUNDS = 7
 def _prune(reference: Path, out: Path, plan: str, recovery_steps: int) -> Path:
     if (out / "manifest.json").exists():
         return out
-    common = dict(from_dir=reference, model=None, pretrained="none", out_dir=out, recovery_steps=recovery_steps,
-                  distill_data=DATA if recovery_steps else None, batch_size=4, lr=1e-4, seed=0)
+    common = dict(recovery_steps=recovery_steps, distill_data=DATA if recovery_steps else None, batch_size=4,
+                  lr=1e-4, seed=0)
     if plan == "imp50":  # the same step budget, spread over IMP's rounds (7 rounds of 10 % of the rest to 50 %)
         common["recovery_steps"] = -(-recovery_steps // IMP_ROUNDS) if recovery_steps else 0
-        imp_stage(sparsity=0.5, targets="extended", eval_data=None, **common)
+        imp_stage(ModelSource(from_dir=reference),
+                  ImpOptions(sparsity=0.5, imp_targets="extended", eval_data=None, **common), out)
     else:
         channels, heads, width = PLANS[plan]
-        prune_stage(sparsity=channels, structures=("channels", "heads", "width"), head_sparsity=heads,
-                    width_sparsity=width, latency_repeats=0, **common)
+        prune_stage(ModelSource(from_dir=reference),
+                    StructuredOptions(sparsity=channels, structures="channels,heads,width", head_sparsity=heads,
+                                      width_sparsity=width, latency_repeats=0, **common), out)
     return out
 
 

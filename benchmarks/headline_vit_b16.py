@@ -38,8 +38,10 @@ from opentrans.inference.evaluate import TorchRunner, agreement
 from opentrans.hardware import cpu_isa
 from opentrans.models.artifact import load_segmentor
 from opentrans.pipeline import base_stage
+from opentrans.models.cost import count_encoder_cost
+from opentrans.models.source import ModelSource
+from opentrans.prune.options import StructuredOptions
 from opentrans.prune.stage import prune_stage
-from opentrans.prune.structured import count_encoder_cost
 from opentrans.timing import interleaved_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +75,9 @@ def main() -> None:
     if not (base_dir / "manifest.json").exists():
         base_stage(base_dir, "ViT-B-16", args.pretrained, (args.size, args.size))
     if not (prune_dir / "manifest.json").exists():
-        prune_stage(from_dir=base_dir, model=None, pretrained="none", out_dir=prune_dir, sparsity=0.45,
-                    structures=("channels", "heads", "width"), head_sparsity=0.42, width_sparsity=0.125,
-                    latency_repeats=0)
+        prune_stage(ModelSource(from_dir=base_dir),
+                    StructuredOptions(sparsity=0.45, structures="channels,heads,width", head_sparsity=0.42,
+                                      width_sparsity=0.125, latency_repeats=0), prune_dir)
     precisions = ["fp32", "int8"]
     builds = {}
     for name, src in (("unpruned", base_dir), ("pruned", prune_dir)):

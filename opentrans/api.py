@@ -108,15 +108,25 @@ def analyze(model: Model, **options) -> dict:
 
 def prune(model: Model, sparsity: float, structures: tuple[str, ...] = ("channels",), **options) -> dict:
     """Structured pruning of the image encoder, in place (:func:`opentrans.prune.structured.prune_structured`;
-    ``options``: ``head_sparsity``, ``width_sparsity``, ``importance``, ``round_to``, ``ranking``).
+    ``options``: fields of :class:`~opentrans.prune.options.StructuredOptions`, e.g. ``head_sparsity``,
+    ``width_sparsity``, ``importance``, ``round_to``, ``ranking``).
 
     Returns:
         The pruning report (widths, params and GMACs before/after, sparsity).
+
+    Raises:
+        OpenTransError: options that :meth:`StructuredOptions.check` refuses (checked before the model changes).
     """
+    from opentrans.prune.options import StructuredOptions
     from opentrans.prune.structured import prune_structured
 
-    report = prune_structured(model.segmentor, sparsity, structures=structures, model_name=model.spec.model,
-                              **options)
+    names = structures if isinstance(structures, str) else ",".join(structures)
+    opts = StructuredOptions(sparsity=sparsity, structures=names, **options)
+    opts.check()
+    report = prune_structured(model.segmentor, opts.sparsity, opts.importance, opts.round_to,
+                              structures=opts.parsed_structures, model_name=model.spec.model,
+                              head_sparsity=opts.head_sparsity, width_sparsity=opts.width_sparsity,
+                              ranking=opts.ranking, seed=opts.seed)
     model.spec.lineage = [*model.spec.lineage, "prune"]
     return report
 

@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from opentrans.analyze.options import AnalyzeOptions
 from opentrans.finetune.options import FinetuneOptions
 from opentrans.inference.options import InferenceOptions
 from opentrans.options import FiniteFloat, cli_options, options_from_kwargs
+from opentrans.prune.options import METHODS, ImpOptions, RecoveryOptions, StructuredOptions, method_options
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -215,89 +217,23 @@ def analyze(source, out, **kwargs):
                     "opentrans prune --transfer-from runs/x/prune --model ViT-B-16 --pretrained /path/ckpt.bin "
                     "--out runs/y/prune")
 @model_options
-@click.option("--method", type=click.Choice(["structured", "imp"]), default="structured", show_default=True,
+@click.option("--method", type=click.Choice(list(METHODS)), default="structured", show_default=True,
               help="structured: remove channels (faster model). imp: OpenTrans iterative global magnitude pruning "
                    "(unstructured zeros; smaller compressed size, same dense latency).")
-@click.option("--sparsity", type=FiniteFloat(),
-              help="structured: fraction of prunable channels to remove; imp: fraction of weights zeroed; in (0, 1).")
-@click.option("--importance", type=click.Choice(["magnitude", "lamp", "taylor"]), default="magnitude",
-              show_default=True, help="structured only. taylor: Gauss-Newton Taylor estimate of the distillation loss "
-                                      "increase, on the first --distill-data images (needs --distill-data).")
-@click.option("--structures", default="channels", show_default=True, metavar="LIST",
-              help="structured only: what to prune, comma-separated from channels (ViT MLP hidden / ResNet "
-                   "bottleneck), heads (ViT attention heads / ResNet attention-pool heads), width (residual width / "
-                   "ResNet residual channels of every stage, layer4 through the attention pool).")
-@click.option("--head-sparsity", type=FiniteFloat(), help="structured: fraction of heads to remove (default: --sparsity).")
-@click.option("--width-sparsity", type=FiniteFloat(), help="structured: fraction of residual width to remove (default: --sparsity).")
-@click.option("--ranking", type=click.Choice(["per-layer", "global"]),
-              help="structured: same fraction per layer, or one ranking across layers (default: per-layer for "
-                   "magnitude, global for lamp/taylor).")
-@click.option("--transfer-from", type=click.Path(path_type=Path),
-              help="structured: re-apply the kept channels/heads/width of this prune output (kept_indices.json) to "
-                   "the unpruned --model/--pretrained (or --from) model, instead of scoring.")
-@click.option("--latency-repeats", type=click.IntRange(min=0), default=3, show_default=True,
-              help="structured: rounds of the before/after latency measurement (0: skip).")
-@click.option("--latency-backends", default="torch,openvino", show_default=True, metavar="LIST",
-              help="structured: where latency is measured before/after: torch (eager dense path) and/or openvino "
-                   "(whole segmentor as an f32 IR).")
-@click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
-              help="structured only: round kept widths to a multiple of this.")
-@click.option("--rate", type=FiniteFloat(), default=0.1, show_default=True,
-              help="imp: fraction of the remaining weights removed per round, in (0, 1).")
-@click.option("--recovery-steps", type=int, default=0, show_default=True,
-              help="Distillation steps from the unpruned model after pruning (imp: after every round); needs --distill-data.")
-@click.option("--distill-data", metavar="FORMAT:PATH|FOLDER",
-              help="Images for label-free distillation: camvid:PATH, folder:PATH (train split) or a folder of images.")
-@click.option("--distill-limit", type=click.IntRange(min=1), help="Use only the first N distillation images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per recovery step.")
-@click.option("--lr", type=FiniteFloat(), default=1e-5, show_default=True, help="Adam learning rate of the recovery.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Recovery data-order seed.")
-@click.option("--eval-data", metavar="FORMAT:PATH",
-              help="Val dataset for fidelity to the unpruned model (teacher-agreement mIoU, feature cosine).")
-@click.option("--eval-limit", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--masks", "masks", type=click.Path(dir_okay=False, path_type=Path),
-              help="imp: re-apply this masks.safetensors (from an earlier imp run) instead of pruning anew.")
-@click.option("--imp-targets", type=click.Choice(["authors", "extended"]), default="authors", show_default=True,
-              help="imp: authors = every Conv2d but the first (the OpenTrans code; nothing to prune in a ViT); "
-                   "extended = ours (ViT Linears + fused Q/K/V; ResNet layer1-4 convs + attention pool).")
+@cli_options(StructuredOptions)
+@cli_options(ImpOptions, exclude=[f.name for f in fields(RecoveryOptions)])
 @_out_option()
-def prune(source, method, sparsity, importance, structures, head_sparsity,
-          width_sparsity, ranking, transfer_from, latency_repeats, latency_backends, round_to, rate, recovery_steps,
-          distill_data, distill_limit, batch_size, lr, seed, eval_data, eval_limit, masks, imp_targets, out):
+def prune(source, method, out, **values):
     """Prune the CLIP image encoder: structured channels (torch-pruning) or OpenTrans IMP (global magnitude)."""
+    options = method_options(method, values)
     if method == "structured":
         from opentrans.prune.stage import prune_stage
 
-        used = [flag for flag, given in {"--rate": rate != 0.1, "--masks": masks,
-                                         "--imp-targets": imp_targets != "authors"}.items() if given]
-        if used:
-            raise OpenTransError(f"{used[0]} applies to --method imp only")
-        if sparsity is not None and transfer_from is not None:
-            raise OpenTransError("give either --sparsity or --transfer-from, not both (the kept indices fix the shapes)")
-        figures = prune_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, sparsity=sparsity,
-                              importance=importance, round_to=round_to, image_size=source.image_size,
-                              recovery_steps=recovery_steps, distill_data=distill_data, distill_limit=distill_limit,
-                              batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data, eval_limit=eval_limit,
-                              structures=structures, head_sparsity=head_sparsity, width_sparsity=width_sparsity,
-                              ranking=ranking, transfer_from=transfer_from, latency_repeats=latency_repeats,
-                              latency_backends=latency_backends)
+        figures = prune_stage(source, options, out)
     else:
         from opentrans.prune.imp_stage import imp_stage
 
-        structured_only = {"--importance": importance != "magnitude", "--structures": structures != "channels",
-                           "--head-sparsity": head_sparsity is not None, "--width-sparsity": width_sparsity is not None,
-                           "--ranking": ranking is not None, "--transfer-from": transfer_from is not None}
-        used = [flag for flag, given in structured_only.items() if given]
-        if used:
-            raise OpenTransError(f"{used[0]} applies to --method structured only")
-        if sparsity is None and masks is None:
-            raise OpenTransError("--method imp needs --sparsity (a fraction in (0, 1)) or --masks FILE")
-        if sparsity is not None and masks is not None:
-            raise OpenTransError("give either --sparsity or --masks, not both (the masks fix the sparsity)")
-        figures = imp_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, sparsity=sparsity,
-                            rate=rate, recovery_steps=recovery_steps, distill_data=distill_data,
-                            distill_limit=distill_limit, batch_size=batch_size, lr=lr, seed=seed, eval_data=eval_data,
-                            eval_limit=eval_limit, masks=masks, image_size=source.image_size, targets=imp_targets)
+        figures = imp_stage(source, options, out)
     _print_figures("prune", figures, out)
 
 

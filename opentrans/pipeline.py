@@ -63,9 +63,10 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
                      lambda out=out, src=dict(source): analyze_stage(
                          ModelSource(**src, allow_pickle=recipe.allow_pickle), recipe.analyze, out)))
     if recipe.prune is not None:
-        out, opts = root / "prune", asdict(recipe.prune)
+        out, opts = root / "prune", as_record(recipe.prune)
         plan.append(("prune", out, {**base, **opts},
-                     lambda out=out, src=dict(source), o=opts: prune_stage(out_dir=out, **src, **o)))
+                     lambda out=out, src=dict(source): prune_stage(
+                         ModelSource(**src, allow_pickle=recipe.allow_pickle), recipe.prune, out)))
         source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
     if recipe.finetune is not None:
         out, opts = root / "finetune", asdict(recipe.finetune)

@@ -30,21 +30,7 @@ from opentrans.finetune.options import FinetuneOptions
 from opentrans.artifacts import read_text
 from opentrans.errors import OpenTransError
 from opentrans.options import StageOptions, from_mapping
-
-
-@dataclass
-class PruneOptions:
-    """Options of ``opentrans prune``: sparsity in (0, 1) of the prunable channels; what to prune
-    (``structures``: comma-separated from channels, heads, width) and the head/width targets (default:
-    ``sparsity``); see :func:`opentrans.prune.structured.prune_structured`."""
-
-    sparsity: float = 0.5
-    importance: str = "magnitude"
-    round_to: int = 8
-    structures: str = "channels"
-    head_sparsity: float | None = None
-    width_sparsity: float | None = None
-    ranking: str | None = None
+from opentrans.prune.options import StructuredOptions as PruneOptions
 
 
 @dataclass
@@ -153,7 +139,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     top = {k: v for k, v in raw.items() if k not in stage_types}
     recipe = _build(Recipe, top, str(path))
     for stage, cls in stage_types.items():
-        if stage in raw:
+        if stage == "prune" and stage in raw:  # the options of structured pruning (opentrans.prune.options)
+            recipe.prune = from_mapping(PruneOptions, PruneOptions.from_recipe(raw[stage]), f"{path}: {stage}")
+        elif stage in raw:
             build = from_mapping if issubclass(cls, StageOptions) else _build  # the typed stage options check themselves
             opts = build(cls, raw[stage], f"{path}: {stage}")
             if stage == "deploy":

@@ -46,11 +46,14 @@ if __name__ == "__main__":
         import json
         from pathlib import Path
 
+        from opentrans.models.source import ModelSource
         from opentrans.prune.imp_stage import imp_stage
+        from opentrans.prune.options import ImpOptions
 
         stage_dir = Path(sys.argv[3])
-        figures = imp_stage(None, "opentrans-tiny-vit", "none", stage_dir, 0.1, recovery_steps=1,
-                            distill_data=sys.argv[1], distill_limit=2, batch_size=2, targets="extended")
+        figures = imp_stage(ModelSource(model="opentrans-tiny-vit"),
+                            ImpOptions(sparsity=0.1, recovery_steps=1, distill_data=sys.argv[1], distill_limit=2,
+                                       batch_size=2, imp_targets="extended"), stage_dir)
         rank = torch.distributed.get_rank()
         (stage_dir.parent / f"figures_rank{rank}.json").write_text(json.dumps(figures))
     torch.distributed.destroy_process_group()

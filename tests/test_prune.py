@@ -13,7 +13,17 @@ from opentrans.artifacts import read_json
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
 from opentrans.models.artifact import build_segmentor, load_segmentor, save_segmentor
-from opentrans.prune import count_encoder_cost, prunable_widths, prune_stage, prune_structured
+from opentrans.prune import count_encoder_cost, prunable_widths, prune_structured
+
+
+def prune_stage(from_dir, model, pretrained, out_dir, sparsity=None, image_size=None, **options):
+    """:func:`opentrans.prune.stage.prune_stage` with the model source and options spelled out."""
+    from opentrans.models.source import ModelSource
+    from opentrans.prune.options import StructuredOptions
+    from opentrans.prune.stage import prune_stage as stage
+
+    return stage(ModelSource(from_dir, model, pretrained, image_size), StructuredOptions(sparsity=sparsity, **options),
+                 out_dir)
 
 TEMPLATES = ("a photo of a {}.",)  # one prompt per class keeps the text tower cheap
 VIT_WIDTH, VIT_MLP, VIT_LAYERS, EMBED = 64, 256, 3, 32  # opentrans-tiny-vit.json

@@ -17,8 +17,28 @@ from opentrans.errors import OpenTransError
 from opentrans.models.artifact import SPEC_FILE, build_segmentor, load_segmentor, save_segmentor
 from opentrans.models.attention import PrunedAttentionPool2d, PrunedMultiheadAttention, convert_attention
 from opentrans.prune.imp import imp_targets
-from opentrans.prune.stage import KEPT_FILE, prune_stage
+from opentrans.prune.stage import KEPT_FILE
 from opentrans.prune.structured import prune_structured, structure_sizes, taylor_scores
+
+
+def prune_stage(from_dir, model, pretrained, out_dir, sparsity=None, image_size=None, **options):
+    """:func:`opentrans.prune.stage.prune_stage` with the model source and options spelled out."""
+    from opentrans.models.source import ModelSource
+    from opentrans.prune.options import StructuredOptions
+    from opentrans.prune.stage import prune_stage as stage
+
+    return stage(ModelSource(from_dir, model, pretrained, image_size), StructuredOptions(sparsity=sparsity, **options),
+                 out_dir)
+
+
+def imp_stage(from_dir, model, pretrained, out_dir, sparsity=None, image_size=None, targets="authors", **options):
+    """:func:`opentrans.prune.imp_stage.imp_stage` with the model source and options spelled out."""
+    from opentrans.models.source import ModelSource
+    from opentrans.prune.imp_stage import imp_stage as stage
+    from opentrans.prune.options import ImpOptions
+
+    return stage(ModelSource(from_dir, model, pretrained, image_size),
+                 ImpOptions(sparsity=sparsity, imp_targets=targets, **options), out_dir)
 
 VIT_WIDTH, VIT_HEADS, HEAD_DIM, VIT_LAYERS = 64, 2, 32, 3  # opentrans-tiny-vit.json
 RN_WIDTH, RN_HEADS = 256, 8  # opentrans-tiny-rn.json: layer4 output 8 * 32, attnpool heads = width*32 // 32
@@ -333,7 +353,6 @@ def test_finetuning_an_imp_artifact_keeps_its_zeros(tmp_path):
     """``finetune --from`` an IMP artifact: the artifact's masks are found next to it, gradient hooks keep the
     pruned weights at exactly zero under AdamW with weight decay, and a loaded/deployed model keeps them too."""
     from opentrans.prune.imp import artifact_masks, imp_targets, keep_masked_zeros
-    from opentrans.prune.imp_stage import imp_stage
 
     imp_stage(None, TINY_VIT, "none", tmp_path / "imp", 0.3, rate=0.3, targets="extended")
     seg, spec = load_segmentor(tmp_path / "imp")
@@ -359,7 +378,7 @@ def test_spectral_plan_and_adapters_see_the_pruned_attention():
     unpruned one: slices are in_proj_weight.shape[0] // 3 rows, not embed_dim."""
     from opentrans.finetune.adapters import add_lora, merge_adapters
     from opentrans.finetune.freeze import apply_freeze_plan, freeze_plan
-    from opentrans.finetune.spectral import analyze_model
+    from opentrans.analyze.spectral import analyze_model
 
     seg, spec = build_segmentor(TINY_VIT, "none")
     prune_structured(seg, 0.5, "magnitude", model_name=spec.model, structures="heads")

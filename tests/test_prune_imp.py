@@ -30,7 +30,26 @@ from opentrans.prune.imp import (
     read_masks,
     sparsity_schedule,
 )
-from opentrans.prune.imp_stage import imp_stage
+
+
+def prune_stage(from_dir, model, pretrained, out_dir, sparsity=None, image_size=None, **options):
+    """:func:`opentrans.prune.stage.prune_stage` with the model source and options spelled out."""
+    from opentrans.models.source import ModelSource
+    from opentrans.prune.options import StructuredOptions
+    from opentrans.prune.stage import prune_stage as stage
+
+    return stage(ModelSource(from_dir, model, pretrained, image_size), StructuredOptions(sparsity=sparsity, **options),
+                 out_dir)
+
+
+def imp_stage(from_dir, model, pretrained, out_dir, sparsity=None, image_size=None, targets="authors", **options):
+    """:func:`opentrans.prune.imp_stage.imp_stage` with the model source and options spelled out."""
+    from opentrans.models.source import ModelSource
+    from opentrans.prune.imp_stage import imp_stage as stage
+    from opentrans.prune.options import ImpOptions
+
+    return stage(ModelSource(from_dir, model, pretrained, image_size),
+                 ImpOptions(sparsity=sparsity, imp_targets=targets, **options), out_dir)
 
 # the module (opentrans.prune re-exports the function imp_stage under the same name)
 imp_stage_mod = importlib.import_module("opentrans.prune.imp_stage")
@@ -329,8 +348,6 @@ def test_cli_imp_and_one_line_errors(tmp_path):
 
 
 def test_structured_prune_with_distillation_recovery_and_fidelity(tmp_path):
-    from opentrans.prune import prune_stage
-
     out = tmp_path / "structured"
     figures = prune_stage(None, TINY_VIT, "none", out, 0.5, eval_data=CAMVID_SPEC, eval_limit=2, **RECOVERY)
     report = read_json(out / "prune_report.json")

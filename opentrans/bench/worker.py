@@ -29,7 +29,7 @@ def encoder_cost(spec) -> dict:
     """Image-encoder ``gmacs`` and ``params_m`` of a :class:`SegmentorSpec` (pruned shapes included), counted
     on the architecture alone (no weights needed)."""
     from opentrans.models.artifact import segmentor_from_spec
-    from opentrans.prune import count_encoder_cost
+    from opentrans.models.cost import count_encoder_cost
 
     return count_encoder_cost(segmentor_from_spec(spec))
 

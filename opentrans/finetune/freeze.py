@@ -3,7 +3,7 @@
 OpenTrans (Xu, Chen, Zhao & Wei, "Transferable and Principled Efficiency for Open-Vocabulary
 Segmentation", CVPR 2024, arXiv:2404.07448) finetunes only the layers whose pretrained weights are not yet
 well trained by the heavy-tailed self-regularisation (HT-SR) measure of Martin & Mahoney: a layer whose
-ESD has a small power-law alpha (a heavy tail, see :mod:`opentrans.finetune.spectral`) is well trained and
+ESD has a small power-law alpha (a heavy tail, see :mod:`opentrans.analyze.spectral`) is well trained and
 stays frozen; the others are updated. The split is at the median alpha, so about half of the analysed
 layers are trained.
 
@@ -94,8 +94,8 @@ def freeze_plan(layers: Iterable[LayerAlpha], policy: str = "median", fraction: 
     """Choose the frozen layers from their alphas (OpenTrans's heavy-tailed self-regularisation criterion).
 
     Args:
-        layers: per-layer alphas from :func:`~opentrans.finetune.spectral.analyze_model` (or
-            :func:`~opentrans.finetune.spectral.analyze_spectrum`).
+        layers: per-layer alphas from :func:`~opentrans.analyze.spectral.analyze_model` (or
+            :func:`~opentrans.analyze.spectral.analyze_spectrum`).
         policy: ``median``: layers with ``alpha < median`` are frozen, the rest (including a layer exactly
             at the median of an odd count) are trainable; ``fraction``: the ``round(fraction * n)``
             smallest alphas are frozen; ``inverse``: ``alpha > median`` frozen; ``random``: as many layers as

@@ -211,7 +211,7 @@ def _open_model(source: ModelSource):
     """``(segmentor, spec, input files, IMP masks or None)``; an IMP artifact's pruned weights stay zero."""
     seg, spec, inputs = source.resolve()
     # IMP masks: area prune moves these helpers to opentrans.models.masks (the integrator repoints this import)
-    from opentrans.prune.imp import artifact_masks, keep_masked_zeros
+    from opentrans.models.masks import artifact_masks, keep_masked_zeros
 
     imp_masks = artifact_masks(source.from_dir)  # an IMP artifact: its pruned weights stay zero (gradient hooks)
     if imp_masks is not None:
@@ -328,7 +328,7 @@ def _finish_model(prepared: PreparedFinetune) -> int:
     merged = merge_adapters(seg) if prepared.adapter_report is not None else 0
     if prepared.imp_masks is not None:  # merged adapters may have filled IMP's zeros: prune them again
         # IMP masks: area prune moves this helper to opentrans.models.masks (the integrator repoints this import)
-        from opentrans.prune.imp import apply_masks
+        from opentrans.models.masks import apply_masks
 
         apply_masks(seg, prepared.imp_masks)
     for p in seg.parameters():

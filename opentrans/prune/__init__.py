@@ -2,48 +2,55 @@
 ``prune`` stage.
 
 :func:`prune_structured` removes MLP hidden channels of a ViT or Bottleneck-internal channels of a
-ModifiedResNet, whole attention heads and residual width in place (``structures=``); :func:`taylor_scores` is its
-Taylor importance; :func:`apply_kept_indices` re-applies pruned shapes; :func:`count_encoder_cost` gives the
-encoder's GMACs and M params;
+ModifiedResNet, whole attention heads and residual width in place (``structures=``); its importance criteria are
+plug-ins of :data:`opentrans.prune.importances.IMPORTANCES`; :func:`apply_kept_indices` re-applies pruned
+shapes; :func:`count_encoder_cost` (from :mod:`opentrans.models.cost`) gives the encoder's GMACs and M params;
 :func:`prune_stage` runs the whole stage into an output directory (model, reports, manifest).
 
 :func:`imp_stage` runs OpenTrans iterative magnitude pruning (global L1, ``rate`` of the remaining weights per
 round, label-free distillation recovery, resumable, masks after every round; by default the authors' targets,
-every Conv2d but the first, or ours with ``targets="extended"``); :func:`apply_masks` transfers
-its masks to a fresh model of the same architecture.
+every Conv2d but the first, or ours with ``targets="extended"``); :func:`apply_masks` (from
+:mod:`opentrans.models.masks`) transfers its masks to a fresh model of the same architecture.
+
+The options of both are :class:`~opentrans.prune.options.StructuredOptions` and
+:class:`~opentrans.prune.options.ImpOptions`. The names below are imported on first use, so importing
+``opentrans.prune.options`` (the CLI does) does not load torch.
 """
 
-from opentrans.prune.imp import apply_masks, artifact_masks, imp_targets, keep_masked_zeros, read_masks, save_masks
-from opentrans.prune.imp_stage import imp_stage
-from opentrans.prune.stage import prune_stage
-from opentrans.prune.structured import (
-    IMPORTANCES,
-    STRUCTURES,
-    apply_kept_indices,
-    count_encoder_cost,
-    prunable_widths,
-    prune_structured,
-    structure_sizes,
-    taylor_scores,
-    validate_prune_options,
-)
+from __future__ import annotations
 
-__all__ = [
-    "IMPORTANCES",
-    "STRUCTURES",
-    "apply_kept_indices",
-    "artifact_masks",
-    "keep_masked_zeros",
-    "structure_sizes",
-    "taylor_scores",
-    "apply_masks",
-    "imp_stage",
-    "imp_targets",
-    "read_masks",
-    "save_masks",
-    "count_encoder_cost",
-    "prunable_widths",
-    "prune_stage",
-    "prune_structured",
-    "validate_prune_options",
-]
+import importlib
+
+#: public name -> module it lives in
+_EXPORTS = {
+    "IMPORTANCES": "opentrans.prune.importances",
+    "STRUCTURES": "opentrans.prune.options",
+    "StructuredOptions": "opentrans.prune.options",
+    "ImpOptions": "opentrans.prune.options",
+    "validate_prune_options": "opentrans.prune.structured",
+    "apply_kept_indices": "opentrans.prune.structured",
+    "structure_sizes": "opentrans.prune.structured",
+    "taylor_scores": "opentrans.prune.structured",
+    "prunable_widths": "opentrans.prune.structured",
+    "prune_structured": "opentrans.prune.structured",
+    "count_encoder_cost": "opentrans.models.cost",
+    "apply_masks": "opentrans.models.masks",
+    "artifact_masks": "opentrans.models.masks",
+    "keep_masked_zeros": "opentrans.models.masks",
+    "imp_targets": "opentrans.models.masks",
+    "read_masks": "opentrans.models.masks",
+    "save_masks": "opentrans.models.masks",
+    "imp_stage": "opentrans.prune.imp_stage",
+    "prune_stage": "opentrans.prune.stage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'opentrans.prune' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

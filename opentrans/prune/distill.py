@@ -15,7 +15,6 @@ image tower's parameters train, with Adam and a fixed data order seeded per roun
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from opentrans.data.datasets import IMAGE_SUFFIXES, _read, preprocess_image
 from opentrans.errors import OpenTransError
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.prune.imp import Target, refresh_masked
+from opentrans.prune.options import check_recovery_options  # noqa: F401 (re-exported)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -124,16 +124,6 @@ def evaluate_distill_loss(student: OpenVocabSegmentor, teacher: OpenVocabSegment
     return float(distill_loss(distill_outputs(student, images), distill_outputs(teacher, images), pooled_weight))
 
 
-def check_recovery_options(steps: int, batch_size: int, lr: float) -> None:
-    """Raises OpenTransError: ``steps`` < 0, ``batch_size`` < 1 or ``lr`` not a positive finite number."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise OpenTransError(f"--recovery-steps {steps}: must be an integer >= 0")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise OpenTransError(f"--batch-size {batch_size}: must be an integer >= 1")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise OpenTransError(f"--lr {lr}: must be a positive number")
-
-
 class _Student(torch.nn.Module):
     """The student's distillation outputs as one ``forward`` (what DistributedDataParallel wraps)."""
 
@@ -215,3 +205,23 @@ def recover(student: OpenVocabSegmentor, teacher: OpenVocabSegmentor, dataset, s
         with torch.no_grad():
             refresh_masked(targets)
     return losses
+
+
+@torch.no_grad()
+def fidelity(student, teacher, dataset, text: torch.Tensor) -> dict:
+    """How closely ``student`` reproduces ``teacher`` on ``dataset`` (e.g. CamVid val).
+
+    Returns:
+        ``teacher_miou`` (%: mIoU of the student against the teacher's argmax as labels), ``pixel_agreement``
+        (%), ``logit_cosine`` (min over images), ``feature_cosine`` (mean over images and patches of the cosine
+        of the dense features ``(B, h*w, D)``) and ``images``.
+    """
+    from opentrans.inference.evaluate import TorchRunner, agreement, batches
+
+    agree = agreement(TorchRunner(teacher), TorchRunner(student), dataset, text.numpy())
+    cos, n = 0.0, 0
+    for images, _ in batches(dataset):
+        c = F.cosine_similarity(student.dense_features(images), teacher.dense_features(images), dim=-1)
+        cos, n = cos + float(c.sum()), n + c.numel()
+    return {"teacher_miou": agree["teacher_miou"], "pixel_agreement": agree["pixel_agreement"],
+            "logit_cosine": agree["cosine"], "feature_cosine": cos / n, "images": len(dataset)}

@@ -34,19 +34,21 @@ import copy
 import os
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from opentrans.artifacts import StageRecord, atomic_path, read_json, sha256, write_json, write_text
 from opentrans.errors import OpenTransError
-from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, resolve_model, save_segmentor
-from opentrans.prune.distill import _world, check_recovery_options, evaluate_distill_loss, open_images, recover
+from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, save_segmentor
+from opentrans.models.cost import count_encoder_cost
+from opentrans.models.source import ModelSource
+from opentrans.options import as_record
+from opentrans.prune.distill import _world, evaluate_distill_loss, fidelity, open_images, recover
 from opentrans.prune.imp import (
-    DEFAULT_RATE,
-    IMP_TARGETS,
     apply_masks,
     artifact_masks,
     attach_masks,
@@ -61,29 +63,14 @@ from opentrans.prune.imp import (
     save_masks,
     sparsity_schedule,
 )
-from opentrans.prune.structured import count_encoder_cost
+from opentrans.prune.options import ImpOptions
+from opentrans.prune.report import LATENCY_NOTE, REPORT_JSON, REPORT_MD, TARGETS_TEXT, render_markdown  # noqa: F401
+from opentrans.prune.stage import check_source
 
 STATE_FILE = "imp_state.json"
 STATE_FORMAT = "opentrans.imp-state/1"
 MASKS_FILE = "masks.safetensors"
 CHECKPOINT = Path("checkpoint") / "visual.safetensors"
-REPORT_JSON = "prune_report.json"
-REPORT_MD = "prune_report.md"
-#: How the report describes each IMP target set (a report without ``targets`` predates them: ``extended``).
-TARGETS_TEXT = {
-    "authors": "Conv2d weights except the first conv (the OpenTrans authors' targets; no Linear layer)",
-    "extended": "Linear/Conv2d weights and fused Q/K/V (patch/stem conv excluded; our extended targets)",
-}
-LATENCY_NOTE = ("Unstructured sparsity shrinks the compressed size of the weights but not dense-kernel latency: "
-                "the pruned model keeps every shape, so its GMACs and its dense CPU/GPU latency are unchanged. "
-                "Use `--method structured` to make the model faster.")
-
-
-def _check_fraction(value, flag: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise OpenTransError(f"{flag} {value}: must be a fraction strictly between 0 and 1 (e.g. 0.5)")
-
-
 def compressed_mb(state: dict[str, torch.Tensor]) -> float:
     """zlib (level 6) size in MB (10^6 bytes) of the raw bytes of every tensor of ``state``."""
     comp = zlib.compressobj(6)
@@ -91,74 +78,6 @@ def compressed_mb(state: dict[str, torch.Tensor]) -> float:
     for t in state.values():
         size += len(comp.compress(t.detach().contiguous().numpy().tobytes()))
     return (size + len(comp.flush())) / 1e6
-
-
-@torch.no_grad()
-def fidelity(student, teacher, dataset, text: torch.Tensor) -> dict:
-    """How closely ``student`` reproduces ``teacher`` on ``dataset`` (e.g. CamVid val).
-
-    Returns:
-        ``teacher_miou`` (%: mIoU of the student against the teacher's argmax as labels), ``pixel_agreement``
-        (%), ``logit_cosine`` (min over images), ``feature_cosine`` (mean over images and patches of the cosine
-        of the dense features ``(B, h*w, D)``) and ``images``.
-    """
-    from opentrans.inference.evaluate import TorchRunner, agreement, batches
-
-    agree = agreement(TorchRunner(teacher), TorchRunner(student), dataset, text.numpy())
-    cos, n = 0.0, 0
-    for images, _ in batches(dataset):
-        c = F.cosine_similarity(student.dense_features(images), teacher.dense_features(images), dim=-1)
-        cos, n = cos + float(c.sum()), n + c.numel()
-    return {"teacher_miou": agree["teacher_miou"], "pixel_agreement": agree["pixel_agreement"],
-            "logit_cosine": agree["cosine"], "feature_cosine": cos / n, "images": len(dataset)}
-
-
-def render_markdown(report: dict) -> str:
-    """Markdown for people: summary, fidelity, latency note, rounds and the per-layer sparsity table."""
-    w = report["weights"]
-    lines = [
-        f"# Prune report (OpenTrans IMP): {report['model']}",
-        "",
-        f"Weights: **{w}**. Global unstructured L1 magnitude pruning of the image encoder's "
-        + TARGETS_TEXT[report.get("targets", "extended")]
-        + f", {report['rate']:.0%} of the remaining weights per round, "
-        f"{report['recovery_steps']} distillation recovery steps per round"
-        + (f" on `{report['distill_data']}`" if report.get("distill_data") else "") + ".",
-        f"Sparsity of the pruned weights: {report['sparsity_before']:.2%} -> **{report['sparsity']:.2%}** "
-        f"(target {report['sparsity_target']:.2%}) in {len(report['rounds'])} rounds.",
-        "",
-        f"**{LATENCY_NOTE}**",
-        "",
-        f"| Image encoder ({w}) | before | after |",
-        "|---|---:|---:|",
-        f"| Params (M) | {report['params_m']:.4g} | {report['params_m']:.4g} |",
-        f"| Non-zero params (M) | {report['nonzero_params_m_before']:.4g} | {report['nonzero_params_m_after']:.4g} |",
-        f"| GMACs (dense path, {report['image_size'][0]}x{report['image_size'][1]}) | {report['gmacs']:.4g} | "
-        f"{report['gmacs']:.4g} |",
-        f"| zlib-compressed weights (MB) | {report['compressed_mb_before']:.4g} | {report['compressed_mb_after']:.4g} |",
-        f"| model.safetensors (MB, dense) | {report['file_mb']:.4g} | {report['file_mb']:.4g} |",
-        "",
-    ]
-    fid = report.get("fidelity")
-    if fid:
-        lines += [
-            f"Fidelity to the unpruned model on `{report['eval_data']}` val ({fid['images']} images, {w}): "
-            f"teacher-agreement mIoU **{fid['teacher_miou']:.2f} %**, pixel agreement {fid['pixel_agreement']:.2f} %, "
-            f"dense feature cosine {fid['feature_cosine']:.4f}, logit cosine (min) {fid['logit_cosine']:.4f}.",
-            "",
-        ]
-    if report["rounds"]:
-        lines += ["| Round | sparsity % | distill loss after pruning | after recovery |", "|---:|---:|---:|---:|"]
-        for r in report["rounds"]:
-            pruned, recovered = r.get("loss_pruned"), r.get("loss_recovered")
-            lines.append(f"| {r['round']} | {100 * r['sparsity']:.2f} | "
-                         f"{'n/a' if pruned is None else f'{pruned:.5f}'} | "
-                         f"{'n/a' if recovered is None else f'{recovered:.5f}'} |")
-        lines.append("")
-    lines += ["| Layer | shape | params | zeros | sparsity % |", "|---|---|---:|---:|---:|"]
-    lines += [f"| `{r['layer']}` | {'x'.join(map(str, r['shape']))} | {r['params']} | {r['zeros']} | {r['sparsity']:.2f} |"
-              for r in report["layers"]]
-    return "\n".join(lines) + "\n"
 
 
 def _save_state(out_dir: Path, state: dict) -> None:
@@ -188,18 +107,14 @@ class _WorkerRecord(StageRecord):
         return None
 
 
-def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained: str, out_dir: str | os.PathLike,
-              sparsity: float | None, rate: float = DEFAULT_RATE, recovery_steps: int = 0,
-              distill_data: str | None = None, distill_limit: int | None = None, batch_size: int = 4,
-              lr: float = 1e-5, seed: int = 0, eval_data: str | None = None, eval_limit: int | None = 8,
-              masks: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
-              pooled_weight: float = 1.0, targets: str = "authors") -> dict:
+def imp_stage(source: ModelSource, options: ImpOptions, out_dir: str | os.PathLike) -> dict:
     """Run OpenTrans IMP (or re-apply saved masks) on a model's image encoder and write it into ``out_dir``.
 
     Args:
-        from_dir, model, pretrained, image_size: the model to prune (see :func:`~opentrans.models.artifact.
-            resolve_model`); it is also the frozen distillation teacher and the fidelity reference.
+        source: the model to prune (:class:`~opentrans.models.source.ModelSource`); it is also the frozen
+            distillation teacher and the fidelity reference.
         out_dir: stage directory (see module docs); holding a run with the same options and inputs, it resumes.
+        options: :class:`~opentrans.prune.options.ImpOptions`, whose fields are:
         sparsity: target fraction in (0, 1) of the IMP target weights that are zero at the end (absolute, so
             an already pruned model composes: rounds continue from its current sparsity). Ignored with ``masks``.
         rate: fraction in (0, 1) of the *remaining* weights removed per round (paper: 0.1, so sparsity follows
@@ -231,164 +146,248 @@ def imp_stage(from_dir: str | os.PathLike | None, model: str | None, pretrained:
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if masks is None:
-        _check_fraction(sparsity, "--sparsity")
-    _check_fraction(rate, "--rate")
-    if targets not in IMP_TARGETS:
-        raise OpenTransError(f"--imp-targets {targets}: choose one of {', '.join(IMP_TARGETS)}")
-    target_set = targets  # (``targets`` names each round's list of Target below)
-    check_recovery_options(recovery_steps, batch_size, lr)
-    if recovery_steps > 0 and distill_data is None:
-        raise OpenTransError(f"--recovery-steps {recovery_steps} needs --distill-data (a folder of images); "
-                             f"or pass --recovery-steps 0")
-    if from_dir is not None and image_size is not None:
-        raise OpenTransError("--image-size applies to a fresh --model only; a --from model keeps its input size")
-    if from_dir is not None and Path(from_dir).resolve() == out_dir.resolve():
-        raise OpenTransError(f"--out {out_dir} is the --from directory; write the pruned model somewhere else")
-
-    seg, spec, inputs = resolve_model(from_dir, model, pretrained, image_size=image_size)
-    teacher = copy.deepcopy(seg).eval().requires_grad_(False)
-    transfer = None
-    if masks is not None:
-        transfer, _ = read_masks(masks)
-        target_set = check_masks(seg.visual, transfer, f"--masks {masks}")
-        sparsity = mask_sparsity(transfer)
-    else:
-        earlier = artifact_masks(from_dir)  # an IMP artifact: further rounds continue on its target set
-        if earlier is not None and (kind := masks_targets(seg.visual, earlier, f"--from {from_dir}")) != target_set:
-            raise OpenTransError(f"--from {from_dir} was pruned with --imp-targets {kind}; continue with the same "
-                                 f"(got {target_set})")
-    start_masks = current_masks(seg.visual, target_set)
-    already = mask_sparsity(start_masks)
-    if masks is None and sparsity < already - 1e-9:
-        raise OpenTransError(f"model is already at {already:.1%} sparsity of its IMP weights; ask for at least "
-                             f"that much (got {sparsity:.1%})")
-    distill = None
-    if recovery_steps > 0:
-        distill = open_images(distill_data, spec.image_size, spec.mean, spec.std, limit=distill_limit)
-    evalset = None
-    if eval_data is not None:
-        from opentrans.data import open_dataset
-
-        evalset = open_dataset(eval_data, "val", spec.image_size, spec.mean, spec.std, limit=eval_limit)
-
-    options = {
-        "method": "imp", "from": None if from_dir is None else str(from_dir), "model": spec.model,
-        "pretrained": spec.pretrained, "sparsity": sparsity, "rate": rate, "recovery_steps": recovery_steps,
-        "distill_data": distill_data, "distill_limit": distill_limit, "batch_size": batch_size, "lr": lr,
-        "seed": seed, "pooled_weight": pooled_weight, "masks": None if masks is None else str(masks),
-        "image_size": list(spec.image_size), "targets": target_set,
-    }
-    key = {"format": STATE_FORMAT, "options": options,
-           "inputs": {str(p): sha256(p) for p in inputs} | ({str(masks): sha256(masks)} if masks else {})}
-    state_path = out_dir / STATE_FILE
-    resume = None
-    if state_path.exists():
-        resume = read_json(state_path)
-        if isinstance(resume.get("options"), dict):  # a run started before the target sets were an option
-            resume["options"].setdefault("targets", "extended")
-        if {k: resume.get(k) for k in key} != key:
-            raise OpenTransError(f"--out {out_dir} holds an IMP run with other options or inputs; "
-                                 f"use another --out or delete it")
-        if resume["rounds_done"] and not (out_dir / CHECKPOINT).is_file():
-            raise OpenTransError(f"--out {out_dir}: {CHECKPOINT} is missing, cannot resume; delete {out_dir}")
-
-    total = sum(m.numel() for m in start_masks.values())
-    probe = torch.stack([distill[i] for i in range(min(len(distill), batch_size))]) if distill is not None else None
-
+    options.check()
+    check_source(source, out_dir)
+    start = open_imp(source, options, out_dir)
     # Under torchrun only rank 0 writes files; every rank computes the same rounds (recovery runs under DDP).
     main = _world()[0] == 0
     _barrier()  # every rank has read the resume state before rank 0 writes anything
     record_type = StageRecord if main else _WorkerRecord
-    with record_type("prune", out_dir, options, started=started) as rec:
-        for path in inputs:
+    with record_type("prune", out_dir, start.key["options"], started=started) as rec:
+        for path in start.inputs:
             rec.add_input(path)
-        history: list[dict] = []
-        if transfer is not None:
-            apply_masks(seg, transfer)
-            current = transfer
-            schedule = []
-            if recovery_steps > 0:
-                targets = attach_masks(seg.visual, current)
-                loss_pruned = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
-                losses = recover(seg, teacher, distill, recovery_steps, targets, batch_size, lr, seed, pooled_weight)
-                loss_recovered = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
-                current = bake_masks(targets)
-                history.append({"round": 0, "sparsity": mask_sparsity(current), "loss_pruned": loss_pruned,
-                                "loss_recovered": loss_recovered, "train_losses": losses})
+        if start.transfer is not None:
+            result = transfer_masks(start, options)
         else:
-            schedule = sparsity_schedule(already, sparsity, rate, total)
-            current, done = start_masks, 0
-            if resume is not None and resume["rounds_done"]:
-                done = resume["rounds_done"]
-                seg.visual.load_state_dict(load_file(str(out_dir / CHECKPOINT)), strict=True)
-                current, _ = read_masks(out_dir / "masks" / f"round_{done}.safetensors")
-                history = resume["history"][:done]
-            for k in range(done + 1, len(schedule) + 1):
-                targets = attach_masks(seg.visual, current)
-                pruned_now = total - sum(int(m.sum()) for m in current.values())
-                global_magnitude_round(targets, schedule[k - 1] - pruned_now)
-                row = {"round": k}
-                if recovery_steps > 0:
-                    row["loss_pruned"] = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
-                    row["train_losses"] = recover(seg, teacher, distill, recovery_steps, targets, batch_size, lr,
-                                                  seed * 100003 + k, pooled_weight)
-                    row["loss_recovered"] = evaluate_distill_loss(seg, teacher, probe, targets, pooled_weight)
-                current = bake_masks(targets)
-                row["sparsity"] = mask_sparsity(current)
-                history.append(row)
-                # A round is finished when all three are written, in this order.
-                if main:
-                    save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", spec.model, target_set)
-                    with atomic_path(out_dir / CHECKPOINT) as tmp:
-                        save_file({n: t.detach().contiguous() for n, t in seg.visual.state_dict().items()}, str(tmp))
-                    _save_state(out_dir, {**key, "rounds_done": k, "rounds_total": len(schedule), "history": history})
-                _barrier()
-
+            result = run_rounds(start, options, out_dir, main)
         if not main:  # wait for rank 0 to write the model, reports and manifest; return the same figures
             _barrier()
             return read_json(out_dir / "manifest.json")["figures"]
-
-        spec.lineage.append("prune-imp")
-        rec.add_output(save_segmentor(seg, spec, out_dir))
-        rec.add_output(out_dir / SPEC_FILE)
-        rec.add_output(save_masks(current, out_dir / MASKS_FILE, spec.model, target_set))
-        for k in range(1, len(schedule) + 1):
-            rec.add_output(out_dir / "masks" / f"round_{k}.safetensors")
-
-        cost = count_encoder_cost(seg)
-        params = cost["params_m"]
-        zeros_before = total - sum(int(m.sum()) for m in start_masks.values())
-        zeros_after = total - sum(int(m.sum()) for m in current.values())
-        report = {
-            "model": spec.model, "weights": spec.weights, "method": "imp", "targets": target_set, "rate": rate,
-            "recovery_steps": recovery_steps, "distill_data": distill_data,
-            "masks_from": None if masks is None else str(masks),
-            "sparsity_target": float(sparsity), "sparsity_before": already, "sparsity": mask_sparsity(current),
-            "pruned_weights_total": total, "image_size": list(spec.image_size),
-            "params_m": params, "nonzero_params_m_before": params - zeros_before / 1e6,
-            "nonzero_params_m_after": params - zeros_after / 1e6, "gmacs": cost["gmacs"],
-            "compressed_mb_before": compressed_mb(teacher.visual.state_dict()),
-            "compressed_mb_after": compressed_mb(seg.visual.state_dict()),
-            "file_mb": (out_dir / WEIGHTS_FILE).stat().st_size / 1e6,
-            "latency_note": LATENCY_NOTE,
-            "rounds": [{k: v for k, v in r.items() if k != "train_losses"} for r in history],
-            "train_losses": {str(r["round"]): r.get("train_losses", []) for r in history},
-            "layers": layer_sparsity(current),
-        }
-        if evalset is not None:
-            text = teacher.encode_classes(list(evalset.class_names), model_name=spec.model)
-            report["eval_data"] = eval_data
-            report["fidelity"] = fidelity(seg, teacher, evalset, text)
-        rec.add_output(write_json(out_dir / REPORT_JSON, report))
-        rec.add_output(write_text(out_dir / REPORT_MD, render_markdown(report)))
-        rec.weights = spec.weights
-        rec.figures = {k: report[k] for k in ("sparsity", "sparsity_before", "sparsity_target", "params_m",
-                                              "nonzero_params_m_after", "gmacs", "compressed_mb_before",
-                                              "compressed_mb_after", "file_mb")}
-        rec.figures["rounds"] = len(history)
-        if evalset is not None:
-            rec.figures["teacher_miou"] = report["fidelity"]["teacher_miou"]
-            rec.figures["feature_cosine"] = report["fidelity"]["feature_cosine"]
+        write_result(start, options, result, out_dir, rec)
     _barrier()  # the manifest is written: release the other ranks
     return rec.figures
+
+
+@dataclass
+class _ImpStart:
+    """What an IMP run starts from once every input is checked.
+
+    Attributes:
+        seg, spec, inputs: the model to prune (changed in place), its spec and its input files.
+        teacher: the frozen unpruned copy (distillation teacher, fidelity reference).
+        transfer: the masks of ``--masks`` (None: run rounds).
+        target_set: ``authors`` or ``extended``; sparsity: the target fraction (the masks' with ``transfer``).
+        start_masks, already: ``weight != 0`` of the targets at the start, and their sparsity (fraction).
+        distill, evalset: recovery images and fidelity dataset (None when not asked for).
+        key: the resume key (format, options record, input hashes); resume: the state of an earlier run or None.
+    """
+
+    seg: Any
+    spec: Any
+    inputs: list[Path]
+    teacher: Any
+    transfer: dict | None
+    target_set: str
+    sparsity: float
+    start_masks: dict
+    already: float
+    distill: Any
+    evalset: Any
+    key: dict
+    resume: dict | None
+
+    @property
+    def total(self) -> int:
+        """Number of IMP target weights."""
+        return sum(m.numel() for m in self.start_masks.values())
+
+    def probe(self, batch_size: int):
+        """The fixed distillation-loss batch ``(B, 3, H, W)``: the first ``batch_size`` recovery images."""
+        return torch.stack([self.distill[i] for i in range(min(len(self.distill), batch_size))])
+
+
+@dataclass
+class ImpResult:
+    """The rounds' outcome: final masks (bool, True = kept), per-round history rows and the number of rounds
+    scheduled (0 for a masks transfer)."""
+
+    masks: dict
+    history: list[dict]
+    rounds: int
+
+
+def _target_set(seg, source: ModelSource, options: ImpOptions, transfer: dict | None) -> str:
+    """The target set of this run: the ``--masks``' own, or ``imp_targets`` (which must match an IMP ``--from``).
+
+    Raises:
+        OpenTransError: masks for another architecture; ``--from`` an IMP artifact of the other target set.
+    """
+    if transfer is not None:
+        return check_masks(seg.visual, transfer, f"--masks {options.masks}")
+    earlier = artifact_masks(source.from_dir)  # an IMP artifact: further rounds continue on its target set
+    kind = masks_targets(seg.visual, earlier, f"--from {source.from_dir}") if earlier is not None else None
+    if kind is not None and kind != options.imp_targets:
+        raise OpenTransError(f"--from {source.from_dir} was pruned with --imp-targets {kind}; continue with the same "
+                             f"(got {options.imp_targets})")
+    return options.imp_targets
+
+
+def _check_resume(key: dict, out_dir: Path) -> dict | None:
+    """The state of an earlier run in ``out_dir`` with the same ``key`` (None when there is none).
+
+    Raises:
+        OpenTransError: ``out_dir`` holds an IMP run with other options or inputs, or one that cannot resume.
+    """
+    if not (out_dir / STATE_FILE).exists():
+        return None
+    resume = read_json(out_dir / STATE_FILE)
+    if {k: resume.get(k) for k in key} != key:
+        raise OpenTransError(f"--out {out_dir} holds an IMP run with other options or inputs; "
+                             f"use another --out or delete it")
+    if resume["rounds_done"] and not (out_dir / CHECKPOINT).is_file():
+        raise OpenTransError(f"--out {out_dir}: {CHECKPOINT} is missing, cannot resume; delete {out_dir}")
+    return resume
+
+
+def open_imp(source: ModelSource, options: ImpOptions, out_dir: Path) -> _ImpStart:
+    """Load the model and the masks, check them against each other, open the images, read the resume state.
+
+    Raises:
+        OpenTransError: see :func:`imp_stage` (everything is checked before anything is written).
+    """
+    seg, spec, inputs = source.resolve()
+    teacher = copy.deepcopy(seg).eval().requires_grad_(False)
+    transfer = read_masks(options.masks)[0] if options.masks is not None else None
+    target_set = _target_set(seg, source, options, transfer)
+    start_masks = current_masks(seg.visual, target_set)
+    already = mask_sparsity(start_masks)
+    sparsity = mask_sparsity(transfer) if transfer is not None else options.sparsity
+    if transfer is None and sparsity < already - 1e-9:
+        raise OpenTransError(f"model is already at {already:.1%} sparsity of its IMP weights; ask for at least "
+                             f"that much (got {sparsity:.1%})")
+    distill = evalset = None
+    if options.recovery_steps > 0:
+        distill = open_images(options.distill_data, spec.image_size, spec.mean, spec.std, limit=options.distill_limit)
+    if options.eval_data is not None:
+        from opentrans.data import open_dataset
+
+        evalset = open_dataset(options.eval_data, "val", spec.image_size, spec.mean, spec.std, limit=options.eval_limit)
+    files = [*inputs, *([options.masks] if options.masks else [])]
+    key = {"format": STATE_FORMAT, "options": {"method": "imp", **source.record(), **as_record(options)},
+           "inputs": {str(p): sha256(p) for p in files}}
+    return _ImpStart(seg, spec, inputs, teacher, transfer, target_set, sparsity, start_masks, already, distill,
+                     evalset, key, _check_resume(key, out_dir))
+
+
+def _recover_round(start: _ImpStart, options: ImpOptions, targets: list, seed: int) -> dict:
+    """Distil under ``targets``' masks; the history row's losses (before/after, per step)."""
+    probe, w = start.probe(options.batch_size), options.pooled_weight
+    row = {"loss_pruned": evaluate_distill_loss(start.seg, start.teacher, probe, targets, w)}
+    row["train_losses"] = recover(start.seg, start.teacher, start.distill, options.recovery_steps, targets,
+                                  options.batch_size, options.lr, seed, w)
+    row["loss_recovered"] = evaluate_distill_loss(start.seg, start.teacher, probe, targets, w)
+    return row
+
+
+def transfer_masks(start: _ImpStart, options: ImpOptions) -> ImpResult:
+    """Apply the ``--masks`` to the model in place, then recover under them if asked (history row 0)."""
+    apply_masks(start.seg, start.transfer)
+    if options.recovery_steps == 0:
+        return ImpResult(start.transfer, [], 0)
+    targets = attach_masks(start.seg.visual, start.transfer)
+    row = _recover_round(start, options, targets, options.seed)
+    current = bake_masks(targets)
+    return ImpResult(current, [{"round": 0, "sparsity": mask_sparsity(current), **row}], 0)
+
+
+def _save_round(start: _ImpStart, out_dir: Path, k: int, current: dict, history: list, rounds: int) -> None:
+    """Finish round ``k`` on disk: its masks, the checkpoint and the state, in this order, each atomically."""
+    save_masks(current, out_dir / "masks" / f"round_{k}.safetensors", start.spec.model, start.target_set)
+    with atomic_path(out_dir / CHECKPOINT) as tmp:
+        save_file({n: t.detach().contiguous() for n, t in start.seg.visual.state_dict().items()}, str(tmp))
+    _save_state(out_dir, {**start.key, "rounds_done": k, "rounds_total": rounds, "history": history})
+
+
+def run_rounds(start: _ImpStart, options: ImpOptions, out_dir: Path, main: bool) -> ImpResult:
+    """The IMP rounds from the start (or the last finished round of an earlier run) to the target, each followed
+    by recovery; after every round rank 0 (``main``) saves what a resume needs (:func:`_save_round`)."""
+    schedule = sparsity_schedule(start.already, start.sparsity, options.rate, start.total)
+    current, done, history = start.start_masks, 0, []
+    if start.resume is not None and start.resume["rounds_done"]:
+        done = start.resume["rounds_done"]
+        start.seg.visual.load_state_dict(load_file(str(out_dir / CHECKPOINT)), strict=True)
+        current, _ = read_masks(out_dir / "masks" / f"round_{done}.safetensors")
+        history = start.resume["history"][:done]
+    for k in range(done + 1, len(schedule) + 1):
+        targets = attach_masks(start.seg.visual, current)
+        pruned_now = start.total - sum(int(m.sum()) for m in current.values())
+        global_magnitude_round(targets, schedule[k - 1] - pruned_now)
+        row = {"round": k}
+        if options.recovery_steps > 0:
+            row |= _recover_round(start, options, targets, options.seed * 100003 + k)
+        current = bake_masks(targets)
+        row["sparsity"] = mask_sparsity(current)
+        history.append(row)
+        if main:
+            _save_round(start, out_dir, k, current, history, len(schedule))
+        _barrier()
+    return ImpResult(current, history, len(schedule))
+
+
+def imp_report(start: _ImpStart, options: ImpOptions, result: ImpResult) -> dict:
+    """The ``prune_report.json`` contents but ``file_mb``: sparsity, params, GMACs, compressed sizes, rounds,
+    per-layer sparsity and (with ``eval_data``) fidelity to the unpruned model."""
+    seg, spec, total = start.seg, start.spec, start.total
+    cost = count_encoder_cost(seg)
+    params = cost["params_m"]
+    zeros_before = total - sum(int(m.sum()) for m in start.start_masks.values())
+    zeros_after = total - sum(int(m.sum()) for m in result.masks.values())
+    report = {
+        "model": spec.model, "weights": spec.weights, "method": "imp", "targets": start.target_set,
+        "rate": options.rate, "recovery_steps": options.recovery_steps, "distill_data": options.distill_data,
+        "masks_from": None if options.masks is None else str(options.masks),
+        "sparsity_target": float(start.sparsity), "sparsity_before": start.already,
+        "sparsity": mask_sparsity(result.masks), "pruned_weights_total": total, "image_size": list(spec.image_size),
+        "params_m": params, "nonzero_params_m_before": params - zeros_before / 1e6,
+        "nonzero_params_m_after": params - zeros_after / 1e6, "gmacs": cost["gmacs"],
+        "compressed_mb_before": compressed_mb(start.teacher.visual.state_dict()),
+        "compressed_mb_after": compressed_mb(seg.visual.state_dict()),
+        "latency_note": LATENCY_NOTE,
+        "rounds": [{k: v for k, v in r.items() if k != "train_losses"} for r in result.history],
+        "train_losses": {str(r["round"]): r.get("train_losses", []) for r in result.history},
+        "layers": layer_sparsity(result.masks),
+    }
+    if start.evalset is not None:
+        text = start.teacher.encode_classes(list(start.evalset.class_names), model_name=spec.model)
+        report["eval_data"] = options.eval_data
+        report["fidelity"] = fidelity(seg, start.teacher, start.evalset, text)
+    return report
+
+
+def imp_figures(report: dict) -> dict:
+    """The manifest's figures of an IMP report."""
+    figures = {k: report[k] for k in ("sparsity", "sparsity_before", "sparsity_target", "params_m",
+                                      "nonzero_params_m_after", "gmacs", "compressed_mb_before",
+                                      "compressed_mb_after", "file_mb")}
+    figures["rounds"] = len(report["rounds"])
+    if "fidelity" in report:
+        figures["teacher_miou"] = report["fidelity"]["teacher_miou"]
+        figures["feature_cosine"] = report["fidelity"]["feature_cosine"]
+    return figures
+
+
+def write_result(start: _ImpStart, options: ImpOptions, result: ImpResult, out_dir: Path, rec: StageRecord) -> None:
+    """Write the model (zeros baked in), final masks and reports into ``out_dir``, each recorded as an output."""
+    spec = start.spec
+    spec.lineage.append("prune-imp")
+    rec.add_output(save_segmentor(start.seg, spec, out_dir))
+    rec.add_output(out_dir / SPEC_FILE)
+    rec.add_output(save_masks(result.masks, out_dir / MASKS_FILE, spec.model, start.target_set))
+    for k in range(1, result.rounds + 1):
+        rec.add_output(out_dir / "masks" / f"round_{k}.safetensors")
+    report = imp_report(start, options, result)
+    report["file_mb"] = (out_dir / WEIGHTS_FILE).stat().st_size / 1e6
+    rec.add_output(write_json(out_dir / REPORT_JSON, report))
+    rec.add_output(write_text(out_dir / REPORT_MD, render_markdown(report)))
+    rec.weights = spec.weights
+    rec.figures = imp_figures(report)

@@ -41,10 +41,9 @@ increase, Molchanov et al., "Importance Estimation for Neural Network Pruning", 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,22 +51,17 @@ import torch_pruning as tp
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from opentrans.errors import OpenTransError
 from opentrans.models.attention import PrunedMultiheadAttention, convert_attention
 from opentrans.models.clip import create_architecture
+from opentrans.models.cost import count_encoder_cost, mha_fastpath  # noqa: F401 (count_encoder_cost re-exported)
 from opentrans.models.segmentor import OpenVocabSegmentor
+from opentrans.prune.importances import IMPORTANCES
+from opentrans.prune.options import RANKINGS, STRUCTURES, check_structured, parse_structures  # noqa: F401
 
-#: Importance criteria accepted by :func:`prune_structured`.
-IMPORTANCES = ("magnitude", "lamp", "taylor")
-#: Prunable structures, in the order they are pruned and reported.
-STRUCTURES = ("channels", "heads", "width")
-#: How units are ranked: every layer keeps the same fraction, or one ranking across all layers of a structure.
-RANKINGS = ("per-layer", "global")
-#: Other accepted names: ``mlp`` for ``channels`` (ViT MLP hidden channels; Bottleneck channels of a ResNet).
-_ALIASES = {"mlp": "channels"}
+#: The structured options' check, under its earlier name.
+validate_prune_options = check_structured
 _EPS = 1e-9
 
 
@@ -115,146 +109,6 @@ def prunable_widths(seg: OpenVocabSegmentor) -> dict[str, int]:
     return {layer.name: _width(layer.module) for layer in _prunable_layers(seg.visual)}
 
 
-def _check_fraction(value, flag: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise OpenTransError(f"{flag} {value}: must be a fraction strictly between 0 and 1 (e.g. 0.5)")
-
-
-def parse_structures(structures: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """``"channels,heads"`` (or a sequence of names; ``mlp`` = ``channels``) -> the structures in canonical order
-    (:data:`STRUCTURES`).
-
-    Raises:
-        OpenTransError: an empty selection or an unknown name.
-    """
-    names = [s.strip() for s in structures.split(",")] if isinstance(structures, str) else list(structures)
-    names = [_ALIASES.get(s, s) for s in names if s]
-    unknown = [s for s in names if s not in STRUCTURES]
-    if unknown or not names:
-        raise OpenTransError(f"unknown structure '{unknown[0] if unknown else ''}'; choose from "
-                             f"{', '.join(STRUCTURES)} (comma-separated, e.g. channels,heads,width)")
-    return tuple(s for s in STRUCTURES if s in names)
-
-
-def validate_prune_options(sparsity: float, importance: str, round_to: int | None,
-                           structures: str | tuple[str, ...] = ("channels",), head_sparsity: float | None = None,
-                           width_sparsity: float | None = None, ranking: str | None = None) -> tuple[str, ...]:
-    """Check the user's pruning options without touching any model; returns the parsed structures.
-
-    Raises:
-        OpenTransError: ``sparsity`` (or ``head_sparsity``/``width_sparsity`` when given) not a number strictly
-            between 0 and 1, an ``importance`` not in :data:`IMPORTANCES`, a ``round_to`` that is not a positive
-            integer or None, an unknown structure (:func:`parse_structures`), a ``ranking`` not in
-            :data:`RANKINGS`.
-    """
-    _check_fraction(sparsity, "--sparsity")
-    for value, flag in ((head_sparsity, "--head-sparsity"), (width_sparsity, "--width-sparsity")):
-        if value is not None:
-            _check_fraction(value, flag)
-    if importance not in IMPORTANCES:
-        raise OpenTransError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCES)}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise OpenTransError(f"--round-to {round_to}: must be a positive integer (1 = no rounding)")
-    if ranking is not None and ranking not in RANKINGS:
-        raise OpenTransError(f"unknown ranking '{ranking}'; choose one of {', '.join(RANKINGS)}")
-    return parse_structures(structures)
-
-
-@contextlib.contextmanager
-def _mha_fastpath(enabled: bool) -> Iterator[None]:
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs (2 per multiply-accumulate) of ``softmax(Q K^T) V`` for Q (B,h,L,E), K (B,h,S,E), V (B,h,S,Ev)."""
-    b, h, n_q, e = query_shape
-    n_k, e_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * n_q * n_k * (e + e_v)
-
-
-#: Fused attention kernels that ``scaled_dot_product_attention`` (and ``nn.MultiheadAttention``) may dispatch to
-#: and that :class:`FlopCounterMode` has no formula for in some torch releases (torch 2.14 runs CPU attention as
-#: ``_scaled_dot_product_flash_attention_for_cpu``, which it does not count); names absent from this torch are
-#: skipped.
-_FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
-                        "_scaled_dot_product_fused_attention_overrideable")
-
-
-class _SeenOps(TorchDispatchMode):
-    """Records the ATen operations that run under it (to find attention kernels the counter does not know)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: set = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket)
-        return func(*args, **(kwargs or {}))
-
-
-def _count_macs(fn: Callable[[], object]) -> int:
-    """Multiply-accumulates of ``fn()``: matrix products, convolutions and attention, whatever kernel torch picks.
-
-    Raises:
-        OpenTransError: an attention kernel ran that no formula counts (a torch release newer than this code):
-            the count would silently miss the ``QK^T`` and ``AV`` products.
-    """
-    aten = torch.ops.aten
-    custom = {getattr(aten, n): _attention_flops for n in _FUSED_ATTENTION_OPS if hasattr(aten, n)}
-    custom = {op: f for op, f in custom.items() if op not in flop_registry}
-    counter = FlopCounterMode(display=False, custom_mapping=custom)  # 2 FLOPs per multiply-accumulate
-    seen = _SeenOps()
-    with counter, seen:
-        fn()
-    counted = set(flop_registry) | set(custom)
-    missed = sorted(str(op) for op in seen.ops if "attention" in str(op) and op not in counted)
-    if missed:
-        raise OpenTransError(f"MAC count: torch {torch.__version__} ran attention kernel(s) {', '.join(missed)} that "
-                             f"no FLOP formula covers; add them to opentrans.prune.structured._FUSED_ATTENTION_OPS")
-    return counter.get_total_flops() // 2
-
-
-@torch.no_grad()
-def count_encoder_cost(seg: OpenVocabSegmentor) -> dict:
-    """Cost of the image encoder on the dense path the segmentor runs, at ``seg.image_size``, batch 1.
-
-    What is counted: ``gmacs`` are the multiply-accumulates of every matrix product and convolution that
-    :meth:`OpenVocabSegmentor.dense_features` executes, minus its trainable head (for a ViT: patch
-    embedding, all blocks but the last in full including the attention ``QK^T`` and ``AV`` products, the
-    last block's MaskCLIP value path (with its MLP in the ``maskclip`` mode) and ``proj``; for ModifiedResNet: stem, layer1-4 and the attention
-    pool's ``v_proj``/``c_proj`` at every position). Element-wise work (norms, activations, softmax, bias
-    adds, the positional-embedding resize) is not counted. Counted with :class:`torch.utils.flop_counter.
-    FlopCounterMode` (MHA fast path disabled so its matmuls are visible; fused attention kernels that it has no
-    formula for are counted analytically, and one that nothing counts raises, see :func:`_count_macs`) rather than
-    ``torch_pruning.utils.count_ops_and_params``: the latter counts ``nn.MultiheadAttention`` through a
-    module hook but cannot see the functional ops of the dense path (the last block's value projection and
-    ``@ proj``), so it under-counts it (16.13 vs 16.42 GMACs for ViT-B-16 at 224x224).
-
-    ``params_m`` are all parameters of ``seg.visual`` in millions (including ones the dense path skips,
-    such as the last ViT block's MLP), i.e. what the artifact stores for the image tower.
-
-    Returns:
-        ``{"gmacs": float (10^9 MACs), "params_m": float (10^6 parameters)}``.
-    """
-    images = torch.zeros(1, 3, *seg.image_size)  # (1, 3, H, W)
-    feats = torch.zeros(1, seg.feature_grid[0] * seg.feature_grid[1], seg.embed_dim)  # (1, h*w, D)
-    was_training = seg.training
-    seg.eval()  # BatchNorm in train mode would update its running statistics
-    try:
-        with _mha_fastpath(False):
-            total = _count_macs(lambda: seg.dense_features(images))
-            head = _count_macs(lambda: seg.head(feats))
-    finally:
-        seg.train(was_training)
-    params = sum(p.numel() for p in seg.visual.parameters())
-    return {"gmacs": (total - head) / 1e9, "params_m": params / 1e6}
-
-
 def _native_size(visual: nn.Module) -> tuple[int, int]:
     size = visual.image_size
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
@@ -292,10 +146,31 @@ def _dependency_graph(visual: nn.Module) -> tp.DependencyGraph:
             p.requires_grad_(flags[name])
 
 
-def _importance(importance: str) -> tp.importance.Importance:
-    if importance == "magnitude":
-        return tp.importance.MagnitudeImportance(p=1)
-    return tp.importance.LAMPImportance(p=2)
+def group_norm_scores(visual: nn.Module, structures: tuple[str, ...], channel_importance, p: int
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """Group-norm importance of every unit of ``structures`` of the image tower ``visual`` (nothing changed):
+    channels scored by the torch-pruning ``channel_importance`` over each layer's dependency group, heads and
+    width by :func:`_magnitude_units` with norm ``p`` (1: L1, 2: squared L2).
+
+    Returns:
+        ``{structure: {layer name: scores (units,)}}`` (float32, >= 0).
+
+    Raises:
+        OpenTransError: a channel group that reaches outside its block (unsupported tower).
+    """
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    if "channels" in structures:
+        graph = _dependency_graph(visual)
+        names = {module: name for name, module in visual.named_modules()}
+        scores["channels"] = {}
+        for layer in _prunable_layers(visual):
+            group = graph.get_pruning_group(layer.module, layer.pruning_fn, list(range(_width(layer.module))))
+            _check_scope(group, layer, names)
+            scores["channels"][layer.name] = channel_importance(group).detach().cpu().float()  # (width,)
+    for structure in ("heads", "width"):
+        if structure in structures:
+            scores[structure] = {us.name: _magnitude_units(us, p) for us in _unit_sets(visual, structure)}
+    return scores
 
 
 def _check_scope(group, layer: _Layer, names: dict[nn.Module, str]) -> None:
@@ -530,17 +405,6 @@ def _magnitude_units(unit_set: _UnitSet, p: int) -> torch.Tensor:
     return total
 
 
-def _lamp(scores: torch.Tensor) -> torch.Tensor:
-    """LAMP normalisation (arXiv:2010.07611, Eq. 2) of one layer's squared-norm ``scores``: each score divided by
-    the sum of the scores at least as large, so the values are comparable across layers."""
-    order = torch.argsort(scores, stable=True)
-    sorted_scores = scores[order]
-    tail = torch.flip(torch.cumsum(torch.flip(sorted_scores, [0]), 0), [0])
-    out = torch.empty_like(scores)
-    out[order] = sorted_scores / tail.clamp_min(_EPS)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Taylor importance.
 
@@ -607,7 +471,7 @@ def taylor_scores(seg: OpenVocabSegmentor, images: torch.Tensor, structures: tup
             p.requires_grad_(False)
         for p in visual.parameters():
             p.requires_grad_(True)
-        with torch.enable_grad(), _mha_fastpath(False):
+        with torch.enable_grad(), mha_fastpath(False):
             dense, pooled = distill_outputs(seg, images)
             for k in range(probes):
                 v_d = torch.randn(dense.shape, generator=gen)
@@ -696,11 +560,9 @@ def _keep_counts(structure: str, scores: dict[str, torch.Tensor], original: dict
     floor = 1
     if ranking == "per-layer" or len(before) == 1:
         return {k: max(floor, _round_keep(original[k] * (1.0 - sparsity), step, before[k])) for k in before}
-    if structure != "channels":  # channels arrive already normalised by torch-pruning
-        if importance == "lamp":
-            scores = {k: _lamp(v) for k, v in scores.items()}
-        elif importance == "magnitude":
-            scores = {k: v / v.mean().clamp_min(_EPS) for k, v in scores.items()}
+    normalise = IMPORTANCES.get(importance).normalise
+    if structure != "channels" and normalise is not None:  # channels arrive already normalised by torch-pruning
+        scores = {k: normalise(v) for k, v in scores.items()}
     target_total = round(sum(original.values()) * (1.0 - sparsity))
     n_remove = max(0, sum(before.values()) - target_total)
     concat = torch.cat([scores[k] for k in before])
@@ -806,10 +668,12 @@ def prune_structured(seg: OpenVocabSegmentor, sparsity: float, importance: str =
             architecture** ``model_name``; also the default target of ``heads`` and ``width``. Pruning composes:
             a model pruned to 0.25 and pruned again with 0.5 ends at 0.5 of the original widths (not 0.625); the
             second call removes only the difference.
-        importance: ``magnitude``: group L1 norm (channels: ``tp.importance.MagnitudeImportance(p=1)``, ``c_fc``
-            rows + ``c_proj`` columns, or conv filters + BN + next conv's input slices; heads/width: see
-            :func:`_magnitude_units`). ``lamp``: squared L2 group norms with LAMP normalisation
-            (``tp.importance.LAMPImportance`` for channels). ``taylor``: :func:`taylor_scores` on ``calibration``.
+        importance: a name registered in :data:`~opentrans.prune.importances.IMPORTANCES` (one file each in
+            ``opentrans/prune/importances/``): ``magnitude``: group L1 norm (channels:
+            ``tp.importance.MagnitudeImportance(p=1)``, ``c_fc`` rows + ``c_proj`` columns, or conv filters + BN +
+            next conv's input slices; heads/width: see :func:`_magnitude_units`). ``lamp``: squared L2 group norms
+            with LAMP normalisation (``tp.importance.LAMPImportance`` for channels). ``taylor``:
+            :func:`taylor_scores` on ``calibration``.
         round_to: kept channel and width counts are rounded half-up to a multiple of this (and kept >= one
             multiple); None or 1: no rounding. Heads are never rounded (>= 1 head per layer is kept).
         model_name: the open_clip architecture the segmentor was built from (``spec.model``). Sparsity is
@@ -839,9 +703,10 @@ def prune_structured(seg: OpenVocabSegmentor, sparsity: float, importance: str =
     """
     structures = validate_prune_options(sparsity, importance, round_to, structures, head_sparsity, width_sparsity,
                                         ranking)
-    ranking = ranking or ("per-layer" if importance == "magnitude" else "global")
-    if importance == "taylor" and calibration is None:
-        raise OpenTransError("--importance taylor needs calibration images (--distill-data)")
+    criterion = IMPORTANCES.get(importance)
+    ranking = ranking or criterion.default_ranking
+    if criterion.needs_calibration and calibration is None:
+        raise OpenTransError(f"--importance {importance} needs calibration images (--distill-data)")
     visual = seg.visual
     _prunable_layers(visual)  # raises for an unsupported tower
     targets = {"channels": sparsity, "heads": head_sparsity or sparsity, "width": width_sparsity or sparsity}
@@ -854,63 +719,62 @@ def prune_structured(seg: OpenVocabSegmentor, sparsity: float, importance: str =
         convert_attention(visual)
 
     # Score every unit of every structure on the model as it is now (indices stay valid across structures).
-    if importance == "taylor":
-        scores = taylor_scores(seg, calibration, structures, taylor_probes, seed)
-    else:
-        scores = {}
-        if "channels" in structures:
-            graph = _dependency_graph(visual)
-            names = {module: name for name, module in visual.named_modules()}
-            scorer = _importance(importance)
-            scores["channels"] = {}
-            for layer in _prunable_layers(visual):
-                group = graph.get_pruning_group(layer.module, layer.pruning_fn, list(range(_width(layer.module))))
-                _check_scope(group, layer, names)
-                scores["channels"][layer.name] = scorer(group).detach().cpu().float()  # (width,)
-        for structure in ("heads", "width"):
-            if structure in structures:
-                p = 1 if importance == "magnitude" else 2
-                scores[structure] = {us.name: _magnitude_units(us, p) for us in _unit_sets(visual, structure)}
+    scores = criterion.score(seg, structures, calibration, taylor_probes, seed)
 
-    kept_indices: dict[str, dict[str, list[int]]] = {}
-    for structure in structures:
-        keep = _keep_counts(structure, scores[structure], original[structure], before[structure], targets[structure],
-                            ranking, importance, round_to)
-        kept_indices[structure] = {}
-        for name, width in before[structure].items():  # drop the lowest scores (ties: the first index goes first)
-            removed = set(torch.argsort(scores[structure][name], stable=True)[:width - keep[name]].tolist())
-            kept_indices[structure][name] = [i for i in range(width) if i not in removed]
+    kept_indices = {s: _lowest_removed(scores[s], before[s], _keep_counts(
+        s, scores[s], original[s], before[s], targets[s], ranking, importance, round_to)) for s in structures}
     apply_kept_indices(seg, kept_indices)
-
     after = {s: structure_sizes(seg, s) for s in structures}
     for s in structures:
         expected = {k: len(v) for k, v in kept_indices[s].items()}
         if after[s] != expected:
             raise RuntimeError(f"{s}: pruning left sizes {after[s]}, expected {expected}")
-    cost_after = count_encoder_cost(seg)
+    report = {"importance": importance, "ranking": ranking, "round_to": round_to}
+    report |= _structured_summary(seg, model_name, targets, already, original, before, after)
+    layers = [{"structure": s, "layer": k, "original": original[s][k], "before": before[s][k], "after": after[s][k]}
+              for s in structures for k in before[s]]
+    return {**report, **_cost_change(cost_before, count_encoder_cost(seg)), "layers": layers,
+            "kept_indices": kept_indices}
+
+
+def _lowest_removed(scores: dict[str, torch.Tensor], before: dict[str, int], keep: dict[str, int]
+                    ) -> dict[str, list[int]]:
+    """Per layer, the indices kept when its ``before - keep`` lowest-scored units go (ties: the first index goes
+    first), in order."""
+    kept = {}
+    for name, width in before.items():
+        removed = set(torch.argsort(scores[name], stable=True)[:width - keep[name]].tolist())
+        kept[name] = [i for i in range(width) if i not in removed]
+    return kept
+
+
+def _structured_summary(seg: OpenVocabSegmentor, model_name: str | None, targets: dict[str, float],
+                        already: dict[str, float], original: dict, before: dict, after: dict) -> dict:
+    """The report's sparsity part: per structure target/before/achieved, the first structure's figures, the
+    prunable channels and the per-layer rows."""
+    structures = tuple(targets)
     summary = {s: {"target": targets[s], "before": already[s],
                    "achieved": 1.0 - sum(after[s].values()) / sum(original[s].values()),
                    "original": sum(original[s].values()), "kept": sum(after[s].values())} for s in structures}
     first = structures[0]
     ch_orig = original_sizes(seg, model_name, "channels") if "channels" not in structures else original["channels"]
-    ch_after = prunable_widths(seg)
     return {
-        "importance": importance,
-        "ranking": ranking,
-        "round_to": round_to,
         "structures": summary,
         "sparsity_target": targets[first],
         "sparsity_before": already[first],
         "sparsity": summary[first]["achieved"],
         "prunable_channels": sum(ch_orig.values()),
-        "kept_channels": sum(ch_after.values()),
+        "kept_channels": sum(prunable_widths(seg).values()),
         "image_size": list(seg.image_size),
+    }
+
+
+def _cost_change(cost_before: dict, cost_after: dict) -> dict:
+    """The report's cost part: params (M) and GMACs before/after and the fraction of MACs removed."""
+    return {
         "params_m_before": cost_before["params_m"],
         "params_m_after": cost_after["params_m"],
         "gmacs_before": cost_before["gmacs"],
         "gmacs_after": cost_after["gmacs"],
         "macs_reduction": 1.0 - cost_after["gmacs"] / cost_before["gmacs"] if cost_before["gmacs"] else 0.0,
-        "layers": [{"structure": s, "layer": k, "original": original[s][k], "before": before[s][k],
-                    "after": after[s][k]} for s in structures for k in before[s]],
-        "kept_indices": kept_indices,
     }

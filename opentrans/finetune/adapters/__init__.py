@@ -11,7 +11,7 @@ Each adapter replaces a weight ``W0`` by ``f(W0; theta)`` with a small trainable
   transforms on both towers, Cayley-orthogonal on the text tower and free on the image tower, produced by
   cross-layer/cross-modal relation maps (DCRC) over all blocks of both towers.
 
-Targets are named like the spectral analysis names layers (:func:`~opentrans.finetune.spectral.spectral_layers`):
+Targets are named like the spectral analysis names layers (:func:`~opentrans.analyze.spectral.spectral_layers`):
 a Linear module (``clip.visual.transformer.resblocks.0.mlp.c_fc``) or one Q/K/V row block of a fused
 attention projection (``...attn.in_proj_weight[q]``), so a freeze plan's ``trainable`` list can be adapted
 directly. Because they are parametrizations, the adapted model runs unchanged code (open_clip's
