@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
 from opentrans.errors import OpenTransError
 
 #: TensorRT major version -> the key of :data:`opentrans.deploy.tensorrt_support.VERSIONS` its graphs are checked with.
@@ -334,7 +335,7 @@ class TensorRTRunner:
         return out.cpu().numpy()
 
 
-def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx: BuildContext) -> BuildOutput:
     """Build ``model.engine`` in ``ctx.build_dir`` from the ONNX :func:`plan_engine` picks for the installed
     TensorRT and ``ctx.precision`` (the fp32 ``model.onnx`` and, where made, the fp16/Q/DQ ONNX are kept beside it).
 
@@ -343,7 +344,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     Raises:
         OpenTransError: TensorRT missing; errors of :func:`prepare_onnx` and :func:`build_engine`.
     """
-    from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
 
     trt = _import_tensorrt()
@@ -369,3 +369,17 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
                              "max_classes": max_classes, "onnx": onnx_path.name,
                              "profile": {k: [list(s) for s in v] for k, v in profile.items()}},
                        timings={"prepare_onnx_s": prepare_s, "engine_build_s": time.perf_counter() - start})
+
+
+def open_runner(model_file: Path, build: dict, openvino_precision: str | None = None) -> TensorRTRunner:
+    """A TensorRT runner on a finished nvidia build's engine.
+
+    Raises:
+        OpenTransError: TensorRT is not installed here.
+    """
+    check_available()
+    return TensorRTRunner(model_file, name=f"tensorrt-{build['precision']}")
+
+
+TARGETS.add("nvidia", Target(name="nvidia", backend="tensorrt", precisions=PRECISIONS, cpu=False,
+                             build=build, check_available=check_available, open_runner=open_runner))
