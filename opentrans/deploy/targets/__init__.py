@@ -188,7 +188,8 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
 
     The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W). A deploy
     build's runner also has ``runner.text_encoder`` (:class:`opentrans.deploy.text_graph.TextEncoder` on the build's
-    text graph, no PyTorch; None for builds without one) and ``runner.encode_classes(names) -> float32 (C, D)``.
+    text graph, no PyTorch; None for builds without one). Every runner meets :class:`opentrans.runtime.Runner`
+    (``name``, ``input_size``, ``encode_classes(names) -> float32 (C, D)``, the call).
 
     Either kind of directory must be the output of a finished stage whose files still have the sha256 its
     manifest recorded (:func:`opentrans.artifacts.verify_outputs`): a directory from anyone is checked before any
@@ -206,14 +207,13 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
         from opentrans.deploy.text_graph import open_text_encoder
 
         runner.text_encoder = open_text_encoder(path, read_build(path), openvino_precision)
-        if runner.text_encoder is not None:
-            runner.encode_classes = runner.text_encoder.encode_classes
         return runner
     if (path / "model.json").exists():
         from opentrans.evaluate import TorchRunner
         from opentrans.models.artifact import open_model_dir
 
-        return TorchRunner(open_model_dir(path)[0])
+        seg, spec = open_model_dir(path)
+        return TorchRunner(seg, model_name=spec.model)
     raise OpenTransError(f"{path}: neither a deploy build ({BUILD_FILE}) nor a model directory (model.json)")
 
 

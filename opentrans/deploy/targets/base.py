@@ -80,6 +80,39 @@ class TargetRegistry(Registry[Target]):
         raise OpenTransError(f"unknown back end {backend!r}")
 
 
+class GraphRunner:
+    """Base of the deploy runners (:class:`opentrans.runtime.Runner`): a subclass sets ``name`` and ``image_shape``
+    (the image input's (3, H, W), a non-integer for a dynamic axis) and implements ``__call__``;
+    :func:`opentrans.deploy.targets.load_runner` sets ``text_encoder`` to the build's text graph.
+
+    Attributes:
+        text_encoder: :class:`opentrans.deploy.text_graph.TextEncoder` on the build's text graph, or None (a bare
+            graph, or a build made before builds carried one).
+    """
+
+    name: str = "graph"
+    image_shape: tuple = ()
+    text_encoder: Any = None
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(H, W) in pixels of the image graph, or None for a graph exported with dynamic height/width."""
+        from opentrans.runtime import static_size
+
+        return static_size(self.image_shape) if len(self.image_shape) >= 2 else None
+
+    def encode_classes(self, names) -> np.ndarray:
+        """Class names -> float32 (C, D) L2-normalised embeddings from the build's text graph (no PyTorch).
+
+        Raises:
+            OpenTransError: the runner has no text graph (see :attr:`text_encoder`), or no class names.
+        """
+        if self.text_encoder is None:
+            raise OpenTransError(f"{self.name}: this build has no text-encoder graph; encode the class names with "
+                                 f"the PyTorch model it was made from")
+        return self.text_encoder.encode_classes(names)
+
+
 #: Every deploy target, each registered by its own module of :mod:`opentrans.deploy.targets`.
 TARGETS = TargetRegistry("deploy target", plugins="opentrans.deploy.targets")
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from opentrans.deploy.graph import IMAGES, LOGITS, TEXT_EMBEDS, feeds
-from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.errors import OpenTransError
 
 MODEL_FILE = "model.onnx"
@@ -45,7 +45,7 @@ def open_session(path: Path, opts=None):
                              f"{': ' + text[0][:200] if text else ''})") from None
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(GraphRunner):
     """Runs an exported image graph with ONNX Runtime (CPUExecutionProvider).
 
     ``runner(images float32 (B,3,H,W), text_embeds float32 (C,D)) -> logits float32 (B,C,H,W)``; B and C may

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from opentrans.deploy.graph import IMAGES, TEXT_EMBEDS, feeds
-from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.deploy.targets.onnx import _check_inputs
 from opentrans.errors import OpenTransError
 
@@ -51,7 +51,7 @@ def check_available() -> None:
         raise OpenTransError(f"{' and '.join(missing)} not installed: pip install 'opentrans[openvino]'")
 
 
-class OpenVINORunner:
+class OpenVINORunner(GraphRunner):
     """Runs an OpenVINO IR of the image graph on the CPU plugin.
 
     ``runner(images float32 (B,3,H,W), text_embeds float32 (C,D)) -> logits float32 (B,C,H,W)``.

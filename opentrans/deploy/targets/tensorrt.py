@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
+from opentrans.deploy.graph import IMAGES
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.errors import OpenTransError
 
 #: TensorRT major version -> the key of :data:`opentrans.deploy.tensorrt_support.VERSIONS` its graphs are checked with.
@@ -295,7 +296,7 @@ def prepare_onnx(plan: EnginePlan, build_dir: Path, fp32_onnx: Path, calibration
                                overflow_fix=overflow_fix)
 
 
-class TensorRTRunner:
+class TensorRTRunner(GraphRunner):
     """Runs a serialized TensorRT engine of the image graph on the current CUDA device.
 
     ``runner(images float32 (B,3,H,W), text_embeds float32 (C,D)) -> logits float32 (B,C,H,W)`` (host numpy in and
@@ -317,6 +318,7 @@ class TensorRTRunner:
         if self.engine is None:
             raise OpenTransError(f"{self.path}: TensorRT cannot load this engine (built for another GPU or TensorRT version?)")
         self.context = self.engine.create_execution_context()
+        self.image_shape = tuple(self.engine.get_tensor_shape(IMAGES))[1:]  # (3, H, W); -1 where dynamic
 
     def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         import torch
