@@ -71,7 +71,8 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     if recipe.deploy is not None:
         for b in recipe.deploy.builds:
             out, o = root / "deploy" / f"{b.target}-{b.precision}", recipe.deploy.options_for(b, recipe.data)
-            plan.append((f"deploy {b.target}-{b.precision}", out, {**base, **as_record(o)},
+            record = recipe.deploy.record_for(b, recipe.data)
+            plan.append((f"deploy {b.target}-{b.precision}", out, {**base, **record},
                          lambda out=out, src=ModelSource(**source, allow_pickle=recipe.allow_pickle), o=o:
                          deploy_stage(src, o, out)))
     if recipe.bench is not None:

@@ -21,7 +21,7 @@ from opentrans.deploy.quantize.common import (
 from opentrans.deploy.auto import AUTO, auto_candidates
 from opentrans.errors import OpenTransError
 from opentrans.hardware import CPU_ISA_MODES
-from opentrans.options import FiniteFloat, StageOptions, option
+from opentrans.options import FiniteFloat, StageOptions, as_record, option
 
 #: ONNX opset of the export unless asked otherwise (17 suits JetPack 5/6 TensorRT).
 DEFAULT_OPSET = 17
@@ -212,16 +212,27 @@ class DeployPlan(BuildSettings):
             plan.builds = [from_mapping(Build, b, f"{where}.builds") for b in builds]
         return plan
 
-    def options_for(self, build: Build, data: str) -> DeployOptions:
-        """The :class:`DeployOptions` of one of the builds, on ``data``."""
+    def applicable(self, build: Build) -> tuple[str, ...]:
+        """The settings that reach ``build``: the quantisation settings reach the builds that may be INT8 only,
+        ``cpu_isa`` the CPU targets only."""
         from opentrans.deploy.targets.base import TARGETS
 
-        defaults = BuildSettings()
-        shared = {name: getattr(self, name) for name in SETTINGS}
-        if not TARGETS.get_target(build.target).cpu:
-            shared["cpu_isa"] = None
-        if build.precision not in ("int8", AUTO):  # quantisation options apply to builds that may be INT8 only
-            shared.update({name: getattr(defaults, name) for name in INT8_SETTINGS})
-        elif build.target != "openvino":
+        names = ("parity_limit", "calib_size", "opset")
+        if TARGETS.get_target(build.target).cpu:
+            names += ("cpu_isa",)
+        if build.precision in ("int8", AUTO):
+            names += INT8_SETTINGS
+        return names
+
+    def options_for(self, build: Build, data: str) -> DeployOptions:
+        """The :class:`DeployOptions` of one of the builds, on ``data`` (``max_drop`` reaches openvino only)."""
+        shared = {name: getattr(self, name) for name in self.applicable(build)}
+        if "max_drop" in shared and build.target != "openvino":
             shared["max_drop"] = None
         return DeployOptions(target=build.target, precision=build.precision, data=data, **shared)
+
+    def record_for(self, build: Build, data: str) -> dict:
+        """What a run records of one build's options (to tell a finished build from one to redo): the target,
+        precision, data and the settings that reach it."""
+        options = as_record(self.options_for(build, data))
+        return {k: options[k] for k in ("target", "precision", "data", *self.applicable(build))}
