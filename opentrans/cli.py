@@ -522,9 +522,8 @@ def segment(image, classes, source, out):
     check_unique_classes(names, "--classes")
     runner, seg, spec = _open_for_inference(source.from_dir, source.model, source.pretrained, source.image_size)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
-    encode = getattr(runner, "encode_classes", None)
-    if encode is not None:
-        text, text_source = encode(names), "the build's text-encoder graph"
+    if getattr(runner, "text_encoder", None) is not None:  # every runner has encode_classes (opentrans.runtime)
+        text, text_source = runner.encode_classes(names), "the build's text-encoder graph"
     else:
         text, text_source = seg.encode_classes(names, model_name=spec.model).numpy(), "the PyTorch text tower"
     result = segment_image(runner, image, names, text, spec.image_size, spec.mean, spec.std, out)
