@@ -385,3 +385,40 @@ def test_load_runner_on_a_model_directory_and_on_anything_else(tmp_path):
                                                              "precision": "fp32", "file": "build.json"}))
     with pytest.raises(OpenTransError, match="missing key 'target'"):
         load_runner(tmp_path / "bad")
+
+
+# --- registry and runtime contract ------------------------------------------------------------------------------
+
+
+def test_targets_register_themselves_and_import_base_not_the_package():
+    import ast
+
+    from opentrans.deploy.targets import TARGETS
+
+    assert TARGETS.names() == ["jetson", "nvidia", "onnx", "openvino"]
+    assert [n for n, t in TARGETS.items() if t.cpu] == ["onnx", "openvino"]
+    assert {n: TARGETS.get(n).backend for n in TARGETS.names()} == {
+        "jetson": "jetson", "nvidia": "tensorrt", "onnx": "onnxruntime", "openvino": "openvino"}
+    folder = Path(__file__).resolve().parents[1] / "opentrans" / "deploy" / "targets"
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "opentrans.deploy.targets", f"{path.name} imports the package __init__"
+    with pytest.raises(OpenTransError, match="--target tflite: choose one of jetson, nvidia, onnx, openvino"):
+        TARGETS.get_target("tflite")
+
+
+def test_every_runner_meets_the_runtime_contract(builds):
+    from opentrans.runtime import Runner
+
+    for path, _ in builds.values():
+        runner, build = load_runner(path), read_build(path)
+        assert isinstance(runner, Runner)
+        assert runner.input_size == tuple(build["image_size"])
+        text = runner.encode_classes(["road", "car"])
+        assert text.dtype == np.float32 and text.shape == (2, build["embed_dim"])
+    seg, spec = build_segmentor(TINY_RN, "none")
+    torch_runner = TorchRunner(seg, model_name=spec.model)
+    assert isinstance(torch_runner, Runner) and torch_runner.input_size is None
+    np.testing.assert_allclose(torch_runner.encode_classes(["road"]),
+                               seg.encode_classes(["road"], model_name=spec.model).numpy(), rtol=0, atol=0)
