@@ -25,6 +25,10 @@ from opentrans.options import FiniteFloat, StageOptions, as_record, option
 
 #: ONNX opset of the export unless asked otherwise (17 suits JetPack 5/6 TensorRT).
 DEFAULT_OPSET = 17
+#: TensorRT optimisation profile bounds (jetson, nvidia): largest batch, and fewest "most classes" (the profile
+#: takes max(this, the dataset's classes)).
+DEFAULT_MAX_BATCH = 4
+DEFAULT_MAX_CLASSES = 64
 #: Opsets the TorchScript exporter of torch 2.x writes (LayerNormalization is a single node from 17 on).
 OPSETS = range(14, 21)
 #: The quantisation settings: a recipe passes them to the builds that may be INT8 only.
@@ -125,8 +129,9 @@ class DeployOptions(BuildSettings):
                               metavar="FORMAT:PATH")
     dynamic_hw: bool = option(False, "Export the image graph with dynamic height/width (ViT position embeddings "
                               "resized in the graph).")
-    max_batch: int = option(4, "TensorRT profile: largest batch (jetson, nvidia).", cli=False)
-    max_classes: int | None = option(None, "TensorRT profile: most classes (jetson, nvidia).", cli=False)
+    max_batch: int = option(DEFAULT_MAX_BATCH, "TensorRT profile: largest batch (jetson, nvidia).", cli=False)
+    max_classes: int | None = option(None, f"TensorRT profile: most classes (jetson, nvidia; default max("
+                                     f"{DEFAULT_MAX_CLASSES}, the dataset's classes)).", cli=False)
     sensitivity_top: int | None = option(None, "rows of the sensitivity.md table", cli=False)
 
     @property

@@ -41,6 +41,7 @@ import numpy as np
 from opentrans.artifacts import write_json, write_text
 from opentrans.deploy.graph import DTYPE, LOGITS, graph_io
 from opentrans.deploy.parity import device_tolerances
+from opentrans.deploy.options import DEFAULT_MAX_BATCH, DEFAULT_MAX_CLASSES
 from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
 from opentrans.deploy.targets.tensorrt import (
     DEFAULT_MAX_PROMPTS,
@@ -64,8 +65,6 @@ SAMPLE_IMAGES_BIN = "sample_images.bin"
 SAMPLE_PROMPT_IDS = "sample_prompt_ids.npy"
 SAMPLE_TEXT_EMBEDS = "sample_text_embeds.npy"
 TEXT_EMBEDS_BIN = "text_embeds.bin"
-DEFAULT_MAX_BATCH = 4
-DEFAULT_MAX_CLASSES = 64
 #: ``runner.py check`` tolerances (``bundle.json``): the device check of :mod:`opentrans.deploy.parity`.
 CHECK_TOLERANCES = device_tolerances()
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from opentrans.deploy.graph import IMAGES
+from opentrans.deploy.options import DEFAULT_MAX_BATCH, DEFAULT_MAX_CLASSES
 from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.errors import OpenTransError
 
@@ -48,8 +49,6 @@ MODEL_FILE = "model.engine"
 ONNX_FILE = "model.onnx"
 FP16_ONNX_FILE = "model_fp16.onnx"
 QDQ_ONNX_FILE = "model_int8_qdq.onnx"
-DEFAULT_MAX_BATCH = 4
-DEFAULT_MAX_CLASSES = 64
 DEFAULT_MAX_PROMPTS = 512
 PRECISIONS = ("fp32", "fp16", "int8")
 #: ONNX flavour -> file name in a build / bundle.
