@@ -35,8 +35,10 @@ import torch
 
 from opentrans.timing import interleaved_times
 from opentrans.data import open_dataset
+from opentrans.deploy.options import DeployOptions
 from opentrans.deploy.stage import deploy_stage
 from opentrans.inference.evaluate import TorchRunner, agreement
+from opentrans.models.source import ModelSource
 from opentrans.models.artifact import build_segmentor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +104,9 @@ def main() -> None:
     seg, spec = build_segmentor(args.model, args.pretrained, image_size=size)
     int8_dir = out / "openvino-int8"
     start = time.perf_counter()
-    figures = deploy_stage(None, args.model, args.pretrained, int8_dir, "openvino", "int8", DATA,
-                           parity_limit=min(4, args.limit), calib_size=args.calib_size, image_size=size)
+    figures = deploy_stage(ModelSource(model=args.model, pretrained=args.pretrained, image_size=size),
+                           DeployOptions(target="openvino", precision="int8", data=DATA,
+                                         parity_limit=min(4, args.limit), calib_size=args.calib_size), int8_dir)
     print(f"deploy openvino-int8: {time.perf_counter() - start:.1f} s, parity cosine {figures['cosine']:.4f}, "
           f"agreement {figures['pixel_agreement']:.2f} % (deploy gate, f32 hint)")
 

@@ -27,13 +27,14 @@ import numpy as np
 from opentrans.artifacts import machine_description, read_json, write_json, write_text
 from opentrans.bench.report import plot_pareto
 from opentrans.data import open_dataset
+from opentrans.deploy.options import DeployOptions
 from opentrans.deploy.stage import deploy_stage
+from opentrans.models.source import ModelSource
 from opentrans.deploy.targets import load_runner
 from opentrans.inference.evaluate import TorchRunner, agreement, evaluate
 from opentrans.hardware import cpu_isa
 from opentrans.models.artifact import load_segmentor
 from opentrans.models.cost import count_encoder_cost
-from opentrans.models.source import ModelSource
 from opentrans.prune.imp_stage import imp_stage
 from opentrans.prune.options import ImpOptions, StructuredOptions
 from opentrans.prune.stage import prune_stage
@@ -88,9 +89,9 @@ def main() -> None:
     builds = {f"2x+rec{args.recovery_steps} openvino-{p}": out / "deploy" / p for p in ("fp32", "int8", "auto")}
     for name, path in builds.items():
         if not (path / "manifest.json").exists():
-            deploy_stage(from_dir=models[f"2x+rec{args.recovery_steps}"], model=None, pretrained="none",
-                         out_dir=path, target="openvino", precision=name.rsplit("-", 1)[1], data=DATA,
-                         parity_limit=8, calib_size=32)
+            deploy_stage(ModelSource(from_dir=models[f"2x+rec{args.recovery_steps}"]),
+                         DeployOptions(target="openvino", precision=name.rsplit("-", 1)[1], data=DATA,
+                                       parity_limit=8, calib_size=32), path)
 
     ref_seg, spec = load_segmentor(ref_dir)
     val = open_dataset(DATA, "val", spec.image_size, spec.mean, spec.std)

@@ -31,7 +31,9 @@ import torch
 from opentrans.artifacts import read_json
 from opentrans.bench.roofline import measure_roofline
 from opentrans.data import open_dataset
+from opentrans.deploy.options import DeployOptions
 from opentrans.deploy.stage import check_parity, deploy_stage
+from opentrans.models.source import ModelSource
 from opentrans.deploy.targets import load_runner
 from opentrans.deploy.targets.openvino import OpenVINORunner
 from opentrans.inference.evaluate import TorchRunner, agreement
@@ -39,7 +41,6 @@ from opentrans.hardware import cpu_isa
 from opentrans.models.artifact import load_segmentor
 from opentrans.pipeline import base_stage
 from opentrans.models.cost import count_encoder_cost
-from opentrans.models.source import ModelSource
 from opentrans.prune.options import StructuredOptions
 from opentrans.prune.stage import prune_stage
 from opentrans.timing import interleaved_ms
@@ -50,8 +51,8 @@ DATA = f"camvid:{ROOT.parent / 'shared' / 'data' / 'camvid'}"
 
 def _build(src: Path, out: Path, precision: str) -> Path:
     if not (out / "manifest.json").exists():
-        deploy_stage(from_dir=src, model=None, pretrained="none", out_dir=out, target="openvino", precision=precision,
-                     data=DATA, parity_limit=4, calib_size=32)
+        deploy_stage(ModelSource(from_dir=src), DeployOptions(target="openvino", precision=precision, data=DATA,
+                                                              parity_limit=4, calib_size=32), out)
     return out
 
 

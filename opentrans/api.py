@@ -183,15 +183,25 @@ def _options(cls, values: dict):
 def deploy(model: Model, target: str, precision: str, data: str, out_dir: str | os.PathLike, **options) -> Build:
     """Export ``model`` for ``target`` at ``precision`` (``auto`` for the CPU targets), check it against PyTorch on
     ``data``'s val images and write it to ``out_dir`` (:func:`opentrans.deploy.stage.deploy_stage`; ``options``
-    are its keyword options, e.g. ``calib_size``, ``parity_limit``, ``cpu_isa``).
+    are fields of :class:`~opentrans.deploy.options.DeployOptions`, e.g. ``calib_size``, ``parity_limit``,
+    ``cpu_isa``).
 
     Raises:
-        OpenTransError: every refusal of the deploy stage (unknown target, parity check failed, ...).
+        OpenTransError: every refusal of the deploy stage (unknown target or option, parity check failed, ...).
     """
+    from dataclasses import fields
+
     from opentrans.artifacts import StageRecord
+    from opentrans.deploy.options import DeployOptions
     from opentrans.deploy.stage import deploy_stage
     from opentrans.deploy.targets import load_runner
     from opentrans.models.artifact import save_segmentor
+    from opentrans.models.source import ModelSource
+
+    unknown = sorted(set(options) - {f.name for f in fields(DeployOptions)})
+    if unknown:
+        raise OpenTransError(f"api.deploy: unknown option(s) {', '.join(unknown)}")
+    deploy_options = DeployOptions(target=target, precision=precision, data=data, **options)
 
     with tempfile.TemporaryDirectory(prefix="opentrans-api-") as tmp:
         src = Path(tmp) / "model"
@@ -199,7 +209,7 @@ def deploy(model: Model, target: str, precision: str, data: str, out_dir: str | 
             rec.weights = model.spec.weights
             rec.add_output(save_segmentor(model.segmentor, model.spec, src))
             rec.add_output(src / "model.json")
-        figures = deploy_stage(src, None, "none", out_dir, target, precision, data, **options)
+        figures = deploy_stage(ModelSource(from_dir=src), deploy_options, out_dir)
     return Build(Path(out_dir), load_runner(out_dir), figures)
 
 

@@ -14,9 +14,11 @@ import click
 from opentrans import __version__
 from opentrans.errors import OpenTransError, OpenTransWarning
 from opentrans.analyze.options import AnalyzeOptions
+from opentrans.bench.options import BENCH_BATCH_HELP, BenchOptions
+from opentrans.deploy.options import SETTINGS, DeployOptions
 from opentrans.finetune.options import FinetuneOptions
 from opentrans.inference.options import InferenceOptions
-from opentrans.options import FiniteFloat, cli_options, options_from_kwargs
+from opentrans.options import cli_options, options_from_kwargs
 from opentrans.prune.options import METHODS, ImpOptions, RecoveryOptions, StructuredOptions, method_options
 
 
@@ -262,83 +264,38 @@ def finetune(source, data, split, limit, out, **kwargs):
 @cli.command(epilog="Example: opentrans deploy --from runs/x/finetune --target openvino --precision int8 "
                     "--data camvid:../shared/data/camvid --out runs/x/deploy/openvino-int8")
 @model_options
-@click.option("--target", required=True, help="onnx, openvino, jetson or nvidia.")
-@click.option("--precision", default="fp32", show_default=True,
-              help="fp32, fp16 or int8 (what the target supports), or auto (onnx, openvino): build fp32, bf16 where "
-                   "the CPU has it natively, and int8, time them here side by side, keep the fastest that passes parity.")
-@click.option("--data", metavar="FORMAT:PATH",
-              help="Dataset for the parity check (val images) and INT8 calibration (train images); default: the "
-                   "dataset the --from artifact was finetuned on, as its manifest records it.")
-@click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Number of INT8 calibration images.")
-@click.option("--calib-data", metavar="FORMAT:PATH|DIR",
-              help="INT8 calibration images: any --data dataset (its train split) or a plain folder of images "
-              "(images:DIR or DIR). Default: the --data train split.")
-@click.option("--smooth-quant-alpha", type=FiniteFloat(), default=0.6, show_default=True,
-              help="NNCF SmoothQuant alpha for ViT MatMuls (int8), in (0, 1]; -1 disables.")
-@click.option("--ignore-ops", metavar="REGEX", multiple=True,
-              help="Keep image-graph operations whose name matches in floating point (int8; repeatable), "
-              "e.g. the top rows of --sensitivity.")
-@click.option("--max-drop", type=FiniteFloat(),
-              help="Accuracy-controlled INT8 (openvino): revert layers to float until the --drop-metric drop on "
-              "the parity images is at most this many percentage points.")
-@click.option("--drop-metric", type=click.Choice(["agreement", "miou"]), default="agreement", show_default=True,
-              help="agreement: argmax agreement with the fp32 PyTorch model; miou: on the val labels.")
-@click.option("--sensitivity", is_flag=True,
-              help="Also write sensitivity.json/.md: each image-encoder layer quantised alone, most costly first (int8).")
-@click.option("--sensitivity-images", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Val images the sensitivity report runs per layer.")
-@click.option("--parity-limit", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Number of real val images the export is compared with PyTorch on.")
-@click.option("--opset", type=click.IntRange(min=14, max=20), default=17, show_default=True)
-@click.option("--cpu-isa", type=click.Choice(["native", "portable", "vnni"]), default=None,
-              help="CPU targets: the CPU the build is for (default native = this machine's). INT8 keeps every "
-                   "layer's weights within 7 bits where the CPU lacks VNNI (portable: always, safe on any x86).")
-@click.option("--dynamic-hw", is_flag=True,
-              help="Export the image graph with dynamic height/width (ViT position embeddings resized in the graph).")
+@cli_options(DeployOptions, exclude=(*SETTINGS, "dynamic_hw"))  # --target, --precision, --data first
+@cli_options(DeployOptions, exclude=("target", "precision", "data"))
 @_out_option()
-def deploy(source, target, precision, data, calib_size, parity_limit, opset, out,
-           dynamic_hw=False, calib_data=None, smooth_quant_alpha=0.6, ignore_ops=(), max_drop=None,
-           drop_metric="agreement", sensitivity=False, sensitivity_images=4, cpu_isa=None):
+def deploy(source, out, **kwargs):
     """Export and verify: ONNX (fp32 / fp16 / INT8 Q/DQ), OpenVINO IR (fp32 / fp16 / NNCF INT8), Jetson bundle,
     TensorRT engine."""
     from opentrans.deploy.stage import deploy_stage, recorded_data
 
-    if data is None:
-        data = recorded_data(source.from_dir)
-        click.echo(f"--data: {data} (recorded in {source.from_dir}/manifest.json)", err=True)
-    figures = deploy_stage(from_dir=source.from_dir, model=source.model, pretrained=source.pretrained, out_dir=out, target=target,
-                           precision=precision, data=data, parity_limit=parity_limit, calib_size=calib_size,
-                           opset=opset, image_size=source.image_size, dynamic_hw=dynamic_hw, calib_data=calib_data,
-                           smooth_quant_alpha=smooth_quant_alpha, ignore_ops=list(ignore_ops), max_drop=max_drop,
-                           drop_metric=drop_metric, sensitivity=sensitivity, sensitivity_images=sensitivity_images,
-                           cpu_isa=cpu_isa)
+    if kwargs["data"] is None:
+        kwargs["data"] = recorded_data(source.from_dir)
+        click.echo(f"--data: {kwargs['data']} (recorded in {source.from_dir}/manifest.json)", err=True)
+    figures = deploy_stage(source, options_from_kwargs(DeployOptions, kwargs), out)
     _print_figures("deploy", figures, out)
 
 
 @cli.command(epilog="Example: opentrans bench runs/quickstart --data camvid:../shared/data/camvid --out runs/quickstart/bench")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@data_options()
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-sizes", default="1", show_default=True, metavar="B[,B...]",
-              help="Batch sizes to time, e.g. 1,4; the first one is the table's headline latency.")
-@click.option("--roofline/--no-roofline", default=True, show_default=True,
-              help="Measure this machine's peak GEMM throughput (fp32, bf16, int8) and report each build's fraction.")
+@data_options()  # --data, --split, --limit (a recipe's limit defaults to 24, the CLI's to every image)
+@cli_options(BenchOptions, exclude=("split", "limit"))
+@click.option("--batch-sizes", default=",".join(map(str, BenchOptions().batch_sizes)), show_default=True,
+              metavar="B[,B...]", help=BENCH_BATCH_HELP)
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="PyTorch model directory whose argmax is the agreement reference (default: the first found).")
 @_out_option()
-def bench(paths, data, split, limit, warmup, repeats, batch_sizes, roofline, reference, out):
+def bench(paths, data, batch_sizes, reference, out, **kwargs):
     """Latency (median, p90, p99, images/s), memory, roofline fraction and mIoU of every model and build under
     PATHS, each measured in its own process; markdown/JSON/CSV tables, model cards and a Pareto plot."""
-    from opentrans.bench import bench_stage
+    from opentrans.bench.options import parse_batch_sizes
+    from opentrans.bench.stage import bench_stage
 
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise OpenTransError(f"--batch-sizes {batch_sizes}: expected comma-separated integers, e.g. 1,4") from None
-    result = bench_stage(list(paths), out, data, split=split, limit=limit, warmup=warmup, repeats=repeats,
-                         batch_sizes=sizes, reference=reference, roofline=roofline)
+    options = options_from_kwargs(BenchOptions, {**kwargs, "batch_sizes": parse_batch_sizes(batch_sizes)})
+    result = bench_stage(list(paths), options, out, data, reference=reference)
     click.echo((out / "bench.md").read_text())
     click.echo(f"report: {out / 'bench.md'}, plot: {out / 'bench.png'} ({result['header']['weights']})")
 
@@ -435,9 +392,8 @@ def segment(image, classes, source, out):
     check_unique_classes(names, "--classes")
     runner, seg, spec = _open_for_inference(source)
     # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
-    encode = getattr(runner, "encode_classes", None)
-    if encode is not None:
-        text, text_source = encode(names), "the build's text-encoder graph"
+    if getattr(runner, "text_encoder", None) is not None:  # every runner has encode_classes (opentrans.runtime)
+        text, text_source = runner.encode_classes(names), "the build's text-encoder graph"
     else:
         text, text_source = seg.encode_classes(names, model_name=spec.model).numpy(), "the PyTorch text tower"
     result = segment_image(runner, image, names, text, spec.image_size, spec.mean, spec.std, out)

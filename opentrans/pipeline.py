@@ -43,7 +43,6 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
     """(label, directory, options, thunk) for each stage of the recipe, in order."""
     from opentrans.bench import bench_stage
     from opentrans.deploy.stage import deploy_stage
-    from opentrans.deploy.targets import CPU_TARGETS
     from opentrans.analyze.stage import analyze_stage
     from opentrans.finetune.stage import finetune_stage
     from opentrans.models.source import ModelSource
@@ -69,32 +68,24 @@ def _stage_plan(recipe: Recipe, root: Path) -> list[tuple[str, Path, dict, Calla
                          ModelSource(**src, allow_pickle=recipe.allow_pickle), recipe.prune, out)))
         source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
     if recipe.finetune is not None:
-        out, opts = root / "finetune", asdict(recipe.finetune)
+        out, opts = root / "finetune", as_record(recipe.finetune)
         plan.append(("finetune", out, {**base, **opts, "data": recipe.data},
                      lambda out=out, src=dict(source): finetune_stage(
                          ModelSource(**src, allow_pickle=recipe.allow_pickle), recipe.finetune, out, recipe.data)))
         source = {"from_dir": out, "model": None, "pretrained": "none", "image_size": None}
     if recipe.deploy is not None:
-        d = recipe.deploy
-        for b in d.builds:
-            out = root / "deploy" / f"{b.target}-{b.precision}"
-            opts = {"target": b.target, "precision": b.precision, "parity_limit": d.parity_limit,
-                    "calib_size": d.calib_size, "opset": d.opset}
-            if b.target in CPU_TARGETS:
-                opts["cpu_isa"] = d.cpu_isa
-            if b.precision in ("int8", "auto"):  # quantisation options apply to builds that may be INT8 only
-                opts.update(calib_data=d.calib_data, smooth_quant_alpha=d.smooth_quant_alpha,
-                            ignore_ops=list(d.ignore_ops), max_drop=d.max_drop if b.target == "openvino" else None,
-                            drop_metric=d.drop_metric, sensitivity=d.sensitivity,
-                            sensitivity_images=d.sensitivity_images)
-            plan.append((f"deploy {b.target}-{b.precision}", out, {**base, **opts, "data": recipe.data},
-                         lambda out=out, src=dict(source), o=opts: deploy_stage(out_dir=out, data=recipe.data, **src, **o)))
+        for b in recipe.deploy.builds:
+            out, o = root / "deploy" / f"{b.target}-{b.precision}", recipe.deploy.options_for(b, recipe.data)
+            record = recipe.deploy.record_for(b, recipe.data)
+            plan.append((f"deploy {b.target}-{b.precision}", out, {**base, **record},
+                         lambda out=out, src=ModelSource(**source, allow_pickle=recipe.allow_pickle), o=o:
+                         deploy_stage(src, o, out)))
     if recipe.bench is not None:
-        out, opts = root / "bench", asdict(recipe.bench)
+        out, o = root / "bench", recipe.bench
         targets = [root / s for s in ("base", "prune", "finetune", "deploy")]
-        plan.append(("bench", out, {**base, **opts, "data": recipe.data},
-                     lambda out=out, o=opts, t=targets: bench_stage([p for p in t if p.exists()], out, recipe.data,
-                                                                   reference=root / "base", **o)))
+        plan.append(("bench", out, {**base, **as_record(o), "data": recipe.data},
+                     lambda out=out, o=o, t=targets: bench_stage([p for p in t if p.exists()], o, out, recipe.data,
+                                                                reference=root / "base")))
     return plan
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,54 +28,11 @@ import yaml
 from opentrans.analyze.options import AnalyzeOptions
 from opentrans.finetune.options import FinetuneOptions
 from opentrans.artifacts import read_text
+from opentrans.bench.options import BenchOptions
+from opentrans.deploy.options import Build, DeployPlan  # noqa: F401 - Build: a recipe's deploy builds
 from opentrans.errors import OpenTransError
 from opentrans.options import StageOptions, from_mapping
 from opentrans.prune.options import StructuredOptions as PruneOptions
-
-
-@dataclass
-class Build:
-    """One deploy build: a target and a precision."""
-
-    target: str
-    precision: str = "fp32"
-
-
-@dataclass
-class DeployOptions:
-    """Options of ``opentrans deploy``, one build per target/precision pair.
-
-    INT8 builds use ``calib_data`` (``FORMAT:PATH`` dataset or a folder of images; default: the recipe's data,
-    train split), ``calib_size``, ``smooth_quant_alpha`` (-1: off), ``ignore_ops`` (regex patterns kept in float),
-    ``max_drop``/``drop_metric`` (accuracy control, openvino) and ``sensitivity`` (per-layer report);
-    ``cpu_isa`` (``native``, ``portable`` or ``vnni``) applies to the CPU targets (onnx, openvino); see
-    :func:`~opentrans.deploy.stage.deploy_stage`.
-    """
-
-    builds: list[Build] = field(default_factory=lambda: [Build("onnx", "fp32")])
-    parity_limit: int = 8
-    calib_size: int = 32
-    opset: int = 17
-    calib_data: str | None = None
-    smooth_quant_alpha: float = 0.6
-    ignore_ops: list[str] = field(default_factory=list)
-    max_drop: float | None = None
-    drop_metric: str = "agreement"
-    sensitivity: bool = False
-    sensitivity_images: int = 4
-    cpu_isa: str | None = None
-
-
-@dataclass
-class BenchOptions:
-    """Options of ``opentrans bench``."""
-
-    split: str = "val"
-    limit: int | None = 24
-    warmup: int = 3
-    repeats: int = 20
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    roofline: bool = True
 
 
 @dataclass
@@ -92,7 +49,7 @@ class Recipe:
     analyze: AnalyzeOptions | None = None
     prune: PruneOptions | None = None
     finetune: FinetuneOptions | None = None
-    deploy: DeployOptions | None = None
+    deploy: DeployPlan | None = None
     bench: BenchOptions | None = None
 
     @property
@@ -135,17 +92,20 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         if key not in raw:
             raise OpenTransError(f"{path}: missing required key '{key}'")
     stage_types = {"analyze": AnalyzeOptions, "prune": PruneOptions, "finetune": FinetuneOptions,
-                   "deploy": DeployOptions, "bench": BenchOptions}
+                   "deploy": DeployPlan, "bench": BenchOptions}
     top = {k: v for k, v in raw.items() if k not in stage_types}
     recipe = _build(Recipe, top, str(path))
     for stage, cls in stage_types.items():
         if stage == "prune" and stage in raw:  # the options of structured pruning (opentrans.prune.options)
             recipe.prune = from_mapping(PruneOptions, PruneOptions.from_recipe(raw[stage]), f"{path}: {stage}")
         elif stage in raw:
-            build = from_mapping if issubclass(cls, StageOptions) else _build  # the typed stage options check themselves
-            opts = build(cls, raw[stage], f"{path}: {stage}")
             if stage == "deploy":
-                opts.builds = [_build(Build, b, f"{path}: deploy.builds") for b in opts.builds]
+                opts = DeployPlan.parse(raw[stage], f"{path}: deploy")
+            elif stage == "bench":
+                opts = from_mapping(BenchOptions, raw[stage], f"{path}: bench")
+            else:  # the typed stage options check themselves
+                build = from_mapping if issubclass(cls, StageOptions) else _build
+                opts = build(cls, raw[stage], f"{path}: {stage}")
             setattr(recipe, stage, opts)
     if recipe.image_size is not None:
         recipe.image_size = tuple(recipe.image_size)

@@ -20,6 +20,8 @@ from opentrans.artifacts import is_complete, read_json
 from opentrans.data import open_dataset
 from opentrans.deploy import PARITY_THRESHOLDS, deploy_stage, export_onnx, load_runner, read_build, source_model_dir
 from opentrans.deploy.export import onnx_opset
+from opentrans.deploy.options import DeployOptions
+from opentrans.models.source import ModelSource
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
 from opentrans.errors import OpenTransError
 from opentrans.hardware import cpu_isa
@@ -37,7 +39,7 @@ def _real_images(spec, n: int, split: str = "val") -> np.ndarray:
 def _deploy(out, model, target, precision, **kw):
     kw.setdefault("parity_limit", 2)
     kw.setdefault("calib_size", 4)
-    return deploy_stage(None, model, "none", out, target, precision, CAMVID_SPEC, **kw)
+    return deploy_stage(ModelSource(model=model), DeployOptions(target=target, precision=precision, data=CAMVID_SPEC, **kw), out)
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -341,10 +343,12 @@ def test_build_from_a_model_directory_records_its_source(builds, tmp_path):
     seg.head.proj.bias.data.fill_(0.05)  # not the fresh model: the build must come from these weights
     save_finished(seg, spec, tmp_path / "run" / "finetune")
     with pytest.raises(OpenTransError, match="keeps its input size"):
-        deploy_stage(tmp_path / "run" / "finetune", None, "none", tmp_path / "run" / "deploy" / "x", "onnx", "fp32",
-                     CAMVID_SPEC, parity_limit=1, image_size=(32, 32))
+        deploy_stage(ModelSource(tmp_path / "run" / "finetune", image_size=(32, 32)),
+                     DeployOptions(target="onnx", precision="fp32", data=CAMVID_SPEC, parity_limit=1),
+                     tmp_path / "run" / "deploy" / "x")
     out = tmp_path / "run" / "deploy" / "onnx-fp32"
-    deploy_stage(tmp_path / "run" / "finetune", None, "none", out, "onnx", "fp32", CAMVID_SPEC, parity_limit=1)
+    deploy_stage(ModelSource(tmp_path / "run" / "finetune"),
+                 DeployOptions(target="onnx", precision="fp32", data=CAMVID_SPEC, parity_limit=1), out)
     assert source_model_dir(out) == (tmp_path / "run" / "finetune").resolve()
     images, text = _real_images(spec, 1), np.load(out / "text_embeds.npy")
     np.testing.assert_allclose(load_runner(out)(images, text), TorchRunner(seg)(images, text), atol=FP32_TOL, rtol=0)
@@ -381,3 +385,40 @@ def test_load_runner_on_a_model_directory_and_on_anything_else(tmp_path):
                                                              "precision": "fp32", "file": "build.json"}))
     with pytest.raises(OpenTransError, match="missing key 'target'"):
         load_runner(tmp_path / "bad")
+
+
+# --- registry and runtime contract ------------------------------------------------------------------------------
+
+
+def test_targets_register_themselves_and_import_base_not_the_package():
+    import ast
+
+    from opentrans.deploy.targets import TARGETS
+
+    assert TARGETS.names() == ["jetson", "nvidia", "onnx", "openvino"]
+    assert [n for n, t in TARGETS.items() if t.cpu] == ["onnx", "openvino"]
+    assert {n: TARGETS.get(n).backend for n in TARGETS.names()} == {
+        "jetson": "jetson", "nvidia": "tensorrt", "onnx": "onnxruntime", "openvino": "openvino"}
+    folder = Path(__file__).resolve().parents[1] / "opentrans" / "deploy" / "targets"
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "opentrans.deploy.targets", f"{path.name} imports the package __init__"
+    with pytest.raises(OpenTransError, match="--target tflite: choose one of jetson, nvidia, onnx, openvino"):
+        TARGETS.get_target("tflite")
+
+
+def test_every_runner_meets_the_runtime_contract(builds):
+    from opentrans.runtime import Runner
+
+    for path, _ in builds.values():
+        runner, build = load_runner(path), read_build(path)
+        assert isinstance(runner, Runner)
+        assert runner.input_size == tuple(build["image_size"])
+        text = runner.encode_classes(["road", "car"])
+        assert text.dtype == np.float32 and text.shape == (2, build["embed_dim"])
+    seg, spec = build_segmentor(TINY_RN, "none")
+    torch_runner = TorchRunner(seg, model_name=spec.model)
+    assert isinstance(torch_runner, Runner) and torch_runner.input_size is None
+    np.testing.assert_allclose(torch_runner.encode_classes(["road"]),
+                               seg.encode_classes(["road"], model_name=spec.model).numpy(), rtol=0, atol=0)

@@ -10,10 +10,12 @@ from conftest import CAMVID_SPEC, TINY_VIT
 
 from opentrans.artifacts import load_manifest, read_json
 from opentrans.deploy.auto import auto_candidates, choose
+from opentrans.deploy.options import DeployOptions
 from opentrans.deploy.stage import PARITY_THRESHOLDS, check_parity, deploy_stage
 from opentrans.deploy.targets import load_runner, read_build
 from opentrans.errors import OpenTransError
 from opentrans.hardware import cpu_isa
+from opentrans.models.source import ModelSource
 
 
 def _row(precision, ms, failures=()):
@@ -64,7 +66,8 @@ def test_bf16_gate_is_at_least_as_strict_as_fp16():
 
 def test_auto_openvino_build_keeps_the_fastest_passing_candidate(tmp_path):
     out = tmp_path / "auto"
-    figures = deploy_stage(None, TINY_VIT, "none", out, "openvino", "auto", CAMVID_SPEC, parity_limit=2, calib_size=4)
+    figures = deploy_stage(ModelSource(model=TINY_VIT), DeployOptions(target="openvino", precision="auto", data=CAMVID_SPEC,
+                                                                     parity_limit=2, calib_size=4), out)
     decision = read_json(out / "decision.json")
     rows = {r["precision"]: r for r in decision["candidates"]}
     assert list(rows) == [c.precision for c in auto_candidates("openvino", cpu_isa().native_bf16)]

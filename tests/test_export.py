@@ -235,9 +235,12 @@ def test_nvidia_target_without_tensorrt_is_one_line_and_exit_1(tmp_path):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     from opentrans.deploy import deploy_stage
+    from opentrans.deploy.options import DeployOptions
+    from opentrans.models.source import ModelSource
 
     out = tmp_path_factory.mktemp("jetson") / "vit-fp16"
-    figures = deploy_stage(None, TINY_VIT, "none", out, "jetson", "fp16", CAMVID_SPEC, parity_limit=2)
+    figures = deploy_stage(ModelSource(model=TINY_VIT),
+                           DeployOptions(target="jetson", precision="fp16", data=CAMVID_SPEC, parity_limit=2), out)
     return out, figures
 
 

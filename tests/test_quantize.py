@@ -20,9 +20,11 @@ from opentrans.deploy import deploy_stage
 from opentrans.deploy import quantize as q
 from opentrans.deploy.calibration import calibration_images
 from opentrans.deploy.export import export_onnx
+from opentrans.deploy.options import DeployOptions
+from opentrans.models.source import ModelSource
 from opentrans.deploy.sensitivity import layer_sensitivity, write_sensitivity_report
 from opentrans.deploy.stage import PARITY_THRESHOLDS, check_parity
-from opentrans.deploy.targets import PRECISIONS
+from opentrans.deploy.targets import TARGETS
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
 from opentrans.errors import OpenTransError
 from opentrans.inference.evaluate import TorchRunner, agreement
@@ -43,7 +45,7 @@ def vit(tmp_path_factory):
 def _deploy(out, target, precision, **kw):
     kw.setdefault("parity_limit", 2)
     kw.setdefault("calib_size", 4)
-    return deploy_stage(None, TINY_VIT, "none", out, target, precision, CAMVID_SPEC, **kw)
+    return deploy_stage(ModelSource(model=TINY_VIT), DeployOptions(target=target, precision=precision, data=CAMVID_SPEC, **kw), out)
 
 
 # --- fp16 ---------------------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def test_fp16_builds_pass_parity_with_fp16_weights(target, tmp_path):
 def test_unknown_precision_lists_valid_ones_and_writes_nothing(tmp_path):
     with pytest.raises(OpenTransError, match="target onnx builds fp32, fp16, int8"):
         _deploy(tmp_path / "out", "onnx", "int4")
-    assert PRECISIONS["openvino"] == ("fp32", "fp16", "int8")
+    assert TARGETS.get("openvino").precisions == ("fp32", "fp16", "int8")
     with pytest.raises(OpenTransError, match="--max-drop: applies to --precision int8"):
         _deploy(tmp_path / "out", "openvino", "fp16", max_drop=1.0)
     assert not any(tmp_path.iterdir())

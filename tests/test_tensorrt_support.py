@@ -9,10 +9,12 @@ from conftest import CAMVID_SPEC, TINY_VIT
 from onnx import TensorProto, helper, numpy_helper
 
 from opentrans.deploy.export import export_onnx, fold_constants
+from opentrans.deploy.options import DeployOptions
 from opentrans.deploy.stage import deploy_stage
 from opentrans.deploy.tensorrt_support import VERSIONS, check_tensorrt_parsable, support_matrix, tensorrt_problems
 from opentrans.errors import OpenTransError
 from opentrans.models.artifact import build_segmentor
+from opentrans.models.source import ModelSource
 
 
 def _graph(nodes, inputs, outputs, initializers=(), opset=17):
@@ -107,5 +109,6 @@ def test_jetson_dynamic_hw_bundle_is_refused_before_anything_is_written(tmp_path
     """A dynamic-size export keeps the bicubic resize in the graph: the bundle would not build on the device."""
     out = tmp_path / "out" / "jetson"
     with pytest.raises(OpenTransError, match="would not parse in TensorRT 10.3 .*mode cubic"):
-        deploy_stage(None, TINY_VIT, "none", out, "jetson", "fp32", CAMVID_SPEC, parity_limit=1, dynamic_hw=True)
+        deploy_stage(ModelSource(model=TINY_VIT), DeployOptions(target="jetson", precision="fp32", data=CAMVID_SPEC,
+                                                               parity_limit=1, dynamic_hw=True), out)
     assert not (tmp_path / "out").exists()

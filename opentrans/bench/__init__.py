@@ -1,6 +1,19 @@
-"""Latency-versus-mIoU benchmarking of every build of a run."""
+"""Latency-versus-mIoU benchmarking of every build of a run.
 
-from opentrans.bench.latency import measure_latency
-from opentrans.bench.stage import bench_stage, discover_artifacts
+The names below are imported on first use, so reading :mod:`opentrans.bench.options` (the CLI does, to build
+its flags) does not load the stage.
+"""
 
-__all__ = ["bench_stage", "discover_artifacts", "measure_latency"]
+import importlib
+
+_EXPORTS = {"BenchOptions": "opentrans.bench.options", "bench_stage": "opentrans.bench.stage",
+            "discover_artifacts": "opentrans.bench.stage", "measure_latency": "opentrans.bench.latency"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """The public names above, imported from their modules on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'opentrans.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from opentrans.artifacts import StageRecord, load_manifest, machine_description
+from opentrans.bench.options import BenchOptions
 from opentrans.bench.report import pareto_front, write_bench_report
 from opentrans.bench.roofline import measure_roofline
 from opentrans.bench.worker import Job, measure_isolated
@@ -20,6 +21,7 @@ from opentrans.deploy.targets import BUILD_FILE
 from opentrans.errors import OpenTransError
 from opentrans.inference.evaluate import label_agreement
 from opentrans.models.artifact import SPEC_FILE, WEIGHTS_FILE, open_model_dir
+from opentrans.options import as_record
 
 
 def discover_artifacts(paths: list[str | os.PathLike]) -> list[Path]:
@@ -68,28 +70,13 @@ def _display_name(path: Path) -> str:
     return str(path.relative_to(path.parents[1])) if len(path.parents) > 1 else path.name
 
 
-def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data: str, split: str = "val",
-                limit: int | None = 24, warmup: int = 3, repeats: int = 20, batch_sizes: tuple[int, ...] = (1,),
-                reference: str | os.PathLike | None = None, roofline: bool = True) -> dict:
-    """Benchmark every artifact under ``paths``.
-
-    Per artifact: latency at each batch size (median, p90, p99 in ms; images/s), peak resident memory (MB),
-    size (MB), image-encoder params (M) and GMACs, achieved GMAC/s and its fraction of this machine's GEMM
-    roofline at the build's precision (:mod:`opentrans.bench.roofline`), mIoU and pixel accuracy on
-    ``data``, and agreement with the reference (pixel argmax agreement and teacher mIoU, in %).
-
-    The reference (default: the first PyTorch model directory found) supplies the text embeddings and the
-    argmax that every build is compared with; speed-ups are relative to its batch-1 median.
-
-    Writes ``bench.md``, ``bench.json``, ``bench.csv``, ``bench.png``, ``cards/*.md`` and ``manifest.json``.
+def _reference(paths: list[str | os.PathLike], reference: str | os.PathLike | None) -> tuple[list[Path], Path]:
+    """``(artifacts to measure, the reference model directory)``, the reference first if it is not under
+    ``paths``.
 
     Raises:
-        OpenTransError: no artifacts, no PyTorch model to use as reference, bad data spec, bad counts.
+        OpenTransError: no artifacts, or no PyTorch model directory to use as reference.
     """
-    started = time.perf_counter()
-    batch_sizes = tuple(dict.fromkeys(int(b) for b in batch_sizes))
-    if repeats < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
-        raise OpenTransError(f"need repeats >= 1, warmup >= 0 and batch sizes >= 1 (got {repeats}, {warmup}, {batch_sizes})")
     artifacts = discover_artifacts(paths)
     model_dirs = [a for a in artifacts if (a / SPEC_FILE).exists()]
     ref_dir = Path(reference) if reference else (model_dirs[0] if model_dirs else None)
@@ -97,49 +84,84 @@ def bench_stage(paths: list[str | os.PathLike], out_dir: str | os.PathLike, data
         raise OpenTransError("bench needs a PyTorch model directory (model.json) as reference; pass --reference DIR")
     if ref_dir not in artifacts:
         artifacts.insert(0, ref_dir)
+    return artifacts, ref_dir
+
+
+def _row(art: Path, res: dict, ref: dict, batch: int, peaks: dict, num_classes: int) -> dict:
+    """One table row: ``art``'s measurement ``res`` against the reference's ``ref`` (see :func:`bench_stage`)."""
+    lat1 = res["latency"][batch]
+    peak_key = res["precision"] if res["precision"] in ("int8", "bf16") else "fp32"
+    achieved = res["gmacs"] / (lat1["median_ms"] / 1e3 / lat1["batch"])
+    agree = label_agreement(ref["argmax"], res["argmax"], num_classes)
+    return {
+        "name": f"{_display_name(art)} [{res['backend']}]", "path": str(art), "backend": res["backend"],
+        "precision": res["precision"], **lat1, "speedup": ref["latency"][batch]["median_ms"] / lat1["median_ms"],
+        "latency_by_batch": {str(b): v for b, v in res["latency"].items()},
+        "miou": res["miou"], "pixel_acc": res["pixel_acc"], "agreement": agree["pixel_agreement"],
+        "parity_agreement": _parity_agreement(art),
+        "teacher_miou": agree["teacher_miou"], "size_mb": _artifact_size_mb(art),
+        "peak_rss_mb": res["peak_rss_mb"], "params_m": res["params_m"], "gmacs": res["gmacs"],
+        "achieved_gmac_per_s": achieved, "roofline_precision": peak_key,
+        "roofline_fraction": achieved / peaks[peak_key] if peaks else None,
+        "weights": res["spec"].weights, "lineage": res["spec"].lineage, "decision": _auto_decision(art),
+    }
+
+
+def _header(paths, options: BenchOptions, ref_dir: Path, ref_spec, dataset, peaks: dict) -> dict:
+    """The report's header: the run, the machine, the input and the measurement protocol."""
+    return {"run": ", ".join(map(str, paths)), "weights": ref_spec.weights, "machine": machine_description(),
+            "load_average": list(os.getloadavg()), "roofline_gmac_per_s": peaks,
+            "image_size": list(ref_spec.image_size), "batch": options.batch_sizes[0],
+            "batch_sizes": list(options.batch_sizes), "warmup": options.warmup, "repeats": options.repeats,
+            "dataset": dataset.name, "split": options.split, "images": len(dataset),
+            "num_classes": len(dataset.class_names), "reference": f"{ref_dir} [torch-fp32]"}
+
+
+def bench_stage(paths: list[str | os.PathLike], options: BenchOptions, out_dir: str | os.PathLike, data: str,
+                reference: str | os.PathLike | None = None) -> dict:
+    """Benchmark every artifact under ``paths`` on ``data`` (``options.split``, ``options.limit`` images).
+
+    Per artifact: latency at each of ``options.batch_sizes`` (median, p90, p99 in ms over ``options.repeats``
+    timed runs after ``options.warmup``; images/s), peak resident memory (MB), size (MB), image-encoder params (M)
+    and GMACs, achieved GMAC/s and its fraction of this machine's GEMM roofline at the build's precision
+    (:mod:`opentrans.bench.roofline`; ``options.roofline``), mIoU and pixel accuracy on ``data``, and agreement
+    with the reference (pixel argmax agreement and teacher mIoU, in %).
+
+    The reference (default: the first PyTorch model directory found) supplies the text embeddings and the
+    argmax that every build is compared with; speed-ups are relative to its batch-1 median.
+
+    Writes ``bench.md``, ``bench.json``, ``bench.csv``, ``bench.png``, ``cards/*.md`` and ``manifest.json``.
+
+    Returns:
+        ``{"rows": [...], "header": {...}}``.
+
+    Raises:
+        OpenTransError: no artifacts, no PyTorch model to use as reference, bad data spec, bad counts.
+    """
+    started = time.perf_counter()
+    options.check()
+    batch_sizes = tuple(options.batch_sizes)
+    artifacts, ref_dir = _reference(paths, reference)
     ref_seg, ref_spec = open_model_dir(ref_dir)
-    dataset = open_dataset(data, split, ref_spec.image_size, ref_spec.mean, ref_spec.std, limit=limit)
+    dataset = open_dataset(data, options.split, ref_spec.image_size, ref_spec.mean, ref_spec.std, limit=options.limit)
     text = ref_seg.encode_classes(list(dataset.class_names), model_name=ref_spec.model).numpy()
     del ref_seg
     out_dir = Path(out_dir)
-    options = {"paths": [str(p) for p in paths], "data": data, "split": split, "limit": limit, "warmup": warmup,
-               "repeats": repeats, "batch_sizes": list(batch_sizes), "reference": str(ref_dir), "roofline": roofline}
-    with StageRecord("bench", out_dir, options, started=started) as rec:
-        peaks = measure_roofline() if roofline else {}
+    record = {"paths": [str(p) for p in paths], "data": data, **as_record(options), "reference": str(ref_dir)}
+    with StageRecord("bench", out_dir, record, started=started) as rec:
+        peaks = measure_roofline() if options.roofline else {}
         results = {}
         for art in artifacts:
             rec.add_input(art / (SPEC_FILE if (art / SPEC_FILE).exists() else BUILD_FILE))
-            job = Job(str(art), data, split, limit, text, batch_sizes, warmup, repeats)
+            job = Job(str(art), data, options.split, options.limit, text, batch_sizes, options.warmup,
+                      options.repeats)
             results[art] = measure_isolated(job)
-        ref_labels = results[ref_dir]["argmax"]
-        base = results[ref_dir]["latency"][batch_sizes[0]]["median_ms"]
-        rows = []
-        for art, res in results.items():
-            lat1 = res["latency"][batch_sizes[0]]
-            peak_key = res["precision"] if res["precision"] in ("int8", "bf16") else "fp32"
-            achieved = res["gmacs"] / (lat1["median_ms"] / 1e3 / lat1["batch"])
-            agree = label_agreement(ref_labels, res["argmax"], len(dataset.class_names))
-            rows.append({
-                "name": f"{_display_name(art)} [{res['backend']}]", "path": str(art), "backend": res["backend"],
-                "precision": res["precision"], **lat1, "speedup": base / lat1["median_ms"],
-                "latency_by_batch": {str(b): v for b, v in res["latency"].items()},
-                "miou": res["miou"], "pixel_acc": res["pixel_acc"], "agreement": agree["pixel_agreement"],
-                "parity_agreement": _parity_agreement(art),
-                "teacher_miou": agree["teacher_miou"], "size_mb": _artifact_size_mb(art),
-                "peak_rss_mb": res["peak_rss_mb"], "params_m": res["params_m"], "gmacs": res["gmacs"],
-                "achieved_gmac_per_s": achieved, "roofline_precision": peak_key,
-                "roofline_fraction": achieved / peaks[peak_key] if peaks else None,
-                "weights": res["spec"].weights, "lineage": res["spec"].lineage, "decision": _auto_decision(art),
-            })
+        rows = [_row(art, res, results[ref_dir], batch_sizes[0], peaks, len(dataset.class_names))
+                for art, res in results.items()]
         front = pareto_front(rows)
         for r in rows:
             r["pareto"] = r["name"] in front
-        header = {"run": ", ".join(map(str, paths)), "weights": ref_spec.weights, "machine": machine_description(),
-                  "load_average": list(os.getloadavg()), "roofline_gmac_per_s": peaks,
-                  "image_size": list(ref_spec.image_size), "batch": batch_sizes[0], "batch_sizes": list(batch_sizes),
-                  "warmup": warmup, "repeats": repeats, "dataset": dataset.name, "split": split,
-                  "images": len(dataset), "num_classes": len(dataset.class_names),
-                  "reference": f"{ref_dir} [torch-fp32]"}
+        header = _header(paths, options, ref_dir, ref_spec, dataset, peaks)
         for path in write_bench_report(rows, header, out_dir):
             rec.add_output(path)
         rec.weights = ref_spec.weights

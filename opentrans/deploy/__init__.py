@@ -2,17 +2,34 @@
 
 * :func:`export_onnx`: the fp32 ONNX image graph (``images`` (B,3,H,W), ``text_embeds`` (C,D) -> ``logits``).
 * :func:`quantize_openvino_int8`: NNCF post-training INT8 of the OpenVINO graph.
-* :mod:`opentrans.deploy.targets`: ``onnx``, ``openvino``, ``jetson``, ``nvidia``; :func:`load_runner`,
-  :func:`read_build`, :func:`source_model_dir`.
-* :func:`deploy_stage`: the ``opentrans deploy`` stage.
+* :mod:`opentrans.deploy.targets`: ``onnx``, ``openvino``, ``jetson``, ``nvidia`` (the :data:`TARGETS` registry);
+  :func:`load_runner`, :func:`read_build`, :func:`source_model_dir`.
+* :class:`DeployOptions` (:mod:`opentrans.deploy.options`) and :func:`deploy_stage`: the ``opentrans deploy`` stage.
 
-Heavy back ends (OpenVINO, NNCF, TensorRT) are imported only when a target that needs them is used.
+Heavy back ends (OpenVINO, NNCF, TensorRT) are imported only when a target that needs them is used; the names
+below are imported on first use, so reading :mod:`opentrans.deploy.options` (the CLI does, to build its flags)
+does not load the stage.
 """
 
-from opentrans.deploy.export import export_onnx
-from opentrans.deploy.quantize import quantize_openvino_int8
-from opentrans.deploy.stage import PARITY_THRESHOLDS, deploy_stage
-from opentrans.deploy.targets import PRECISIONS, TARGETS, load_runner, read_build, source_model_dir
+import importlib
 
-__all__ = ["PARITY_THRESHOLDS", "PRECISIONS", "TARGETS", "deploy_stage", "export_onnx", "load_runner",
-           "quantize_openvino_int8", "read_build", "source_model_dir"]
+_EXPORTS = {
+    "DeployOptions": "opentrans.deploy.options",
+    "export_onnx": "opentrans.deploy.export",
+    "quantize_openvino_int8": "opentrans.deploy.quantize",
+    "PARITY_THRESHOLDS": "opentrans.deploy.parity",
+    "deploy_stage": "opentrans.deploy.stage",
+    "TARGETS": "opentrans.deploy.targets",
+    "load_runner": "opentrans.deploy.targets",
+    "read_build": "opentrans.deploy.targets",
+    "source_model_dir": "opentrans.deploy.targets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """The public names above, imported from their modules on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'opentrans.deploy' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -47,11 +47,11 @@ def auto_candidates(target: str, native_bf16: bool) -> list[Candidate]:
     Raises:
         OpenTransError: ``target`` is not a CPU target (onnx, openvino).
     """
-    from opentrans.deploy.targets import CPU_TARGETS
+    from opentrans.deploy.targets.base import cpu_targets
 
-    if target not in CPU_TARGETS:
+    if target not in cpu_targets():
         raise OpenTransError(f"--precision auto: measures builds on this CPU, so it applies to --target "
-                             f"{' or '.join(CPU_TARGETS)} (asked: {target})")
+                             f"{' or '.join(cpu_targets())} (asked: {target})")
     hint = "f32" if target == "openvino" else None
     candidates = [Candidate("fp32", "fp32", hint)]
     if target == "openvino" and native_bf16:

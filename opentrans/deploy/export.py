@@ -45,35 +45,10 @@ import onnx
 import torch
 
 from opentrans.artifacts import atomic_path
+from opentrans.deploy.graph import DYNAMIC_AXES, DYNAMIC_HW_AXES, INPUT_NAMES, OUTPUT_NAME, dynamic_axes  # noqa: F401
+from opentrans.deploy.options import DEFAULT_OPSET, OPSETS, check_opset  # noqa: F401 - re-exported
 from opentrans.errors import OpenTransError
 
-INPUT_NAMES = ("images", "text_embeds")
-OUTPUT_NAME = "logits"
-DEFAULT_OPSET = 17
-#: Opsets the TorchScript exporter of torch 2.x writes (LayerNormalization is a single node from 17 on).
-OPSETS = range(14, 21)
-DYNAMIC_AXES = {
-    "images": {0: "batch"},
-    "text_embeds": {0: "classes"},
-    "logits": {0: "batch", 1: "classes"},
-}
-#: Dynamic axes with ``dynamic_hw=True``.
-DYNAMIC_HW_AXES = {
-    "images": {0: "batch", 2: "height", 3: "width"},
-    "text_embeds": {0: "classes"},
-    "logits": {0: "batch", 1: "classes", 2: "height", 3: "width"},
-}
-
-
-def check_opset(opset: int) -> int:
-    """Return ``opset`` if the exporter supports it.
-
-    Raises:
-        OpenTransError: ``opset`` outside 14..20.
-    """
-    if int(opset) not in OPSETS:
-        raise OpenTransError(f"--opset {opset}: choose {OPSETS.start}..{OPSETS.stop - 1} (17 for JetPack 5/6 TensorRT)")
-    return int(opset)
 
 
 def unmerged_reparametrizations(module: torch.nn.Module) -> list[str]:
@@ -227,7 +202,7 @@ def export_onnx(segmentor: torch.nn.Module, path: str | os.PathLike, opset: int 
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             torch.onnx.export(
                 seg, (images, text), str(tmp), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                dynamic_axes=DYNAMIC_HW_AXES if dynamic_hw else DYNAMIC_AXES, opset_version=opset,
+                dynamic_axes=dynamic_axes(dynamic_hw), opset_version=opset,
                 do_constant_folding=True, dynamo=False,
             )
             onnx.checker.check_model(str(tmp))

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from opentrans.deploy import clip_tokenizer
+from opentrans.deploy.parity import TEXT_PARITY, missed_bounds
 from opentrans.errors import OpenTransError
 
 TEXT_ONNX = "text_encoder.onnx"
@@ -43,9 +44,6 @@ TOKENIZER_FILE = "tokenizer.py"
 BPE_FILE = clip_tokenizer.BPE_FILE
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "text_embeds"
-#: Text-graph parity gate (fp32 everywhere: the text graph is never quantised). Embeddings are unit vectors;
-#: measured max |diff| 1e-7..6e-7 (tiny ViT/RN, ONNX Runtime and OpenVINO f32) on CamVid's class embeddings.
-TEXT_PARITY = {"max_abs_diff": ("<=", 1e-4), "cosine": (">=", 0.99999)}
 
 
 def _text_module(clip):
@@ -259,11 +257,7 @@ def text_parity(segmentor, encoder: TextEncoder, class_names: list[str], model_n
 def check_text_parity(figures: dict[str, Any]) -> list[str]:
     """The :data:`TEXT_PARITY` bounds ``figures`` miss (and unequal tokens), as strings; empty when all pass."""
     failures = [] if figures.get("tokens_equal", True) else ["tokens differ from open_clip's tokenizer"]
-    for key, (op, bound) in TEXT_PARITY.items():
-        value = figures[key]
-        if not (value <= bound if op == "<=" else value >= bound):
-            failures.append(f"text {key} {value:.6g} {'>' if op == '<=' else '<'} {bound:g}")
-    return failures
+    return failures + missed_bounds(figures, TEXT_PARITY, prefix="text ")
 
 
 def build_text_graph(build_dir: str | os.PathLike, target: str, segmentor, spec, class_names: list[str],

@@ -7,8 +7,6 @@ A runner maps ``images`` float32 ``(B, 3, H, W)`` (normalised, at the model's in
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,28 +14,25 @@ import torch.nn.functional as F
 from opentrans.data import SegDataset, collate
 from opentrans.metrics import ConfusionMatrix
 from opentrans.progress import progress
-
-
-class Runner(Protocol):
-    """Anything that turns a batch of images and class embeddings into logits.
-
-    Attributes:
-        name: back end and precision, e.g. ``torch-fp32``, ``onnxruntime-fp32``, ``openvino-int8``.
-    """
-
-    name: str
-
-    def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-        """images float32 (B,3,H,W), text_embeds float32 (C,D) -> logits float32 (B,C,H,W)."""
-        ...
+from opentrans.runtime import Runner  # noqa: F401 - the runtime contract, re-exported
 
 
 class TorchRunner:
-    """Runs an :class:`~opentrans.models.segmentor.OpenVocabSegmentor` eagerly in fp32 on CPU."""
+    """Runs an :class:`~opentrans.models.segmentor.OpenVocabSegmentor` eagerly in fp32 on CPU (a
+    :class:`~opentrans.runtime.Runner` of any input size; ``model_name`` picks the tokenizer of its text tower)."""
 
-    def __init__(self, segmentor: torch.nn.Module, name: str = "torch-fp32"):
+    input_size = None
+
+    def __init__(self, segmentor: torch.nn.Module, name: str = "torch-fp32", model_name: str | None = None):
         self.segmentor = segmentor.eval()
         self.name = name
+        self.model_name = model_name
+
+    @torch.inference_mode()
+    def encode_classes(self, names) -> np.ndarray:
+        """Class names -> float32 (C, D) L2-normalised embeddings from the PyTorch text tower."""
+        return np.ascontiguousarray(self.segmentor.encode_classes(list(names), model_name=self.model_name).numpy(),
+                                    dtype=np.float32)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:

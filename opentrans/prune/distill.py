@@ -15,74 +15,27 @@ image tower's parameters train, with Adam and a fixed data order seeded per roun
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from opentrans.data import DATA_FORMATS, open_dataset
-from opentrans.data.datasets import IMAGE_SUFFIXES, _read, preprocess_image
+from opentrans.data import images as image_folders
 from opentrans.errors import OpenTransError
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.prune.imp import Target, refresh_masked
 from opentrans.prune.options import check_recovery_options  # noqa: F401 (re-exported)
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Every image file directly inside a folder (sorted by name), preprocessed like the segmentation datasets:
-    resized to ``image_size`` (bicubic), scaled to [0, 1] and normalised -> float32 ``(3, H, W)``."""
-
-    def __init__(self, root: Path, image_size: tuple[int, int], mean, std, limit: int | None = None):
-        self.name = f"images:{root}"
-        self.paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-        if not self.paths:
-            raise OpenTransError(f"--distill-data {root}: no images there ({', '.join(IMAGE_SUFFIXES)})")
-        self.image_size = tuple(image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, idx: int) -> torch.Tensor:
-        rgb, _ = _read(self.paths[idx], "RGB")
-        return preprocess_image(rgb, self.image_size, self.mean, self.std)
-
-
-class _ImagesOnly(torch.utils.data.Dataset):
-    """The images of a segmentation dataset (its masks are not used)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.name = dataset.name
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: int) -> torch.Tensor:
-        rgb, _ = self.dataset.load_image(idx)
-        return self.dataset.preprocess(rgb)
-
-
 def open_images(spec: str, image_size: tuple[int, int], mean, std, limit: int | None = None):
-    """Images for distillation: ``FORMAT:PATH`` (a dataset of :data:`opentrans.data.DATA_FORMATS`, its train
-    split, images only), ``images:PATH`` or a plain folder path (every image file directly inside it).
-
-    Returns:
-        A dataset of float32 ``(3, H, W)`` tensors with ``name`` and ``len``.
+    """Images for distillation (:func:`opentrans.data.images.open_images`: ``FORMAT:PATH``, ``images:PATH`` or a
+    folder of images): a dataset of float32 ``(3, H, W)`` tensors with ``name`` and ``len``.
 
     Raises:
         OpenTransError: a path that is not a folder, an empty folder or dataset, a bad ``limit``.
     """
     if limit is not None and limit < 1:
         raise OpenTransError(f"--distill-limit {limit}: must be at least 1")
-    fmt, sep, rest = spec.partition(":")
-    if sep and fmt in DATA_FORMATS:
-        return _ImagesOnly(open_dataset(spec, "train", image_size, mean, std, limit=limit))
-    root = Path(rest if sep and fmt == "images" else spec).expanduser()
-    if not root.is_dir():
-        raise OpenTransError(f"--distill-data {spec}: not a folder (give images:PATH, a folder, or FORMAT:PATH "
-                             f"with FORMAT one of {', '.join(DATA_FORMATS)})")
-    return ImageFolder(root, image_size, mean, std, limit=limit)
+    return image_folders.open_images(spec, image_size, mean, std, limit=limit, flag="--distill-data")
 
 
 def _native(seg: OpenVocabSegmentor) -> tuple[int, int]:

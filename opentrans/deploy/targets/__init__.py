@@ -1,7 +1,10 @@
-"""Deploy targets: one back end per module, a string-keyed registry, and :func:`load_runner`.
+"""Deploy targets: one back end per module, each registering itself in :data:`~opentrans.deploy.targets.base.TARGETS`
+(:class:`~opentrans.deploy.targets.base.Target`: name, back end, precisions, CPU or not, ``build``,
+``check_available``, ``open_runner``), and :func:`load_runner`.
 
-Every target module exposes ``check_available() -> None`` (raises :class:`OpenTransError` when its back end
-cannot run here) and ``build(ctx: BuildContext) -> BuildOutput``. ``build`` turns the fp32 ONNX export in the
+A target module imports :mod:`opentrans.deploy.targets.base`, never this package. Its
+``check_available() -> None`` raises :class:`OpenTransError` when its back end cannot run here and
+``build(ctx: BuildContext) -> BuildOutput`` ``build`` turns the fp32 ONNX export in the
 build directory into the target's artifact and returns a runner on that artifact, which the deploy stage checks
 against PyTorch before anything reaches the output directory.
 
@@ -24,124 +27,42 @@ tokenizer files: see :mod:`opentrans.deploy.text_graph`.
 
 from __future__ import annotations
 
-import importlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import torch
+from typing import Any
 
 from opentrans import validate
 from opentrans.artifacts import read_json, verify_outputs
+from opentrans.deploy.targets.base import (  # noqa: F401 - re-exported
+    BUILD_FILE,
+    BUILD_FORMAT,
+    CLASSES_FILE,
+    PARITY_FILE,
+    TARGETS,
+    TEXT_EMBEDS_FILE,
+    BuildContext,
+    BuildOutput,
+    Target,
+    cpu_targets,
+)
 from opentrans.errors import OpenTransError
 
-BUILD_FILE = "build.json"
-PARITY_FILE = "parity.json"
-BUILD_FORMAT = "opentrans.deploy/1"
-TEXT_EMBEDS_FILE = "text_embeds.npy"
-CLASSES_FILE = "classes.json"
 
-#: target -> (module under opentrans.deploy.targets, back end recorded in build.json)
-TARGETS: dict[str, tuple[str, str]] = {
-    "onnx": ("onnx", "onnxruntime"),
-    "openvino": ("openvino", "openvino"),
-    "jetson": ("jetson", "jetson"),
-    "nvidia": ("tensorrt", "tensorrt"),
-}
-#: Targets that run on the CPU of the machine they are deployed to (``--cpu-isa`` applies to them).
-CPU_TARGETS = ("onnx", "openvino")
-#: Precisions each target can build.
-PRECISIONS: dict[str, tuple[str, ...]] = {
-    "onnx": ("fp32", "fp16", "int8"),
-    "openvino": ("fp32", "fp16", "int8"),
-    "jetson": ("fp32", "fp16", "int8"),
-    "nvidia": ("fp32", "fp16", "int8"),
-}
-
-
-@dataclass
-class BuildContext:
-    """What a target needs to build its artifact.
-
-    Attributes:
-        segmentor: the PyTorch :class:`OpenVocabSegmentor` (fp32, eval) the artifact must reproduce.
-        spec: its :class:`~opentrans.models.artifact.SegmentorSpec`.
-        precision: one of :data:`PRECISIONS` of the target.
-        build_dir: the (temporary) build directory; everything the target writes goes here.
-        onnx_path: the fp32 ONNX export inside ``build_dir`` (``model.onnx``), opset :attr:`opset`.
-        opset: ONNX opset of ``onnx_path``.
-        class_names: the dataset's class names, in label order.
-        text_embeds: float32 (C, D) L2-normalised class embeddings for ``class_names``.
-        calibration: returns the calibration images, float32 (1, 3, H, W) each, from the training split
-            (only called by targets that quantise).
-        sample_images: float32 (1, 3, H, W): one real validation image (for bundles that ship a sample).
-        options: target-specific options (``smooth_quant_alpha``, ``max_batch``, ``max_classes``; for int8
-            ``ignore_ops``, ``max_drop``, ``drop_metric``, ``calib_data``, ``ignore_index``, ``overflow_fix``
-            (see :data:`opentrans.deploy.quantize.OVERFLOW_FIXES`)).
-    """
-
-    segmentor: torch.nn.Module
-    spec: Any
-    precision: str
-    build_dir: Path
-    onnx_path: Path
-    opset: int
-    class_names: list[str]
-    text_embeds: np.ndarray
-    calibration: Callable[[], list[np.ndarray]]
-    sample_images: np.ndarray
-    options: dict[str, Any] = field(default_factory=dict)
-    #: returns ``(image float32 (1,3,H,W), mask int64 (h0,w0))`` validation pairs (the parity images), for
-    #: accuracy-controlled quantisation; None when the stage provides none.
-    validation: Callable[[], list[tuple[np.ndarray, np.ndarray]]] | None = None
-
-
-@dataclass
-class BuildOutput:
-    """What a target built.
-
-    Attributes:
-        file: the model file the runner loads, relative to the build directory.
-        model_files: every file that makes up the model (for the size in MB), relative to the build directory.
-        runner: a runner on the built artifact, used for the parity check.
-        checked_precision: the precision the parity check actually exercises here (``fp32`` for a Jetson
-            fp16 bundle: the fp16 engine is only built on the device).
-        info: extra fields for ``build.json`` (e.g. quantisation settings, OpenVINO inference precision).
-        timings: seconds spent in the target's own steps (conversion, quantisation, engine build).
-    """
-
-    file: str
-    model_files: list[str]
-    runner: Any
-    checked_precision: str
-    info: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def target_module(target: str):
-    """The module implementing ``target``.
-
-    Raises:
-        OpenTransError: an unknown target.
-    """
-    if target not in TARGETS:
-        raise OpenTransError(f"--target {target}: choose one of {', '.join(TARGETS)}")
-    return importlib.import_module(f"opentrans.deploy.targets.{TARGETS[target][0]}")
-
-
-def check_target(target: str, precision: str) -> None:
+def check_target(target: str, precision: str) -> Target:
     """Validate a target/precision pair and that the target's back end can run here; writes nothing.
+
+    Returns:
+        the target's registry entry.
 
     Raises:
         OpenTransError: unknown target, a precision the target does not build, or a missing back end
             (``nvidia`` without TensorRT).
     """
-    module = target_module(target)
-    if precision not in PRECISIONS[target]:
-        raise OpenTransError(f"--precision {precision}: target {target} builds {', '.join(PRECISIONS[target])}")
-    module.check_available()
+    entry = TARGETS.get_target(target)
+    if precision not in entry.precisions:
+        raise OpenTransError(f"--precision {precision}: target {target} builds {', '.join(entry.precisions)}")
+    entry.check_available()
+    return entry
 
 
 _BUILD_REQUIRED = ("format", "target", "backend", "precision", "file", "model_files", "image_size", "mean", "std",
@@ -162,9 +83,9 @@ def validate_build(build: Any, where: str) -> dict[str, Any]:
     if not isinstance(build, dict) or build.get("format") != BUILD_FORMAT:
         raise OpenTransError(f"{where}: not an {BUILD_FORMAT} build description")
     validate.mapping(build, where, required=_BUILD_REQUIRED, optional=None)
-    target = validate.string(build["target"], f"{where}: target", choices=TARGETS)
-    validate.string(build["backend"], f"{where}: backend", choices=(TARGETS[target][1],))
-    validate.string(build["precision"], f"{where}: precision", choices=PRECISIONS[target])
+    target = TARGETS.get(validate.string(build["target"], f"{where}: target", choices=TARGETS.names()))
+    validate.string(build["backend"], f"{where}: backend", choices=(target.backend,))
+    validate.string(build["precision"], f"{where}: precision", choices=target.precisions)
     validate.relative_file(build["file"], f"{where}: file")
     for i, name in enumerate(validate.sequence(build["model_files"], f"{where}: model_files", max_length=4096)):
         validate.relative_file(name, f"{where}: model_files[{i}]")
@@ -267,7 +188,8 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
 
     The runner maps images float32 (B,3,H,W) and text_embeds float32 (C,D) to logits float32 (B,C,H,W). A deploy
     build's runner also has ``runner.text_encoder`` (:class:`opentrans.deploy.text_graph.TextEncoder` on the build's
-    text graph, no PyTorch; None for builds without one) and ``runner.encode_classes(names) -> float32 (C, D)``.
+    text graph, no PyTorch; None for builds without one). Every runner meets :class:`opentrans.runtime.Runner`
+    (``name``, ``input_size``, ``encode_classes(names) -> float32 (C, D)``, the call).
 
     Either kind of directory must be the output of a finished stage whose files still have the sha256 its
     manifest recorded (:func:`opentrans.artifacts.verify_outputs`): a directory from anyone is checked before any
@@ -285,38 +207,20 @@ def load_runner(path: str | os.PathLike, openvino_precision: str | None = "f32")
         from opentrans.deploy.text_graph import open_text_encoder
 
         runner.text_encoder = open_text_encoder(path, read_build(path), openvino_precision)
-        if runner.text_encoder is not None:
-            runner.encode_classes = runner.text_encoder.encode_classes
         return runner
     if (path / "model.json").exists():
         from opentrans.inference.evaluate import TorchRunner
         from opentrans.models.artifact import open_model_dir
 
-        return TorchRunner(open_model_dir(path)[0])
+        seg, spec = open_model_dir(path)
+        return TorchRunner(seg, model_name=spec.model)
     raise OpenTransError(f"{path}: neither a deploy build ({BUILD_FILE}) nor a model directory (model.json)")
 
 
 def _build_runner(path: Path, openvino_precision: str | None):
     """The image-graph runner of the deploy build ``path`` (see :func:`load_runner`)."""
     build = read_build(path)
-    backend, precision = build.get("backend"), build.get("precision")
     model_file = path / build["file"]
     if not model_file.exists():
         raise OpenTransError(f"{model_file}: file not found (named in {path / BUILD_FILE})")
-    if backend in ("onnxruntime", "jetson"):
-        from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
-
-        name = f"onnxruntime-{precision}" + ("" if backend == "onnxruntime" else " (jetson bundle)")
-        return OnnxRuntimeRunner(model_file, name=name, reference_qdq=backend == "jetson")
-    if backend == "openvino":
-        from opentrans.deploy.targets.openvino import OpenVINORunner
-
-        # a bf16 build (``--precision auto``) is the fp32 IR run at the bf16 hint it was checked with
-        hint = build.get("inference_precision") or openvino_precision
-        return OpenVINORunner(model_file, name=f"openvino-{precision}", inference_precision=hint)
-    if backend == "tensorrt":
-        from opentrans.deploy.targets.tensorrt import TensorRTRunner, check_available
-
-        check_available()
-        return TensorRTRunner(model_file, name=f"tensorrt-{precision}")
-    raise OpenTransError(f"{path / BUILD_FILE}: unknown back end {backend!r}")
+    return TARGETS.get(build["target"]).open_runner(model_file, build, openvino_precision)

@@ -39,6 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from opentrans.artifacts import write_json, write_text
+from opentrans.deploy.graph import DTYPE, LOGITS, graph_io
+from opentrans.deploy.parity import device_tolerances
+from opentrans.deploy.options import DEFAULT_MAX_BATCH, DEFAULT_MAX_CLASSES
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
 from opentrans.deploy.targets.tensorrt import (
     DEFAULT_MAX_PROMPTS,
     ONNX_FILES,
@@ -61,20 +65,8 @@ SAMPLE_IMAGES_BIN = "sample_images.bin"
 SAMPLE_PROMPT_IDS = "sample_prompt_ids.npy"
 SAMPLE_TEXT_EMBEDS = "sample_text_embeds.npy"
 TEXT_EMBEDS_BIN = "text_embeds.bin"
-DEFAULT_MAX_BATCH = 4
-DEFAULT_MAX_CLASSES = 64
-#: ``runner.py check`` tolerances of the engine's logits against PyTorch fp32, per engine precision. fp32 engines
-#: run in TF32 on Ampere/Orin by default (10-bit mantissa), hence bounds looser than the build machine's fp32 gate;
-#: fp16 and int8 are the deploy stage's gates (:data:`opentrans.deploy.stage.PARITY_THRESHOLDS`). Text embeddings
-#: are unit vectors from an fp32 (TF32) engine.
-CHECK_TOLERANCES = {
-    "image": {
-        "fp32": {"max_abs_diff": ["<=", 0.1], "cosine": [">=", 0.9999], "pixel_agreement": [">=", 99.0]},
-        "fp16": {"max_abs_diff": ["<=", 0.5], "cosine": [">=", 0.999], "pixel_agreement": [">=", 97.0]},
-        "int8": {"cosine": [">=", 0.99], "pixel_agreement": [">=", 90.0]},
-    },
-    "text": {"max_abs_diff": ["<=", 5e-3], "cosine": [">=", 0.9999]},
-}
+#: ``runner.py check`` tolerances (``bundle.json``): the device check of :mod:`opentrans.deploy.parity`.
+CHECK_TOLERANCES = device_tolerances()
 
 
 def check_available() -> None:
@@ -209,7 +201,7 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx: BuildContext) -> BuildOutput:
     """Write the bundle into ``ctx.build_dir`` beside the fp32 ``model.onnx`` export (see the module docstring).
 
     The parity runner is ONNX Runtime on the ONNX of ``ctx.precision`` (fp16: ``model_fp16.onnx``, int8: the Q/DQ
@@ -221,7 +213,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     import torch
 
     from opentrans.deploy import clip_tokenizer
-    from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
     from opentrans.deploy.targets.tensorrt import prepare_onnx
     from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
@@ -286,9 +277,8 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
         "format": "opentrans.jetson-bundle/1", "precision": ctx.precision, "model": ctx.spec.model,
         "weights": ctx.spec.weights, "opset": ctx.opset, "dynamic_hw": dynamic_hw,
         "image_graph": {"tensorrt": Path(ENGINE_FILE).stem, "onnxruntime": graph.stem,
-                        "inputs": {"images": "float32 (B,3,H,W)" if dynamic_hw else f"float32 (B,3,{h},{w})",
-                                   "text_embeds": f"float32 (C,{dim})"},
-                        "output": "logits float32 (B,C,H,W)", "mean": list(ctx.spec.mean), "std": list(ctx.spec.std),
+                        "inputs": graph_io((h, w), dim, dynamic_hw)["inputs"],
+                        "output": f"{LOGITS} {DTYPE} (B,C,H,W)", "mean": list(ctx.spec.mean), "std": list(ctx.spec.std),
                         "image_size": [h, w], "profile": {k: [list(s) for s in v] for k, v in profile.items()}},
         "text_encoder": {"tensorrt": Path(TEXT_ENGINE_FILE).stem, "onnxruntime": Path(TEXT_ONNX).stem,
                          "input": f"input_ids int64 (N,{length})", "output": f"text_embeds float32 (N,{dim})",
@@ -315,3 +305,15 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
                        runner=OnnxRuntimeRunner(graph, name=f"onnxruntime-{ctx.precision} (jetson bundle)",
                                                 reference_qdq=True),
                        checked_precision=ctx.precision, info=info, timings=timings)
+
+
+def open_runner(model_file: Path, build: dict, openvino_precision: str | None = None):
+    """ONNX Runtime on a Jetson bundle's ONNX at its precision, its Q/DQ graph run as written (see
+    :class:`~opentrans.deploy.targets.onnx.OnnxRuntimeRunner` ``reference_qdq``)."""
+    from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(model_file, name=f"onnxruntime-{build['precision']} (jetson bundle)", reference_qdq=True)
+
+
+TARGETS.add("jetson", Target(name="jetson", backend="jetson", precisions=("fp32", "fp16", "int8"), cpu=False,
+                             build=build, check_available=check_available, open_runner=open_runner))

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from opentrans.deploy.graph import IMAGES, LOGITS, TEXT_EMBEDS, feeds
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.errors import OpenTransError
 
 MODEL_FILE = "model.onnx"
@@ -43,7 +45,7 @@ def open_session(path: Path, opts=None):
                              f"{': ' + text[0][:200] if text else ''})") from None
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(GraphRunner):
     """Runs an exported image graph with ONNX Runtime (CPUExecutionProvider).
 
     ``runner(images float32 (B,3,H,W), text_embeds float32 (C,D)) -> logits float32 (B,C,H,W)``; B and C may
@@ -76,10 +78,10 @@ class OnnxRuntimeRunner:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = open_session(self.path, opts)
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        if "images" not in shapes or "text_embeds" not in shapes:
+        if IMAGES not in shapes or TEXT_EMBEDS not in shapes:
             raise OpenTransError(f"{self.path}: not an opentrans image graph (inputs {', '.join(shapes)})")
-        self.image_shape = tuple(shapes["images"][1:])  # (3, H, W)
-        self.embed_dim = shapes["text_embeds"][1]
+        self.image_shape = tuple(shapes[IMAGES][1:])  # (3, H, W)
+        self.embed_dim = shapes[TEXT_EMBEDS][1]
 
     def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         """Logits float32 (B,C,H,W).
@@ -88,9 +90,7 @@ class OnnxRuntimeRunner:
             OpenTransError: images not (B,3,H,W) at the exported size, or text_embeds not (C,D).
         """
         _check_inputs(self.path, images, text_embeds, self.image_shape, self.embed_dim)
-        feeds = {"images": np.ascontiguousarray(images, dtype=np.float32),
-                 "text_embeds": np.ascontiguousarray(text_embeds, dtype=np.float32)}
-        return self.session.run(["logits"], feeds)[0]
+        return self.session.run([LOGITS], feeds(images, text_embeds))[0]
 
 
 def _check_inputs(path: Path, images: np.ndarray, text_embeds: np.ndarray, image_shape: tuple, embed_dim: int) -> None:
@@ -101,7 +101,7 @@ def _check_inputs(path: Path, images: np.ndarray, text_embeds: np.ndarray, image
         raise OpenTransError(f"{path}: expects text_embeds (C,{embed_dim}), got {tuple(text_embeds.shape)}")
 
 
-def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx: BuildContext) -> BuildOutput:
     """``model.onnx`` in ``ctx.build_dir`` at ``ctx.precision``, checked with ONNX Runtime on the CPU.
 
     fp32 ships the export; fp16 and int8 replace it in place (int8 calibrates on ``ctx.calibration()`` with
@@ -110,7 +110,6 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
     import time
 
     from opentrans.deploy import quantize as q
-    from opentrans.deploy.targets import BuildOutput
 
     info: dict = {"opset": ctx.opset, "execution_provider": "CPUExecutionProvider"}
     timings: dict = {}
@@ -142,3 +141,12 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
     return BuildOutput(file=MODEL_FILE, model_files=[MODEL_FILE],
                        runner=OnnxRuntimeRunner(path, name=f"onnxruntime-{ctx.precision}"),
                        checked_precision=ctx.precision, info=info, timings=timings)
+
+
+def open_runner(model_file: Path, build: dict, openvino_precision: str | None = None) -> "OnnxRuntimeRunner":
+    """An ONNX Runtime runner on a finished onnx build's ``model_file`` (``openvino_precision`` is not used)."""
+    return OnnxRuntimeRunner(model_file, name=f"onnxruntime-{build['precision']}")
+
+
+TARGETS.add("onnx", Target(name="onnx", backend="onnxruntime", precisions=("fp32", "fp16", "int8"), cpu=True,
+                           build=build, check_available=check_available, open_runner=open_runner))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from opentrans.deploy.graph import IMAGES, TEXT_EMBEDS, feeds
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.deploy.targets.onnx import _check_inputs
 from opentrans.errors import OpenTransError
 
@@ -49,7 +51,7 @@ def check_available() -> None:
         raise OpenTransError(f"{' and '.join(missing)} not installed: pip install 'opentrans[openvino]'")
 
 
-class OpenVINORunner:
+class OpenVINORunner(GraphRunner):
     """Runs an OpenVINO IR of the image graph on the CPU plugin.
 
     ``runner(images float32 (B,3,H,W), text_embeds float32 (C,D)) -> logits float32 (B,C,H,W)``.
@@ -84,10 +86,10 @@ class OpenVINORunner:
             text = str(exc).strip().splitlines()
             raise OpenTransError(f"{self.path}: OpenVINO cannot read it ({text[0][:200] if text else 'RuntimeError'})") from None
         shapes = {p.output(0).get_any_name(): p.get_partial_shape() for p in model.get_parameters()}
-        if "images" not in shapes or "text_embeds" not in shapes:
+        if IMAGES not in shapes or TEXT_EMBEDS not in shapes:
             raise OpenTransError(f"{self.path}: not an opentrans image graph (inputs {', '.join(shapes)})")
-        self.image_shape = tuple(d.get_length() if d.is_static else "?" for d in shapes["images"][1:])  # "?": dynamic
-        self.embed_dim = shapes["text_embeds"][1].get_length()
+        self.image_shape = tuple(d.get_length() if d.is_static else "?" for d in shapes[IMAGES][1:])  # "?": dynamic
+        self.embed_dim = shapes[TEXT_EMBEDS][1].get_length()
         self.compiled = core.compile_model(model, "CPU", config)
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._request = self.compiled.create_infer_request()
@@ -99,12 +101,11 @@ class OpenVINORunner:
             OpenTransError: images not (B,3,H,W) at the IR's size, or text_embeds not (C,D).
         """
         _check_inputs(self.path, images, text_embeds, self.image_shape, self.embed_dim)
-        self._request.infer({"images": np.ascontiguousarray(images, dtype=np.float32),
-                             "text_embeds": np.ascontiguousarray(text_embeds, dtype=np.float32)})
+        self._request.infer(feeds(images, text_embeds))
         return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 
-def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx: BuildContext) -> BuildOutput:
     """Convert ``ctx.onnx_path`` to an IR in ``ctx.build_dir``: fp32, fp16 (FP16 weights) or INT8.
 
     The fp32 ONNX export is an intermediate here and is removed once converted. INT8 calibration uses
@@ -116,7 +117,6 @@ def build(ctx) -> "BuildOutput":  # noqa: F821 - see opentrans.deploy.targets.Bu
 
     from opentrans.artifacts import atomic_path
     from opentrans.deploy import quantize as q
-    from opentrans.deploy.targets import BuildOutput
 
     compress = ctx.precision == "fp16"
     timings, info = {}, {"converted_from": f"ONNX opset {ctx.opset}", "compress_to_fp16": compress}
@@ -190,3 +190,15 @@ def _validation_items(ctx, metric: str) -> list[tuple[np.ndarray, np.ndarray]]:
             ref = ctx.segmentor(torch.from_numpy(img), torch.from_numpy(ctx.text_embeds)).numpy()
             items.append((img, ref[0].argmax(0)))
     return items
+
+
+def open_runner(model_file: Path, build: dict, openvino_precision: str | None = "f32") -> OpenVINORunner:
+    """An OpenVINO runner on a finished openvino build's IR, compiled at ``openvino_precision`` (a bf16 build of
+    ``--precision auto`` always at its recorded ``inference_precision``: the fp32 IR run at the bf16 hint it was
+    checked with)."""
+    hint = build.get("inference_precision") or openvino_precision
+    return OpenVINORunner(model_file, name=f"openvino-{build['precision']}", inference_precision=hint)
+
+
+TARGETS.add("openvino", Target(name="openvino", backend="openvino", precisions=("fp32", "fp16", "int8"), cpu=True,
+                               build=build, check_available=check_available, open_runner=open_runner))

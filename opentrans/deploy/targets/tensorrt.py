@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from opentrans.deploy.graph import IMAGES
+from opentrans.deploy.options import DEFAULT_MAX_BATCH, DEFAULT_MAX_CLASSES
+from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, GraphRunner, Target
 from opentrans.errors import OpenTransError
 
 #: TensorRT major version -> the key of :data:`opentrans.deploy.tensorrt_support.VERSIONS` its graphs are checked with.
@@ -46,8 +49,6 @@ MODEL_FILE = "model.engine"
 ONNX_FILE = "model.onnx"
 FP16_ONNX_FILE = "model_fp16.onnx"
 QDQ_ONNX_FILE = "model_int8_qdq.onnx"
-DEFAULT_MAX_BATCH = 4
-DEFAULT_MAX_CLASSES = 64
 DEFAULT_MAX_PROMPTS = 512
 PRECISIONS = ("fp32", "fp16", "int8")
 #: ONNX flavour -> file name in a build / bundle.
@@ -294,7 +295,7 @@ def prepare_onnx(plan: EnginePlan, build_dir: Path, fp32_onnx: Path, calibration
                                overflow_fix=overflow_fix)
 
 
-class TensorRTRunner:
+class TensorRTRunner(GraphRunner):
     """Runs a serialized TensorRT engine of the image graph on the current CUDA device.
 
     ``runner(images float32 (B,3,H,W), text_embeds float32 (C,D)) -> logits float32 (B,C,H,W)`` (host numpy in and
@@ -316,6 +317,7 @@ class TensorRTRunner:
         if self.engine is None:
             raise OpenTransError(f"{self.path}: TensorRT cannot load this engine (built for another GPU or TensorRT version?)")
         self.context = self.engine.create_execution_context()
+        self.image_shape = tuple(self.engine.get_tensor_shape(IMAGES))[1:]  # (3, H, W); -1 where dynamic
 
     def __call__(self, images: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         import torch
@@ -334,7 +336,7 @@ class TensorRTRunner:
         return out.cpu().numpy()
 
 
-def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.BuildOutput
+def build(ctx: BuildContext) -> BuildOutput:
     """Build ``model.engine`` in ``ctx.build_dir`` from the ONNX :func:`plan_engine` picks for the installed
     TensorRT and ``ctx.precision`` (the fp32 ``model.onnx`` and, where made, the fp16/Q/DQ ONNX are kept beside it).
 
@@ -343,7 +345,6 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
     Raises:
         OpenTransError: TensorRT missing; errors of :func:`prepare_onnx` and :func:`build_engine`.
     """
-    from opentrans.deploy.targets import BuildOutput
     from opentrans.deploy.tensorrt_support import check_tensorrt_parsable
 
     trt = _import_tensorrt()
@@ -369,3 +370,17 @@ def build(ctx) -> BuildOutput:  # noqa: F821 - see opentrans.deploy.targets.Buil
                              "max_classes": max_classes, "onnx": onnx_path.name,
                              "profile": {k: [list(s) for s in v] for k, v in profile.items()}},
                        timings={"prepare_onnx_s": prepare_s, "engine_build_s": time.perf_counter() - start})
+
+
+def open_runner(model_file: Path, build: dict, openvino_precision: str | None = None) -> TensorRTRunner:
+    """A TensorRT runner on a finished nvidia build's engine.
+
+    Raises:
+        OpenTransError: TensorRT is not installed here.
+    """
+    check_available()
+    return TensorRTRunner(model_file, name=f"tensorrt-{build['precision']}")
+
+
+TARGETS.add("nvidia", Target(name="nvidia", backend="tensorrt", precisions=PRECISIONS, cpu=False,
+                             build=build, check_available=check_available, open_runner=open_runner))
