@@ -327,7 +327,7 @@ def _open_for_inference(source):
                                          dense_mode=baked)
         return runner, seg, spec
     seg, spec, _ = source.resolve()
-    return TorchRunner(seg), seg, spec
+    return TorchRunner(seg, model_name=spec.model), seg, spec
 
 
 @cli.command(name="eval", epilog="Example: opentrans eval --from runs/x/deploy/openvino-int8 --data camvid:../shared/data/camvid\n\n"
@@ -391,14 +391,10 @@ def segment(image, classes, source, out):
         raise OpenTransError("--classes: give at least one class name")
     check_unique_classes(names, "--classes")
     runner, seg, spec = _open_for_inference(source)
-    # a deploy build encodes the class names with its own text graph (what a device runs); a model with PyTorch
-    if getattr(runner, "text_encoder", None) is not None:  # every runner has encode_classes (opentrans.runtime)
-        text, text_source = runner.encode_classes(names), "the build's text-encoder graph"
-    else:
-        text, text_source = seg.encode_classes(names, model_name=spec.model).numpy(), "the PyTorch text tower"
+    text = runner.encode_classes(names)  # a deploy build: its own text graph (what a device runs)
     result = segment_image(runner, image, names, text, spec.image_size, spec.mean, spec.std, out)
     shares = ", ".join(f"{k} {v:.1f} %" for k, v in sorted(result["shares"].items(), key=lambda kv: -kv[1]))
-    click.echo(f"wrote {out} ({runner.name}, {spec.weights}; classes encoded by {text_source}): {shares}")
+    click.echo(f"wrote {out} ({runner.name}, {spec.weights}; classes encoded by {runner.text_source}): {shares}")
 
 
 @cli.command(epilog="Example: opentrans run recipes/quickstart.yaml")

@@ -6,7 +6,7 @@ A runner has
 * ``name``: back end and precision, e.g. ``torch-fp32``, ``onnxruntime-int8``, ``openvino-fp32``;
 * ``input_size``: the (H, W) in pixels its image graph takes, or None when it takes any size;
 * ``encode_classes(names) -> float32 (C, D)``: L2-normalised class embeddings, from the runner's own text tower
-  (a deploy build's text graph, or the PyTorch model's);
+  (a deploy build's text graph, or the PyTorch model's), and ``text_source``, which of the two, in words;
 * ``runner(images float32 (B, 3, H, W), text_embeds float32 (C, D)) -> logits float32 (B, C, H, W)``.
 """
 
@@ -28,6 +28,7 @@ class Runner(Protocol):
 
     name: str
     input_size: tuple[int, int] | None
+    text_source: str
 
     def encode_classes(self, names: Sequence[str]) -> np.ndarray:
         """Class names -> float32 (C, D) L2-normalised embeddings.

@@ -2,7 +2,7 @@
 graph (per precision), the text graph and the Jetson bundle's on-device check, and the function that applies them.
 
 Bounds are ``{figure: (op, bound)}`` with op ``<=`` (an upper bound, e.g. ``max_abs_diff``) or ``>=`` (a lower
-bound, e.g. ``cosine``, ``pixel_agreement`` in %); figures come from :func:`opentrans.evaluate.agreement` (image)
+bound, e.g. ``cosine``, ``pixel_agreement`` in %); figures come from :func:`opentrans.inference.evaluate.agreement` (image)
 and :func:`opentrans.deploy.text_graph.text_parity` (text). The measurements behind each bound are in
 docs/quantization.md ("Parity thresholds").
 """
@@ -54,7 +54,7 @@ def missed_bounds(figures: Mapping[str, float], bounds: Mapping[str, tuple[str, 
 
 
 def check_parity(figures: Mapping[str, float], precision: str) -> list[str]:
-    """The image-graph thresholds of ``precision`` that ``figures`` (from :func:`opentrans.evaluate.agreement`)
+    """The image-graph thresholds of ``precision`` that ``figures`` (from :func:`opentrans.inference.evaluate.agreement`)
     miss; empty when all pass."""
     return missed_bounds(figures, PARITY_THRESHOLDS[precision])
 

@@ -277,7 +277,7 @@ class DeployResult:
 
     Attributes:
         built: the target's :class:`BuildOutput` (model files, runner, info, timings).
-        figures: the parity figures of the kept build (:func:`opentrans.evaluate.agreement`).
+        figures: the parity figures of the kept build (:func:`opentrans.inference.evaluate.agreement`).
         precision: the precision built (for ``auto``: the one kept).
         decision: ``decision.json`` of an ``auto`` build, else None.
         text_info: ``build.json["text_encoder"]`` (:func:`opentrans.deploy.text_graph.build_text_graph`).

@@ -22,6 +22,7 @@ class TorchRunner:
     :class:`~opentrans.runtime.Runner` of any input size; ``model_name`` picks the tokenizer of its text tower)."""
 
     input_size = None
+    text_source = "the PyTorch text tower"
 
     def __init__(self, segmentor: torch.nn.Module, name: str = "torch-fp32", model_name: str | None = None):
         self.segmentor = segmentor.eval()

@@ -184,7 +184,7 @@ def evaluate_one(runner, seg, spec, data: str, split: str, limit: int | None, op
     """
     from opentrans.data.datasets import check_labels
 
-    fixed = not hasattr(runner, "segmentor")
+    fixed = not isinstance(runner, TorchRunner)  # a deploy build takes the input size it was exported at
     if protocol == "paper":
         options = protocol_options(options, spec.dense_mode, data)
     runner, dataset, text, batch_size = open_inference(runner, seg, spec, data, split, limit, options, fixed_size=fixed)

@@ -93,6 +93,7 @@ class GraphRunner:
     name: str = "graph"
     image_shape: tuple = ()
     text_encoder: Any = None
+    text_source = "the build's text-encoder graph"
 
     @property
     def input_size(self) -> tuple[int, int] | None:
