@@ -205,6 +205,7 @@ def test_parity_gates_reject_bf16_and_a_badly_calibrated_int8(builds, tmp_path):
     import openvino as ov
 
     from opentrans.deploy.quantize import quantize_openvino_int8
+    from opentrans.deploy.parity import decided_margin
     from opentrans.deploy.stage import check_parity
     from opentrans.deploy.targets.openvino import OpenVINORunner
 
@@ -220,9 +221,10 @@ def test_parity_gates_reject_bf16_and_a_badly_calibrated_int8(builds, tmp_path):
     unnormalised = [x[None] * std + mean for x in _real_images(spec, 4, "train")]
     bad = quantize_openvino_int8(ov.convert_model(str(onnx_path)), unnormalised, text, True, 4)
     ov.save_model(bad, str(tmp_path / "bad.xml"), compress_to_fp16=False)
-    figures = agreement(TorchRunner(seg), OpenVINORunner(tmp_path / "bad.xml", "openvino-int8"), val, text)
+    figures = agreement(TorchRunner(seg), OpenVINORunner(tmp_path / "bad.xml", "openvino-int8"), val, text,
+                        decided_margin=decided_margin(seg))
     failures = check_parity(figures, "int8")
-    assert [f.split()[0] for f in failures] == ["cosine", "pixel_agreement"]
+    assert [f.split()[0] for f in failures] == ["cosine", "pixel_agreement", "decided_agreement"]
 
 
 def test_quantize_rejects_bad_smooth_quant_alpha():
@@ -361,7 +363,8 @@ def test_build_from_a_model_directory_records_its_source(builds, tmp_path):
 def test_parity_thresholds_gate_each_figure():
     from opentrans.deploy.stage import check_parity
 
-    good = {"max_abs_diff": 1e-5, "cosine": 1.0, "pixel_agreement": 100.0, "teacher_miou": 100.0}
+    good = {"max_abs_diff": 1e-5, "cosine": 1.0, "pixel_agreement": 100.0, "teacher_miou": 100.0,
+            "decided_agreement": 100.0}
     assert check_parity(good, "fp32") == []
     bad = {**good, "max_abs_diff": 0.5, "pixel_agreement": 97.0}
     assert check_parity(bad, "fp32") == ["max_abs_diff 0.5 > 0.001", "pixel_agreement 97 < 99.5"]

@@ -61,7 +61,8 @@ def test_choose_refuses_when_fp32_fails():
 
 def test_bf16_gate_is_at_least_as_strict_as_fp16():
     assert PARITY_THRESHOLDS["bf16"] == PARITY_THRESHOLDS["fp16"]
-    assert check_parity({"max_abs_diff": 0.03, "cosine": 0.9999, "pixel_agreement": 99.0}, "bf16") == []
+    assert check_parity({"max_abs_diff": 0.03, "cosine": 0.9999, "pixel_agreement": 99.0,
+                         "decided_agreement": 100.0}, "bf16") == []
 
 
 def test_auto_openvino_build_keeps_the_fastest_passing_candidate(tmp_path):

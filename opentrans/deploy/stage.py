@@ -32,7 +32,7 @@ from opentrans.deploy.auto import AUTO_ROUNDS, AUTO_WARMUP, DECISION_FILE, Candi
 from opentrans.deploy.export import export_onnx
 from opentrans.deploy.graph import graph_io
 from opentrans.deploy.options import AUTO, DeployOptions
-from opentrans.deploy.parity import PARITY_THRESHOLDS, TEXT_PARITY, check_parity
+from opentrans.deploy.parity import PARITY_THRESHOLDS, TEXT_PARITY, check_parity, decided_margin
 from opentrans.deploy.targets import (
     BUILD_FILE,
     BUILD_FORMAT,
@@ -225,7 +225,7 @@ def _build_and_check(target: str, candidate: Candidate, build_dir: Path, onnx_pa
         built.checked_precision = candidate.precision
         built.info["inference_precision"] = candidate.inference_precision
         built.info["parity_inference_precision"] = built.runner.inference_precision
-    figures = agreement(TorchRunner(seg), built.runner, val, text)
+    figures = agreement(TorchRunner(seg), built.runner, val, text, decided_margin=decided_margin(seg))
     return built, figures, check_parity(figures, built.checked_precision)
 
 

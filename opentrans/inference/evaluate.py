@@ -89,17 +89,38 @@ def label_agreement(reference: np.ndarray, candidate: np.ndarray, num_classes: i
     return {"pixel_agreement": 100.0 * float((reference == candidate).mean()), "teacher_miou": 100.0 * cm.miou()}
 
 
+#: Fewer decided pixels than this share (%) and ``decided_agreement`` is not computed (too few to gate on).
+MIN_DECIDED_PCT = 1.0
+
+
+def decided_counts(reference: np.ndarray, candidate: np.ndarray, margin: float) -> tuple[int, int, int]:
+    """``(pixels, decided pixels, decided pixels with the same argmax)`` of logits ``(B, C, H, W)``: a pixel is
+    decided where the reference's top-1 logit leads its top-2 by at least ``margin`` (logit units)."""
+    top2 = np.partition(reference, -2, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) >= margin
+    same = reference.argmax(1) == candidate.argmax(1)
+    return int(decided.size), int(decided.sum()), int((decided & same).sum())
+
+
 def agreement(reference: Runner, candidate: Runner, dataset: SegDataset, text_embeds: np.ndarray,
-              batch_size: int = 4, desc: str | None = None) -> dict:
+              batch_size: int = 4, desc: str | None = None, decided_margin: float | None = None) -> dict:
     """How closely ``candidate`` reproduces ``reference`` on real images.
+
+    Args:
+        decided_margin: with it, also the agreement on the pixels the reference is decided about (top-1 logit
+            ahead of top-2 by at least this many logits): a flip there is an error of the candidate, not a
+            near-tie (see docs/quantization.md, "Parity thresholds").
 
     Returns:
         ``max_abs_diff`` (logits), ``mean_abs_diff``, ``cosine`` (min over images of the cosine between the
         flattened logits), ``pixel_agreement`` (% of pixels with the same argmax) and ``teacher_miou`` (%: mIoU
-        of the candidate against the reference's argmax as labels, over the C classes).
+        of the candidate against the reference's argmax as labels, over the C classes); with ``decided_margin``
+        also ``decided_pixels_pct`` (% of pixels decided) and ``decided_agreement`` (% of those with the same
+        argmax; None where fewer than :data:`MIN_DECIDED_PCT` % are decided).
     """
     text_embeds = np.asarray(text_embeds, dtype=np.float32)
     max_abs, sum_abs, count, cosines, ref_labels, out_labels = 0.0, 0.0, 0, [], [], []
+    decided = np.zeros(3, dtype=np.int64)
     for images, _ in batches(dataset, batch_size, desc):
         ref = np.asarray(reference(images.numpy(), text_embeds), dtype=np.float64)
         out = np.asarray(candidate(images.numpy(), text_embeds), dtype=np.float64)
@@ -110,5 +131,12 @@ def agreement(reference: Runner, candidate: Runner, dataset: SegDataset, text_em
             cosines.append(float(r @ o / (np.linalg.norm(r) * np.linalg.norm(o) + 1e-12)))
         ref_labels.append(ref.argmax(1))
         out_labels.append(out.argmax(1))
+        if decided_margin is not None:
+            decided += decided_counts(ref, out, decided_margin)
     labels = label_agreement(np.concatenate(ref_labels), np.concatenate(out_labels), text_embeds.shape[0])
-    return {"max_abs_diff": max_abs, "mean_abs_diff": sum_abs / max(count, 1), "cosine": min(cosines), **labels}
+    figures = {"max_abs_diff": max_abs, "mean_abs_diff": sum_abs / max(count, 1), "cosine": min(cosines), **labels}
+    if decided_margin is not None:
+        pct = 100.0 * decided[1] / max(decided[0], 1)
+        figures["decided_pixels_pct"] = float(pct)
+        figures["decided_agreement"] = float(100.0 * decided[2] / decided[1]) if pct >= MIN_DECIDED_PCT else None
+    return figures

@@ -40,7 +40,7 @@ import numpy as np
 
 from opentrans.artifacts import write_json, write_text
 from opentrans.deploy.graph import DTYPE, LOGITS, graph_io
-from opentrans.deploy.parity import device_tolerances
+from opentrans.deploy.parity import decided_margin, device_tolerances
 from opentrans.deploy.options import DEFAULT_MAX_BATCH, DEFAULT_MAX_CLASSES
 from opentrans.deploy.targets.base import TARGETS, BuildContext, BuildOutput, Target
 from opentrans.deploy.targets.tensorrt import (
@@ -287,7 +287,7 @@ def build(ctx: BuildContext) -> BuildOutput:
                          "template_averaging": "host: mean over templates, renormalised"},
         "sample": {"images": SAMPLE_IMAGES, "logits": SAMPLE_LOGITS, "prompt_ids": SAMPLE_PROMPT_IDS,
                    "text_embeds": SAMPLE_TEXT_EMBEDS, "class_names": list(ctx.class_names),
-                   "expected_from": "torch fp32"},
+                   "expected_from": "torch fp32", "decided_margin": decided_margin(ctx.segmentor)},
         "tolerances": CHECK_TOLERANCES,
         "engine_plans": {p: {"tensorrt_10": plan_engine("10.3.0", p).to_json(),
                              "tensorrt_11": plan_engine("11.0.0", p).to_json()} for p in sorted({"fp32", ctx.precision})},

@@ -210,17 +210,20 @@ class Bundle:
         return np.asarray(out, dtype=np.float32)
 
 
-def compare(expected: np.ndarray, got: np.ndarray, tolerances: dict, class_axis: int | None = 1) -> dict:
+def compare(expected: np.ndarray, got: np.ndarray, tolerances: dict, class_axis: int | None = 1,
+            decided_margin: float | None = None) -> dict:
     """Figures of ``got`` against ``expected`` and whether they meet ``tolerances``.
 
     Args:
         expected, got: arrays of one shape (logits (B,C,H,W) or embeddings (C,D)).
         tolerances: ``{figure: [op, bound]}`` with op ``<=`` or ``>=``; figures ``max_abs_diff``, ``cosine``
-            (of the flattened arrays, min over the first axis) and ``pixel_agreement`` (% equal argmax over
-            ``class_axis``; skipped when ``class_axis`` is None).
+            (of the flattened arrays, min over the first axis), ``pixel_agreement`` (% equal argmax over
+            ``class_axis``; skipped when ``class_axis`` is None) and ``decided_agreement`` (% equal argmax over the
+            pixels whose expected top-1 logit leads top-2 by ``decided_margin`` or more; not gated where under 1 %
+            of the pixels are decided).
 
     Returns:
-        ``{"max_abs_diff", "cosine", ["pixel_agreement"], "failures": [...], "passed": bool}``.
+        ``{"max_abs_diff", "cosine", ["pixel_agreement", "decided_agreement"], "failures": [...], "passed": bool}``.
     """
     expected = np.asarray(expected, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
@@ -230,10 +233,17 @@ def compare(expected: np.ndarray, got: np.ndarray, tolerances: dict, class_axis:
     cos = (e * g).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(g, axis=1) + 1e-12)
     figures = {"max_abs_diff": float(np.abs(expected - got).max()), "cosine": float(cos.min())}
     if class_axis is not None:
-        figures["pixel_agreement"] = 100.0 * float((expected.argmax(class_axis) == got.argmax(class_axis)).mean())
+        same = expected.argmax(class_axis) == got.argmax(class_axis)
+        figures["pixel_agreement"] = 100.0 * float(same.mean())
+        if decided_margin is not None:
+            top2 = np.partition(expected, -2, axis=class_axis)
+            gap = np.take(top2, -1, axis=class_axis) - np.take(top2, -2, axis=class_axis)
+            decided = gap >= decided_margin
+            figures["decided_agreement"] = (100.0 * float(same[decided].mean()) if decided.mean() >= 0.01
+                                            else None)
     failures = []
     for key, (op, bound) in tolerances.items():
-        if key not in figures:
+        if figures.get(key) is None:  # not computed here (text), or too few decided pixels
             continue
         value = figures[key]
         if not (value <= bound if op == "<=" else value >= bound):
@@ -257,7 +267,8 @@ def check(bundle: Bundle) -> dict:
     report["tokens_equal"] = bool(np.array_equal(ids, load("prompt_ids")))
     report["text"] = compare(load("text_embeds"), bundle.encode_classes(names), m["tolerances"]["text"], None)
     logits = bundle.logits(load("images"), load("text_embeds"))
-    report["image"] = compare(load("logits"), logits, m["tolerances"]["image"][m["precision"]])
+    report["image"] = compare(load("logits"), logits, m["tolerances"]["image"][m["precision"]],
+                              decided_margin=s.get("decided_margin"))
     report["passed"] = bool(report["tokens_equal"] and report["text"]["passed"] and report["image"]["passed"])
     return report
 
