@@ -1,4 +1,9 @@
-"""Shared fixtures: the real CamVid data beside the project, and tiny random-initialised models."""
+"""Shared fixtures: the real CamVid data beside the project, and tiny random-initialised models.
+
+Tests that read the real data (``../shared/data``, or ``OPENTRANS_DATA``) carry the ``real_data`` marker (tests
+that use the ``camvid_spec``/``camvid_val`` fixtures get it automatically). Without the data those tests are
+skipped with the reason shown; ``pytest -m "not real_data"`` runs the unit tier alone, anywhere.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,28 @@ TINY_VIT = "opentrans-tiny-vit"
 TINY_RN = "opentrans-tiny-rn"
 
 
+HAVE_REAL_DATA = (CAMVID / "val.txt").exists() and COCO_OBJECT.is_dir()
+_DATA_FIXTURES = {"camvid_spec", "camvid_val"}
+
+#: Mark a test (or ``pytestmark = real_data`` a module) that reads CamVid or COCO-Object mini.
+real_data = pytest.mark.real_data
+
+
 def pytest_configure(config):
-    if not (CAMVID / "val.txt").exists():
-        raise pytest.UsageError(f"CamVid not found at {CAMVID}; set OPENTRANS_DATA to the shared data folder")
+    config.addinivalue_line("markers", "real_data: reads the shared CamVid / COCO-Object mini data "
+                                       "(../shared/data or OPENTRANS_DATA); skipped where it is missing")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(real_data)
+    if HAVE_REAL_DATA:
+        return
+    skip = pytest.mark.skip(reason=f"needs the shared data, not found at {SHARED_DATA} (set OPENTRANS_DATA)")
+    for item in items:
+        if "real_data" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

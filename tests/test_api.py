@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CAMVID, CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID, CAMVID_SPEC, TINY_VIT, real_data
 
 from opentrans import api
 from opentrans.errors import OpenTransError
 
 
+@real_data
 def test_notebook_session_load_prune_finetune_deploy_evaluate_segment(tmp_path):
     model = api.load_model(TINY_VIT)
     alphas = api.analyze(model)["opentrans"]
@@ -34,6 +35,7 @@ def test_notebook_session_load_prune_finetune_deploy_evaluate_segment(tmp_path):
     assert (api.segment(build, image, ["road", "car", "sky"]) == labels).mean() > 0.99
 
 
+@real_data
 def test_segment_refuses_duplicate_classes_and_foreign_objects():
     model = api.load_model(TINY_VIT)
     image = sorted((CAMVID / "test").iterdir())[0]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from opentrans.cli import cli
-from tests.conftest import CAMVID, CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID, CAMVID_SPEC, TINY_VIT, real_data
 
 RECIPE = f"""
 name: tiny
@@ -46,6 +46,7 @@ def tiny_run(tmp_path_factory):
     return root / "tiny", recipe, result.output
 
 
+@real_data
 def test_run_writes_every_stage(tiny_run):
     run_dir, _, output = tiny_run
     for stage in ("base", "analyze", "prune", "finetune", "deploy/onnx-fp32", "deploy/openvino-int8", "deploy/jetson-fp16",
@@ -74,6 +75,7 @@ def test_run_writes_every_stage(tiny_run):
     assert all(r["median_ms"] > 0 and 0 <= r["miou"] <= 100 for r in bench["rows"])
 
 
+@real_data
 def test_rerun_skips_finished_stages(tiny_run):
     run_dir, recipe, _ = tiny_run
     before = (run_dir / "prune" / "model.safetensors").stat().st_mtime_ns
@@ -83,6 +85,7 @@ def test_rerun_skips_finished_stages(tiny_run):
     assert (run_dir / "prune" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@real_data
 def test_eval_and_segment_on_artifacts(tiny_run, tmp_path):
     run_dir, _, _ = tiny_run
     for artifact in (run_dir / "finetune", run_dir / "deploy" / "openvino-int8"):
@@ -107,6 +110,7 @@ def test_eval_and_segment_on_artifacts(tiny_run, tmp_path):
     assert build.output.split("): ")[1] == result.output.split("): ")[1]
 
 
+@real_data
 def test_deploy_data_defaults_to_the_artifacts_recorded_dataset(tiny_run, tmp_path):
     """The card's own usage: ``opentrans deploy --from runs/x/finetune --target ...`` without --data."""
     run_dir, _, _ = tiny_run

@@ -4,7 +4,7 @@ import pytest
 
 from opentrans.errors import OpenTransError
 from opentrans.recipe import load_recipe
-from tests.conftest import ROOT
+from conftest import ROOT
 
 
 def test_quickstart_recipe_parses():

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from opentrans.cli import cli
-from tests.conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 
 
 def invoke(*args):
@@ -161,6 +161,7 @@ def _set(key, value):
     return lambda spec: spec.__setitem__(key, value)
 
 
+@real_data
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["shapes"].__setitem__(next(iter(s["shapes"])), [-4, 16]), "outside [1, inf]"),
     (lambda s: s["shapes"].__setitem__(next(iter(s["shapes"])), [10 ** 9, 10 ** 9]), "does not fit its unpruned shape"),
@@ -183,6 +184,7 @@ def test_crafted_model_json_is_refused_before_building(finished, tmp_path, edit,
     assert tree(artifact) == before
 
 
+@real_data
 def test_head_options_that_would_allocate_terabytes_are_refused(finished, tmp_path):
     artifact = copy_artifact(finished / "prune", tmp_path / "prune")
     tamper(artifact, "model.json", spec_variant(artifact, lambda s: s.update(head="spt-seg",
@@ -191,6 +193,7 @@ def test_head_options_that_would_allocate_terabytes_are_refused(finished, tmp_pa
     assert_one_line_error(result, "parameters, more than the whole")
 
 
+@real_data
 @pytest.mark.parametrize("content", [b"", b"\x00" * 7, None, b"pickle"])
 def test_damaged_weights_are_one_line(finished, tmp_path, content):
     artifact = copy_artifact(finished / "prune", tmp_path / "prune")
@@ -207,6 +210,7 @@ def test_damaged_weights_are_one_line(finished, tmp_path, content):
     assert_one_line_error(eval_from(artifact), "model.safetensors", "not a readable safetensors file")
 
 
+@real_data
 def test_weights_of_other_shapes_are_one_line(finished, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -220,6 +224,7 @@ def test_weights_of_other_shapes_are_one_line(finished, tmp_path):
     assert_one_line_error(eval_from(artifact), "does not match", name)
 
 
+@real_data
 @pytest.mark.parametrize("how", ["no manifest", "running", "not a manifest"])
 def test_unfinished_stage_is_refused(finished, tmp_path, how):
     import json
@@ -242,8 +247,9 @@ def test_unfinished_stage_is_refused(finished, tmp_path, how):
     assert not out.exists()
 
 
+@real_data
 def test_damaged_build_is_one_line_in_eval_segment_and_bench(finished, tmp_path):
-    from tests.conftest import CAMVID
+    from conftest import CAMVID
 
     build = copy_artifact(finished / "onnx", tmp_path / "onnx")
     copy_artifact(finished / "prune", tmp_path / "prune")  # the build's source model, at the same relative place
@@ -260,6 +266,7 @@ def test_damaged_build_is_one_line_in_eval_segment_and_bench(finished, tmp_path)
         assert_one_line_error(result, "model.onnx", message)
 
 
+@real_data
 @pytest.mark.parametrize("edit, message", [
     (lambda b: b.__setitem__("file", "../../prune/model.safetensors"), "must be a path inside"),
     (lambda b: b.__setitem__("file", "/etc/passwd"), "must be a path inside"),
@@ -314,7 +321,7 @@ def folder_dataset(root: Path, classes: str | bytes = "road\nsky\n", mask_value=
     import numpy as np
     from PIL import Image
 
-    from tests.conftest import CAMVID
+    from conftest import CAMVID
 
     pairs = [line.split() for line in (CAMVID / "val.txt").read_text().splitlines()[:n]]
     for split in ("train", "val"):
@@ -331,6 +338,7 @@ def folder_dataset(root: Path, classes: str | bytes = "road\nsky\n", mask_value=
     return f"folder:{root}"
 
 
+@real_data
 def test_text_files_that_are_not_utf8_are_one_line(tmp_path):
     data = folder_dataset(tmp_path / "d", classes="road\nstra\xdfe\n".encode("latin-1"))
     assert_one_line_error(invoke("eval", "--model", TINY_VIT, "--data", data), "classes.txt", "not UTF-8", "line 2")
@@ -370,6 +378,7 @@ def test_float_options_refuse_nan_and_inf(tmp_path, args):
     assert not out.exists()
 
 
+@real_data
 def test_duplicate_class_names_are_refused(tmp_path):
     out = tmp_path / "overlay.png"
     image = sorted((__import__("tests.conftest", fromlist=["CAMVID"]).CAMVID / "test").iterdir())[0]
@@ -380,6 +389,7 @@ def test_duplicate_class_names_are_refused(tmp_path):
     assert_one_line_error(invoke("eval", "--model", TINY_VIT, "--data", data), "classes.txt", "'road' appears twice")
 
 
+@real_data
 def test_mask_values_beyond_the_classes_are_counted_and_mostly_unknown_masks_refused(tmp_path):
     import json
 
@@ -408,6 +418,7 @@ def test_mask_values_beyond_the_classes_are_counted_and_mostly_unknown_masks_ref
 
 # --- 10. errors start a line of their own; no CUDA notice on CPU-only machines ------------------------------------
 
+@real_data
 def test_error_after_a_progress_bar_starts_its_own_line(tmp_path):
     import re
 
@@ -433,6 +444,7 @@ def test_cuda_runtime_notice_is_filtered():
     assert logger.filter(other)
 
 
+@real_data
 @pytest.mark.parametrize("target, precision", [("openvino", "fp32"), ("jetson", "fp16")])
 def test_verified_builds_of_other_targets_still_load(finished, tmp_path, target, precision):
     out = tmp_path / f"{target}-{precision}"
@@ -445,6 +457,7 @@ def test_verified_builds_of_other_targets_still_load(finished, tmp_path, target,
 
 # --- 5. input sizes far beyond memory are refused before allocating -------------------------------------------------
 
+@real_data
 @pytest.mark.parametrize("args, what", [
     (["eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--image-size", "20000x20000"], "--image-size"),
     (["eval", "--model", TINY_VIT, "--data", CAMVID_SPEC, "--limit", 1, "--window", "20000x20000"], "--window"),
@@ -475,6 +488,7 @@ def test_memory_estimate_passes_ordinary_sizes(tiny_vit, tiny_rn):
 
 # --- 12.-15. output directories: user files, failed reruns, full disks, read-only places, files as --out -----------
 
+@real_data
 def test_deploy_refuses_to_replace_a_build_holding_user_files(finished, tmp_path):
     build = copy_artifact(finished / "onnx", tmp_path / "onnx")
     (build / "notes.txt").write_text("my measurements\n")
@@ -486,6 +500,7 @@ def test_deploy_refuses_to_replace_a_build_holding_user_files(finished, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary build left beside it
 
 
+@real_data
 def test_prune_rerun_on_a_full_disk_keeps_the_finished_artifact(finished, tmp_path, monkeypatch):
     import errno
 
@@ -507,6 +522,7 @@ def test_prune_rerun_on_a_full_disk_keeps_the_finished_artifact(finished, tmp_pa
     assert eval_from(out).exit_code == 0  # still a finished, verified artifact
 
 
+@real_data
 def test_prune_rerun_replaces_a_finished_artifact_and_refuses_user_files(finished, tmp_path):
     import json
 
@@ -522,6 +538,7 @@ def test_prune_rerun_replaces_a_finished_artifact_and_refuses_user_files(finishe
     assert (out / "mine.txt").exists()
 
 
+@real_data
 def test_stale_staging_directories_of_dead_processes_are_removed(finished, tmp_path):
     stale = tmp_path / ".prune.999999999.abcd.stage-tmp"  # no such pid
     stale.mkdir()
@@ -532,6 +549,7 @@ def test_stale_staging_directories_of_dead_processes_are_removed(finished, tmp_p
     assert not stale.exists()
 
 
+@real_data
 def test_out_naming_a_file_or_an_unwritable_place_is_one_line(tmp_path):
     existing = tmp_path / "file.txt"
     existing.write_text("keep me")
@@ -557,6 +575,7 @@ def test_out_naming_a_file_or_an_unwritable_place_is_one_line(tmp_path):
 
 # --- 16.-17. leftovers of killed runs are removed; bench workers die with their parent ----------------------------
 
+@real_data
 def test_stale_deploy_directories_of_dead_processes_are_removed(finished, tmp_path):
     stale = tmp_path / ".onnx.999999999.abcd.deploy-tmp"
     stale.mkdir()
@@ -588,7 +607,7 @@ def test_bench_workers_die_with_their_parent(tmp_path):
     import sys
     import time
 
-    from tests.conftest import ROOT
+    from conftest import ROOT
 
     script = tmp_path / "parent.py"
     script.write_text(WORKER_PARENT)
@@ -613,6 +632,7 @@ def test_bench_workers_die_with_their_parent(tmp_path):
 
 # --- 18. reruns are deterministic -----------------------------------------------------------------------------------
 
+@real_data
 def test_prune_reruns_write_identical_artifacts(finished, tmp_path):
     from opentrans.artifacts import sha256
 

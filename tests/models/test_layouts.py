@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COCO_OBJECT
+from conftest import COCO_OBJECT, real_data
 from opentrans.data import open_dataset
 from opentrans.data.datasets import CITYSCAPES_CLASSES, CONTEXT59_CLASSES, VOC_CLASSES
 from opentrans.errors import OpenTransError
@@ -126,6 +126,7 @@ def test_coco_object_mmseg_layout_and_errors(tmp_path):
         open_dataset(f"cityscapes:{tmp_path}", "val", SIZE, MEAN, STD)
 
 
+@real_data
 def test_shared_coco_object_mini():
     ds = open_dataset(f"coco-object:{COCO_OBJECT}", "val", SIZE, MEAN, STD, limit=3)
     assert len(ds.class_names) == 81 and ds.class_names[1] == "person" and ds.background_index == 0

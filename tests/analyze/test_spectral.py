@@ -31,7 +31,7 @@ from opentrans.analyze.spectral import (
     write_alpha_report,
     write_esd_plot,
 )
-from tests.conftest import TINY_VIT
+from conftest import TINY_VIT
 
 
 def _linear_with_spectrum(n: int, m: int, tail_alpha: float, seed: int) -> nn.Linear:

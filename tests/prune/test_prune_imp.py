@@ -11,7 +11,7 @@ import subprocess
 import sys
 import pytest
 import torch
-from conftest import CAMVID, CAMVID_SPEC, TINY_RN, TINY_VIT
+from conftest import CAMVID, CAMVID_SPEC, TINY_RN, TINY_VIT, real_data
 from safetensors.torch import load_file
 
 from opentrans.artifacts import read_json
@@ -154,6 +154,7 @@ class _Interrupt(Exception):
     pass
 
 
+@real_data
 def test_stage_rounds_recovery_resume_and_transfer(tmp_path, monkeypatch):
     full, broken = tmp_path / "full", tmp_path / "broken"
     figures = imp_stage(None, TINY_VIT, "none", full, 0.19, eval_data=CAMVID_SPEC, eval_limit=2, **RECOVERY, **EXT)
@@ -246,6 +247,7 @@ def test_stage_rounds_recovery_resume_and_transfer(tmp_path, monkeypatch):
     assert not (tmp_path / "less").exists()
 
 
+@real_data
 def test_resnet_stage_with_recovery(tmp_path):
     # one round of 50 %: 10 % of the tiny ResNet's convs barely moves its features (distillation loss ~3e-7), too
     # little for a recovery to show (the test pruned 10 % of the attention pool too before the authors' targets)
@@ -290,6 +292,7 @@ def test_masks_for_another_architecture_are_refused(tmp_path):
     assert not out.exists()
 
 
+@real_data
 def test_image_folder_reader(tmp_path):
     images = tmp_path / "imgs"
     images.mkdir()
@@ -347,6 +350,7 @@ def test_cli_imp_and_one_line_errors(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@real_data
 def test_structured_prune_with_distillation_recovery_and_fidelity(tmp_path):
     out = tmp_path / "structured"
     figures = prune_stage(None, TINY_VIT, "none", out, 0.5, eval_data=CAMVID_SPEC, eval_limit=2, **RECOVERY)
@@ -363,6 +367,7 @@ def test_structured_prune_with_distillation_recovery_and_fidelity(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@real_data
 def test_recovery_under_torchrun_ddp_gloo_matches_single_process(tmp_path):
     """2 processes (gloo, CPU), one image each per step: DDP averages the gradients, so the recovered weights
     equal a single-process run on the same 2-image batches."""

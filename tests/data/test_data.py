@@ -8,11 +8,12 @@ from PIL import Image
 
 from opentrans.data import open_dataset, parse_data_spec
 from opentrans.errors import OpenTransError
-from tests.conftest import CAMVID, CAMVID_SPEC
+from conftest import CAMVID, CAMVID_SPEC, real_data
 
 SIZE, MEAN, STD = (64, 80), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
+@real_data
 def test_camvid_split_files_as_shipped():
     ds = open_dataset(CAMVID_SPEC, "val", SIZE, MEAN, STD)
     assert len(ds) == 101
@@ -29,6 +30,7 @@ def test_camvid_split_files_as_shipped():
     assert image.min() >= -2.0 - 1e-6 and image.max() <= 2.0 + 1e-6
 
 
+@real_data
 def test_limit_and_split():
     assert len(open_dataset(CAMVID_SPEC, "train", SIZE, MEAN, STD, limit=5)) == 5
     with pytest.raises(OpenTransError, match="--split"):
@@ -56,6 +58,7 @@ def _copy_camvid_subset(tmp_path, n=2):
     return root
 
 
+@real_data
 def test_missing_file_is_named(tmp_path):
     root = _copy_camvid_subset(tmp_path)
     victim = sorted((root / "valannot").iterdir())[0]
@@ -64,6 +67,7 @@ def test_missing_file_is_named(tmp_path):
         open_dataset(f"camvid:{root}", "val", SIZE, MEAN, STD)
 
 
+@real_data
 def test_unreadable_and_mismatched_files_are_named(tmp_path):
     root = _copy_camvid_subset(tmp_path)
     images = sorted((root / "val").iterdir())

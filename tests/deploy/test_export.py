@@ -17,7 +17,7 @@ import onnx
 import open_clip
 import pytest
 import torch
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, fake_trtexec, skip_where_tensorrt_exists
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, fake_trtexec, real_data, skip_where_tensorrt_exists
 
 from opentrans.data import open_dataset
 from opentrans.deploy import clip_tokenizer
@@ -51,6 +51,7 @@ def _images(spec, n: int, size=None) -> np.ndarray:
 # --- text graph ---------------------------------------------------------------------------------------------
 
 
+@real_data
 def test_standalone_tokenizer_matches_open_clip():
     names = _camvid_names()
     texts = clip_tokenizer.prompts_for(names, TEMPLATES) + [
@@ -62,6 +63,7 @@ def test_standalone_tokenizer_matches_open_clip():
     assert ours[-1, -1] == 49407
 
 
+@real_data
 @pytest.mark.parametrize("model", [TINY_VIT, TINY_RN])
 def test_text_graph_matches_torch_encode_text_on_camvid_names(model, tmp_path):
     seg, _ = build_segmentor(model, "none")
@@ -85,6 +87,7 @@ def test_text_graph_matches_torch_encode_text_on_camvid_names(model, tmp_path):
         encoder.encode_classes([])
 
 
+@real_data
 def test_text_graph_as_openvino_ir_and_its_build_entry(tmp_path):
     seg, spec = build_segmentor(TINY_VIT, "none")
     info = build_text_graph(tmp_path, "openvino", seg, spec, _camvid_names())
@@ -98,6 +101,7 @@ def test_text_graph_as_openvino_ir_and_its_build_entry(tmp_path):
 # --- dynamic height/width -----------------------------------------------------------------------------------
 
 
+@real_data
 @pytest.mark.parametrize("model, mode", [(TINY_VIT, "maskclip"), (TINY_VIT, "naclip"), (TINY_RN, "maskclip")])
 def test_dynamic_hw_export_matches_torch_at_two_other_sizes(model, mode, tmp_path):
     seg, spec = build_segmentor(model, "none", dense_mode=mode)
@@ -143,6 +147,7 @@ def _adapted_and_masked(seed: int = 0):
     return seg, spec
 
 
+@real_data
 def test_export_merges_adapters_and_prune_masks_or_refuses(tmp_path):
     seg, spec = _adapted_and_masked()
     pending = unmerged_reparametrizations(seg)
@@ -215,6 +220,7 @@ def test_tensorrt_network_flags_skip_members_the_enum_lacks():
     assert trt_plan.network_flags_value(Fake, trt_plan.plan_engine("11.0.0", "fp16")) == 0
 
 
+@real_data
 def test_nvidia_target_without_tensorrt_is_one_line_and_exit_1(tmp_path):
     from click.testing import CliRunner
 
@@ -244,6 +250,7 @@ def bundle(tmp_path_factory):
     return out, figures
 
 
+@real_data
 def test_jetson_bundle_contents(bundle):
     path, figures = bundle
     for name in ("model.onnx", "model_fp16.onnx", "text_encoder.onnx", "tokenizer.py", "bpe_simple_vocab_16e6.txt.gz",
@@ -259,6 +266,7 @@ def test_jetson_bundle_contents(bundle):
     assert subprocess.run(["bash", "-n", str(path / "build_engine.sh")], check=False).returncode == 0
 
 
+@real_data
 def test_jetson_build_script_per_tensorrt_version(bundle, tmp_path):
     path, _ = bundle
     script = path / "build_engine.sh"
@@ -273,6 +281,7 @@ def test_jetson_build_script_per_tensorrt_version(bundle, tmp_path):
     assert refused.returncode == 2 and "builds fp16|fp32" in refused.stderr
 
 
+@real_data
 def test_jetson_runner_check_and_encode_with_onnxruntime_backend(bundle, tmp_path):
     path, _ = bundle
     run = lambda *args: subprocess.run([sys.executable, str(path / "runner.py"), *args],
@@ -305,6 +314,7 @@ def test_jetson_runner_check_and_encode_with_onnxruntime_backend(bundle, tmp_pat
     assert not bundle_runner.compare(expected, expected[:, :3], tol)["passed"]
 
 
+@real_data
 def test_load_runner_encode_classes_uses_the_text_graph(bundle):
     from opentrans.deploy import load_runner
 

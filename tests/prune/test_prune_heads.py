@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, save_finished
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, real_data, save_finished
 
 from opentrans.cli import cli
 from opentrans.data import open_dataset
@@ -62,6 +62,7 @@ def _zero_vit_head(seg, head: int) -> None:
         attn.out_proj.weight.data[:, head * HEAD_DIM:(head + 1) * HEAD_DIM] = 0
 
 
+@real_data
 @torch.no_grad()
 def test_pruning_zeroed_heads_keeps_the_function_exactly():
     seg, spec = build_segmentor(TINY_VIT, "none")
@@ -86,6 +87,7 @@ def test_pruning_zeroed_heads_keeps_the_function_exactly():
     assert "transformer.resblocks.0.attn.in_proj_weight" in {t.name for t in imp_targets(seg.visual, "extended")}
 
 
+@real_data
 @torch.no_grad()
 def test_resnet_attnpool_heads_and_all_stage_width():
     seg, spec = build_segmentor(TINY_RN, "none")
@@ -135,6 +137,7 @@ def _assert_rn_stage_shapes(v, sizes: dict[str, int]) -> None:
     assert v.attnpool.positional_embedding.shape[1] == v.attnpool.k_proj.in_features == c4
 
 
+@real_data
 @torch.no_grad()
 def test_resnet_width_of_a_middle_stage_removes_zeroed_channels_exactly():
     """Channels of layer2's residual stream whose producers (every conv3/bn3, the downsample conv/BN) are zero
@@ -161,6 +164,7 @@ def test_resnet_width_of_a_middle_stage_removes_zeroed_channels_exactly():
     torch.testing.assert_close(seg(images, TEXT), reference, rtol=1e-5, atol=1e-5)
 
 
+@real_data
 @pytest.mark.parametrize("arch", [TINY_VIT, TINY_RN])
 def test_head_and_width_pruned_round_trip_and_onnx_parity(arch, tmp_path):
     import onnxruntime as ort
@@ -206,6 +210,7 @@ def test_old_model_json_without_modules_still_loads(tmp_path):
     assert isinstance(loaded.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
 
 
+@real_data
 def test_taylor_scores_are_nonzero_and_zero_for_a_dead_head():
     """At the unpruned point the distillation gradient is 0, but the Gauss-Newton Taylor scores are not; a head
     whose out_proj columns are 0 contributes nothing, so its score is exactly 0."""
@@ -238,6 +243,7 @@ def test_targets_below_current_and_composition_per_structure(tiny_vit):
     assert structure_sizes(seg, "heads") == {f"transformer.resblocks.{i}.attn": 1 for i in range(VIT_LAYERS)}
 
 
+@real_data
 def test_transfer_reproduces_shapes_and_outputs(tmp_path):
     """Two composed prunes write kept indices relative to the original architecture; re-applied to the same
     unpruned weights they give the same model, and to other weights the same shapes."""
@@ -275,6 +281,7 @@ def test_transfer_reproduces_shapes_and_outputs(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@real_data
 def test_resnet_all_stage_width_transfer_composes_and_old_layer4_files_apply(tmp_path):
     """RN width kept indices are recorded per stage relative to the original and compose over two prunes;
     re-applied to the unpruned weights they reproduce the model. A kept file from before all-stage width (only
@@ -341,6 +348,7 @@ def test_cli_structures_and_bad_input(tmp_path):
     assert structure_sizes(seg, "heads") == {f"transformer.resblocks.{i}.attn": 1 for i in range(VIT_LAYERS)}
 
 
+@real_data
 def test_prune_stage_taylor_with_calibration_images(tmp_path):
     figures = prune_stage(None, TINY_VIT, "none", tmp_path / "t", 0.5, importance="taylor",
                           structures="channels,heads", distill_data=CAMVID_SPEC, distill_limit=2, latency_repeats=0)
@@ -349,6 +357,7 @@ def test_prune_stage_taylor_with_calibration_images(tmp_path):
     assert figures["gmacs_after"] < figures["gmacs_before"]
 
 
+@real_data
 def test_finetuning_an_imp_artifact_keeps_its_zeros(tmp_path):
     """``finetune --from`` an IMP artifact: the artifact's masks are found next to it, gradient hooks keep the
     pruned weights at exactly zero under AdamW with weight decay, and a loaded/deployed model keeps them too."""

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, real_data
 
 from opentrans.artifacts import read_json
 from opentrans.data import open_dataset
@@ -47,6 +47,7 @@ def _mlp_widths(seg) -> list[int]:
     return [block.mlp.c_fc.out_features for block in seg.visual.transformer.resblocks]
 
 
+@real_data
 def test_vit_mlp_pruned_by_exact_amount_and_residual_untouched(tiny_vit):
     seg, spec = tiny_vit
     frozen = {k: v.clone() for k, v in seg.visual.state_dict().items() if ".mlp." not in k}
@@ -124,6 +125,7 @@ def test_vit_round_to(tiny_vit, sparsity, round_to, expected):
     assert report["sparsity"] == pytest.approx(1 - expected / VIT_MLP)
 
 
+@real_data
 def test_resnet_bottleneck_internal_channels_only(tiny_rn):
     seg, spec = tiny_rn
     v = seg.visual
@@ -171,6 +173,7 @@ def _zero_rn_channels(seg, gen) -> None:
             nxt.weight[:, dead] = 0
 
 
+@real_data
 @pytest.mark.parametrize("arch", [TINY_VIT, TINY_RN])
 @torch.no_grad()
 def test_magnitude_removes_the_dead_channels_and_keeps_the_function(arch):
@@ -205,6 +208,7 @@ def test_lamp_ranks_globally(tiny_vit):
     assert torch.count_nonzero(seg.visual.transformer.resblocks[0].mlp.c_fc.weight.abs().sum(1)) == widths[0]
 
 
+@real_data
 @pytest.mark.parametrize("arch", [TINY_VIT, TINY_RN])
 def test_save_load_round_trip_is_exact(arch, tmp_path):
     seg, spec = build_segmentor(arch, "none")

@@ -21,7 +21,7 @@ from opentrans.finetune.adapters import (
     tower_targets,
 )
 
-from tests.conftest import TINY_VIT
+from conftest import TINY_VIT
 
 BLOCK = 16  # divides every input width of the tiny configs (64 and 256)
 CLASSES = ["sky", "road", "car"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from opentrans.errors import OpenTransError
 from opentrans.models.artifact import load_segmentor, resolve_model, save_segmentor
 from opentrans.models.clip import RANDOM_INIT, load_clip
-from tests.conftest import TINY_RN, TINY_VIT
+from conftest import TINY_RN, TINY_VIT
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_rn"])

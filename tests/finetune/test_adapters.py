@@ -16,6 +16,8 @@ from opentrans.finetune.adapters import (
     merge_adapters,
 )
 
+from conftest import real_data
+
 BLOCK1 = "clip.visual.transformer.resblocks.1"
 
 
@@ -122,6 +124,7 @@ def test_bad_targets_register_nothing(tiny_vit):
     assert not any(parametrize.is_parametrized(m) for m in seg.modules())
 
 
+@real_data
 @pytest.mark.parametrize("adapter", ["lora", "oft"])
 def test_finetune_stage_with_adapter_saves_merged_plain_weights(tmp_path, adapter):
     import json
@@ -130,7 +133,7 @@ def test_finetune_stage_with_adapter_saves_merged_plain_weights(tmp_path, adapte
     from opentrans.finetune.stage import finetune_stage
     from opentrans.models.source import ModelSource
     from opentrans.models.artifact import build_segmentor, load_segmentor
-    from tests.conftest import CAMVID_SPEC, TINY_VIT
+    from conftest import CAMVID_SPEC, TINY_VIT
 
     out = tmp_path / adapter
     figures = finetune_stage(ModelSource(model=TINY_VIT),

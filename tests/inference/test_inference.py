@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import CAMVID_SPEC, COCO_OBJECT, TINY_VIT
+from conftest import CAMVID_SPEC, COCO_OBJECT, TINY_VIT, real_data
 from opentrans.cli import cli
 from opentrans.data import open_dataset
 from opentrans.errors import OpenTransError
@@ -74,6 +74,7 @@ def test_sliding_window_matches_whole_image_when_window_is_the_image(tiny_vit, c
     np.testing.assert_allclose(slid, whole, rtol=1e-5, atol=1e-5)
 
 
+@real_data
 def test_short_side_dataset_keeps_aspect():
     ds = open_dataset(CAMVID_SPEC, "val", (64, 80), (0.5,) * 3, (0.25,) * 3, limit=2)
     short = ShortSideDataset.wrap(ds, 120)
@@ -132,6 +133,7 @@ def test_text_embedding_cache(tiny_vit, tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
+@real_data
 def test_eval_across_modes_writes_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENTRANS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "modes" / "coco.json"
@@ -149,6 +151,7 @@ def test_eval_across_modes_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+@real_data
 def test_eval_single_mode_and_option_errors(tmp_path):
     runner = CliRunner()
     out = tmp_path / "m.json"
@@ -197,6 +200,7 @@ def test_templates_file(tmp_path, tiny_vit):
         read_templates(bad)
 
 
+@real_data
 def test_deploy_bakes_the_dense_mode_and_eval_refuses_another(tmp_path):
     runner = CliRunner()
     build = tmp_path / "onnx"

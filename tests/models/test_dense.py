@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 from opentrans.data import open_dataset
 from opentrans.deploy import export_onnx
 from opentrans.deploy.targets.onnx import OnnxRuntimeRunner
@@ -157,6 +157,7 @@ def test_modes_differ_and_resnet_supports_only_maskclip(tiny_vit):
     assert set(DENSE_MODES) == {"maskclip", "maskclip-noresidual", "sclip", "clearclip", "naclip", "cliper"}
 
 
+@real_data
 def test_every_vit_mode_exports_to_onnx_with_parity_on_a_camvid_image(tmp_path):
     """torch.onnx.export(dynamo=False) of each mode, ONNX Runtime and OpenVINO vs PyTorch on a real CamVid image."""
     import openvino as ov
@@ -625,6 +626,7 @@ def test_logit_scale_runner_on_torch_and_on_a_fixed_graph(tiny_vit):
         LogitScaleRunner(base, seg, logit_scale=0.0)
 
 
+@real_data
 def test_eval_protocol_paper_through_the_cli(tmp_path, monkeypatch):
     import json
 

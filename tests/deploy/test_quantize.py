@@ -13,7 +13,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import CAMVID, CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID, CAMVID_SPEC, TINY_VIT, real_data
 from opentrans.cli import cli
 from opentrans.data import open_dataset
 from opentrans.deploy import deploy_stage
@@ -52,6 +52,7 @@ def _deploy(out, target, precision, **kw):
 # --- fp16 ---------------------------------------------------------------------------------------------------
 
 
+@real_data
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_fp16_builds_pass_parity_with_fp16_weights(target, tmp_path):
     figures = _deploy(tmp_path / target, target, "fp16")
@@ -78,6 +79,7 @@ def test_fp16_builds_pass_parity_with_fp16_weights(target, tmp_path):
         assert json.loads((tmp_path / target / "build.json").read_text())["compress_to_fp16"] is True
 
 
+@real_data
 def test_unknown_precision_lists_valid_ones_and_writes_nothing(tmp_path):
     with pytest.raises(OpenTransError, match="target onnx builds fp32, fp16, int8"):
         _deploy(tmp_path / "out", "onnx", "int4")
@@ -90,6 +92,7 @@ def test_unknown_precision_lists_valid_ones_and_writes_nothing(tmp_path):
 # --- ONNX Q/DQ INT8 -----------------------------------------------------------------------------------------
 
 
+@real_data
 def test_qdq_onnx_quantises_the_image_encoder_and_keeps_the_text_path_fp32(vit, tmp_path):
     seg, spec, path, calib, val, text = vit
     out = q.quantize_onnx_qdq(path, calib, text, tmp_path / "qdq.onnx", subset_size=4)
@@ -128,6 +131,7 @@ def test_qdq_onnx_quantises_the_image_encoder_and_keeps_the_text_path_fp32(vit, 
     assert not check_parity(figures, "int8"), figures  # measured cosine 0.9995, agreement 98.4 %
 
 
+@real_data
 def test_onnx_int8_build_writes_quant_and_sensitivity_reports(tmp_path):
     ignore = r"resblocks\.1/mlp/c_fc"
     figures = _deploy(tmp_path / "b", "onnx", "int8", ignore_ops=[ignore], sensitivity=True, sensitivity_images=1)
@@ -162,6 +166,7 @@ def test_onnx_int8_build_writes_quant_and_sensitivity_reports(tmp_path):
 # --- calibration sources --------------------------------------------------------------------------------------
 
 
+@real_data
 def test_calibration_from_a_plain_image_folder(vit, tmp_path):
     _, spec, *_ = vit
     folder = tmp_path / "pics" / "site"
@@ -177,6 +182,7 @@ def test_calibration_from_a_plain_image_folder(vit, tmp_path):
     np.testing.assert_array_equal(ds[0], first[0])
 
 
+@real_data
 def test_empty_calibration_folder_is_a_one_line_error_and_writes_nothing(tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -194,6 +200,7 @@ def test_empty_calibration_folder_is_a_one_line_error_and_writes_nothing(tmp_pat
 # --- accuracy control -----------------------------------------------------------------------------------------
 
 
+@real_data
 def test_accuracy_control_reports_reverted_layers_consistently(vit):
     import openvino as ov
 
@@ -222,6 +229,7 @@ def test_accuracy_control_reports_reverted_layers_consistently(vit):
     assert value >= 90.0 and len(per_item) == 2  # the returned model is sound (SmoothQuant off, see quantize.py)
 
 
+@real_data
 def test_sensitivity_modes_and_report_table(vit, tmp_path):
     _, _, path, calib, val, text = vit
     images = val[0][0][None].numpy()

@@ -9,7 +9,7 @@ import torch
 
 from opentrans.errors import OpenTransError
 from opentrans.metrics import ConfusionMatrix, harmonic_iou, zero_shot_summary
-from tests.conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 
 UNSEEN = ["car", "pedestrian", "bicyclist"]  # the CamVid split of docs/finetune.md
 
@@ -42,6 +42,7 @@ def test_zero_shot_metrics_on_a_hand_worked_confusion_matrix():
         zero_shot_summary({"a": 1.0}, ["zebra"])
 
 
+@real_data
 def test_seen_classes_dataset_renumbers_and_hides_unseen(tiny_vit):
     from opentrans.data import open_dataset
     from opentrans.finetune.trainer import SeenClassesDataset
@@ -62,6 +63,7 @@ def test_seen_classes_dataset_renumbers_and_hides_unseen(tiny_vit):
         SeenClassesDataset(full, ["zebra"])
 
 
+@real_data
 def test_zero_shot_finetune_never_trains_on_unseen_labels(tmp_path, monkeypatch):
     import opentrans.finetune.trainer as trainer
     from opentrans.artifacts import load_manifest
@@ -99,6 +101,7 @@ def test_zero_shot_finetune_never_trains_on_unseen_labels(tmp_path, monkeypatch)
     assert load_manifest(out)["options"]["unseen_classes"] == UNSEEN
 
 
+@real_data
 @pytest.mark.parametrize("unseen, match", [("car,zebra", "'zebra' is not a class"),
                                            ("car,car", "named twice")])
 def test_bad_unseen_classes_fail_before_writing(tmp_path, unseen, match):
@@ -120,6 +123,6 @@ def test_camvid_zero_shot_recipe_uses_the_documented_split():
     from opentrans.finetune.stage import CAMVID_UNSEEN
     from opentrans.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "camvid-zero-shot.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "camvid-zero-shot.yaml")
     assert recipe.finetune.unseen_classes == list(CAMVID_UNSEEN) == UNSEEN
-    assert "car, pedestrian, bicyclist" in (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
+    assert "car, pedestrian, bicyclist" in (Path(__file__).resolve().parents[2] / "docs" / "finetune.md").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 from onnx import TensorProto, helper, numpy_helper
 
 from opentrans.deploy.export import export_onnx, fold_constants
@@ -105,6 +105,7 @@ def test_exported_vit_parses_once_its_position_embedding_resize_is_folded(tmp_pa
     np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
 
 
+@real_data
 def test_jetson_dynamic_hw_bundle_is_refused_before_anything_is_written(tmp_path):
     """A dynamic-size export keeps the bicubic resize in the graph: the bundle would not build on the device."""
     out = tmp_path / "out" / "jetson"

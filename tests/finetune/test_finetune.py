@@ -19,7 +19,7 @@ from opentrans.finetune.freeze import (
 )
 from opentrans.analyze.spectral import LayerAlpha, analyze_model, analyze_spectrum
 from opentrans.finetune.trainer import resize_masks, resolve_amp, train_segmentor
-from tests.conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 
 
 def _la(name: str, alpha: float) -> LayerAlpha:
@@ -90,6 +90,7 @@ def test_resize_masks_keeps_labels_and_ignore_index():
     assert set(out.unique().tolist()) == {0, 3, 11}
 
 
+@real_data
 def test_training_reduces_loss_and_moves_only_trainable_params(tiny_vit):
     seg, spec = tiny_vit
     ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=2)
@@ -115,6 +116,7 @@ def test_training_reduces_loss_and_moves_only_trainable_params(tiny_vit):
         train_segmentor(seg, ds, text, steps=0, batch_size=2, lr=1e-3)
 
 
+@real_data
 def test_training_is_deterministic():
     from opentrans.models.artifact import build_segmentor
 
@@ -140,6 +142,7 @@ def _layer_weight(state: dict, layer: str) -> torch.Tensor:
     return w
 
 
+@real_data
 def test_finetune_stage_writes_loadable_model(tmp_path):
     from opentrans.artifacts import load_manifest
     from opentrans.finetune.options import FinetuneOptions
@@ -222,6 +225,7 @@ def test_freeze_policies_fraction_inverse_random():
         freeze_plan(layers, "fraction", fraction=1.5)
 
 
+@real_data
 def test_qkv_slice_trains_alone_and_frozen_rows_stay_exact(tiny_vit):
     seg, spec = tiny_vit
     ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=2)
@@ -255,6 +259,7 @@ def _resume_setup():
     return seg, ds, text
 
 
+@real_data
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     kwargs = {"steps": 4, "batch_size": 1, "lr": 1e-3, "seed": 3, "progress": False, "grad_accum": 2}
     seg, ds, text = _resume_setup()
@@ -288,6 +293,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         train_segmentor(seg, ds, text, checkpoint_dir=ckpt, checkpoint_every=2, **{**kwargs, "lr": 2e-3})
 
 
+@real_data
 def test_bf16_autocast_and_gradient_accumulation(tiny_vit):
     seg, spec = tiny_vit
     ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=2)
@@ -382,6 +388,7 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@real_data
 def test_finetune_wires_paper_prompts_and_heads_and_keeps_them(tmp_path):
     """--prompts ldvc --head ldvc: both are built, trained (LDVC's text prompts through a text forward with
     gradient at every step), counted per component, saved in the artifact, and kept by a later finetune."""
@@ -418,6 +425,7 @@ def test_finetune_wires_paper_prompts_and_heads_and_keeps_them(tmp_path):
 HCLIP_FAST = {"block_size": 16, "dcrc": False, "text_targets": ["clip.transformer.resblocks.0.mlp.c_fc"]}
 
 
+@real_data
 def test_finetune_hclip_with_spt_seg_prompts_and_head_merges_before_saving(tmp_path):
     from opentrans.finetune.options import FinetuneOptions
     from opentrans.finetune.stage import finetune_stage

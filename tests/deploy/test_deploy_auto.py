@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 
 from opentrans.artifacts import load_manifest, read_json
 from opentrans.deploy.auto import auto_candidates, choose
@@ -65,6 +65,7 @@ def test_bf16_gate_is_at_least_as_strict_as_fp16():
                          "decided_agreement": 100.0}, "bf16") == []
 
 
+@real_data
 def test_auto_openvino_build_keeps_the_fastest_passing_candidate(tmp_path):
     out = tmp_path / "auto"
     figures = deploy_stage(ModelSource(model=TINY_VIT), DeployOptions(target="openvino", precision="auto", data=CAMVID_SPEC,

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from opentrans.data import open_dataset
 from opentrans.finetune.freeze import apply_freeze_plan, head_only_plan
 from opentrans.finetune.trainer import train_segmentor
-from tests.conftest import CAMVID_SPEC, TINY_VIT
+from conftest import CAMVID_SPEC, TINY_VIT, real_data
 
 
+@real_data
 def test_progress_bar_shows_loss_and_learning_rate(tiny_vit, capsys):
     seg, spec = tiny_vit
     ds = open_dataset(CAMVID_SPEC, "train", spec.image_size, spec.mean, spec.std, limit=1)
@@ -29,6 +30,7 @@ def test_progress_bar_shows_loss_and_learning_rate(tiny_vit, capsys):
     assert "finetune" in err and f"loss={losses[0]:.4f}" in err and "lr=2.00e-03" in err
 
 
+@real_data
 def test_killed_finetune_stage_reruns_to_the_same_weights(tmp_path, monkeypatch):
     """A ``finetune`` run killed after step 3 (checkpoint at step 2) and run again with the same options ends
     with exactly the weights of an uninterrupted run."""
@@ -66,6 +68,7 @@ def test_killed_finetune_stage_reruns_to_the_same_weights(tmp_path, monkeypatch)
     assert ra["loss"]["curve"] == rb["loss"]["curve"] and ra["trainable_layers"]  # CLIP layers trained too
 
 
+@real_data
 def test_finetune_under_torchrun_ddp_gloo_matches_single_process(tmp_path):
     """2 processes (gloo, CPU), one image each of a global batch of 2: the finetuned weights and losses equal a
     single-process run on the same batches, and only rank 0 writes files."""
@@ -74,7 +77,7 @@ def test_finetune_under_torchrun_ddp_gloo_matches_single_process(tmp_path):
     logs.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            CAMVID_SPEC, str(ddp_out), str(logs)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[2])}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = json.loads((logs / "writes-rank0.json").read_text())

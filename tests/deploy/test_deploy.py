@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, fake_trtexec, save_finished, skip_where_tensorrt_exists
+from conftest import CAMVID_SPEC, TINY_RN, TINY_VIT, fake_trtexec, real_data, save_finished, skip_where_tensorrt_exists
 from opentrans.artifacts import is_complete, read_json
 from opentrans.data import open_dataset
 from opentrans.deploy import PARITY_THRESHOLDS, deploy_stage, export_onnx, load_runner, read_build, source_model_dir
@@ -65,6 +65,7 @@ def builds(tmp_path_factory):
 # --- export -----------------------------------------------------------------------------------------------
 
 
+@real_data
 @pytest.mark.parametrize("model", [TINY_VIT, TINY_RN])
 def test_onnx_export_matches_torch_with_other_batch_and_classes(model, tmp_path):
     seg, spec = build_segmentor(model, "none")
@@ -121,6 +122,7 @@ def _check_build_dir(path: Path, backend: str, precision: str, model_files: list
     return build
 
 
+@real_data
 def test_onnx_build_round_trips_through_load_runner(builds):
     path, figures = builds["rn-onnx"]
     _check_build_dir(path, "onnxruntime", "fp32", ["model.onnx"])
@@ -136,6 +138,7 @@ def test_onnx_build_round_trips_through_load_runner(builds):
     np.testing.assert_allclose(runner(images, text), TorchRunner(seg)(images, text), atol=FP32_TOL, rtol=0)
 
 
+@real_data
 def test_openvino_fp32_matches_torch_at_f32_precision(builds):
     path, figures = builds["vit-openvino"]
     build = _check_build_dir(path, "openvino", "fp32", ["model.xml", "model.bin"])
@@ -153,6 +156,7 @@ def test_openvino_fp32_matches_torch_at_f32_precision(builds):
     assert default.inference_precision in ("f32", "bf16", "f16")  # recorded, whatever the CPU chose
 
 
+@real_data
 def test_openvino_int8_is_quantised_and_keeps_the_text_path_fp32(builds):
     import openvino as ov
 
@@ -199,6 +203,7 @@ def test_openvino_int8_is_quantised_and_keeps_the_text_path_fp32(builds):
     assert cos > 0.99
 
 
+@real_data
 def test_parity_gates_reject_bf16_and_a_badly_calibrated_int8(builds, tmp_path):
     """The fp32 gate fails OpenVINO's bf16 default (on CPUs that use it); the int8 gate fails a quantisation
     calibrated on unnormalised images, while the sound int8 build (fixture) passed it."""
@@ -234,6 +239,7 @@ def test_quantize_rejects_bad_smooth_quant_alpha():
         quantize_openvino_int8(None, [], np.zeros((1, 4), np.float32), True, 4, smooth_quant_alpha=1.5)
 
 
+@real_data
 def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
     path, figures = builds["vit-jetson"]
     build = _check_build_dir(path, "jetson", "fp16", ["model.onnx", "model_fp16.onnx"])
@@ -277,6 +283,7 @@ def test_jetson_bundle_contents_and_build_script(builds, tmp_path):
 # --- refusals -------------------------------------------------------------------------------------------------
 
 
+@real_data
 def test_nvidia_target_without_tensorrt_raises_before_writing(tmp_path):
     skip_where_tensorrt_exists()
     with pytest.raises(OpenTransError, match="TensorRT is not installed here.*--target jetson"):
@@ -296,6 +303,7 @@ def test_unknown_target_or_precision_raises_and_writes_nothing(tmp_path, target,
     assert _leftovers(tmp_path) == []
 
 
+@real_data
 @pytest.mark.parametrize("target, cpu_isa_mode, message", [
     ("jetson", "portable", "--cpu-isa: applies to the CPU targets onnx, openvino"),
     ("onnx", "avx9", "--cpu-isa avx9: choose one of native, portable, vnni"),
@@ -306,6 +314,7 @@ def test_cpu_isa_refusals_write_nothing(tmp_path, target, cpu_isa_mode, message)
     assert _leftovers(tmp_path) == []
 
 
+@real_data
 def test_out_dir_that_is_not_a_build_is_refused(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
@@ -314,6 +323,7 @@ def test_out_dir_that_is_not_a_build_is_refused(tmp_path):
     assert _leftovers(tmp_path / "x") == ["notes.txt"]
 
 
+@real_data
 def test_failed_parity_writes_nothing_and_keeps_the_previous_build(builds, tmp_path, monkeypatch):
     import opentrans.deploy.stage as stage
 
@@ -331,6 +341,7 @@ def test_failed_parity_writes_nothing_and_keeps_the_previous_build(builds, tmp_p
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(builds)
 
 
+@real_data
 def test_rebuild_replaces_an_earlier_build(tmp_path):
     out = tmp_path / "out"
     _deploy(out, TINY_RN, "jetson", "fp32")
@@ -340,6 +351,7 @@ def test_rebuild_replaces_an_earlier_build(tmp_path):
     assert _leftovers(tmp_path) == ["out"]
 
 
+@real_data
 def test_build_from_a_model_directory_records_its_source(builds, tmp_path):
     seg, spec = build_segmentor(TINY_RN, "none")
     seg.head.proj.bias.data.fill_(0.05)  # not the fresh model: the build must come from these weights
@@ -374,6 +386,7 @@ def test_parity_thresholds_gate_each_figure():
 # --- load_runner ------------------------------------------------------------------------------------------------
 
 
+@real_data
 def test_load_runner_on_a_model_directory_and_on_anything_else(tmp_path):
     seg, spec = build_segmentor(TINY_RN, "none")
     save_finished(seg, spec, tmp_path / "model")
@@ -402,7 +415,7 @@ def test_targets_register_themselves_and_import_base_not_the_package():
     assert [n for n, t in TARGETS.items() if t.cpu] == ["onnx", "openvino"]
     assert {n: TARGETS.get(n).backend for n in TARGETS.names()} == {
         "jetson": "jetson", "nvidia": "tensorrt", "onnx": "onnxruntime", "openvino": "openvino"}
-    folder = Path(__file__).resolve().parents[1] / "opentrans" / "deploy" / "targets"
+    folder = Path(__file__).resolve().parents[2] / "opentrans" / "deploy" / "targets"
     for path in folder.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
@@ -411,6 +424,7 @@ def test_targets_register_themselves_and_import_base_not_the_package():
         TARGETS.get_target("tflite")
 
 
+@real_data
 def test_every_runner_meets_the_runtime_contract(builds):
     from opentrans.runtime import Runner
 
