@@ -327,6 +327,7 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
         OpenTransError: ``report`` has no analysed layer.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.patches import Patch
 
     out_dir = Path(out_dir)
     median = report.median_alpha
@@ -370,21 +371,31 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
     })
 
     n = len(report.layers)
-    fig = Figure(figsize=(max(6.0, 0.22 * n + 2.0), 4.5))
+    fig = Figure(figsize=(max(7.0, 0.22 * n + 3.5), 4.8))
     ax = fig.add_subplot(1, 1, 1)
     alphas = [la.alpha for la in report.layers]
-    colours = ["tab:blue" if a < median else "tab:orange" for a in alphas]
-    ax.bar(range(n), alphas, color=colours, label=f"{report.estimator} alpha")
+    below = [a < median for a in alphas]
+    ax.bar(range(n), alphas, color=["tab:blue" if b else "tab:orange" for b in below])
+    handles = [Patch(color="tab:blue", label=f"{report.estimator} alpha < median: frozen (median policy)"),
+               Patch(color="tab:orange", label=f"{report.estimator} alpha >= median: trained")]
     if compare is not None:
-        ax.plot(range(n), [other.get(la.name, float("nan")) for la in report.layers], "k_", markersize=8,
-                label=f"{compare.estimator} alpha")
-    ax.axhline(median, color="black", linestyle="--", linewidth=1, label=f"median alpha = {median:.2f}")
+        handles += ax.plot(range(n), [other.get(la.name, float("nan")) for la in report.layers], "k_", markersize=8,
+                           label=f"{compare.estimator} alpha")
+    handles.append(ax.axhline(median, color="black", linestyle="--", linewidth=1, label=f"median alpha = {median:.2f}"))
+    finite = [a for a in alphas if math.isfinite(a) and a > 0]
+    if finite and max(finite) / min(finite) > 8:  # one outlier (e.g. conv1) would flatten every other bar
+        ax.set_yscale("log")
+        ax.set_ylabel("power-law alpha of the ESD (log scale)")
+    else:
+        ax.set_ylabel("power-law alpha of the ESD")
     ax.set_xticks(range(n))
-    ax.set_xticklabels([_short(la.name) for la in report.layers], rotation=90, fontsize=6)
-    ax.set_ylabel("power-law alpha of the ESD")
-    title = "Per-layer heavy-tail alpha (blue: below median, frozen)"
-    ax.set_title(f"{title}\n{weights}" if weights else title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_xticklabels([_short(la.name) for la in report.layers], rotation=90, fontsize=7)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_xlabel("layer (image tower, input to output)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Per-layer heavy-tail alpha, {n} layers\n{weights}" if weights else
+                 f"Per-layer heavy-tail alpha, {n} layers", fontsize=9)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     with atomic_path(out_dir / "alphas.png") as tmp:
         fig.savefig(tmp, dpi=120)
@@ -922,6 +933,16 @@ def estimator_layers(module: nn.Module, prefix: str, estimator: str) -> list[Lay
     return _estimators_of(estimator)[0].layers(module, prefix)[0]
 
 
+def _readable_log_ticks(axis) -> None:
+    """Log-axis labels at 1, 2 and 5 times the powers of ten, written plainly (0.5, 1, 2), and no labels on the
+    minor ticks (over less than a decade matplotlib labels them too, and they overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: str | None = None,
                    estimator: str = "opentrans") -> Path:
     """Log-log ESD plots with the fitted power law, one panel per layer, written atomically (PNG).
@@ -958,14 +979,15 @@ def write_esd_plot(path: str | os.PathLike, layers: list[LayerMatrix], weights: 
         xs = np.geomspace(fit.xmin, fit.lambda_max, 50)
         ax.loglog(xs, fit.num_tail / n_all * (xs / fit.xmin) ** (1.0 - fit.alpha), "-", color="tab:red",
                   label=f"fit alpha={fit.alpha:.2f}, KS={fit.ks_distance:.3f}")
-        ax.axvline(fit.xmin, color="tab:red", linestyle=":", linewidth=1)
-        ax.axvline(fit.peak, color="gray", linestyle="--", linewidth=1)
+        ax.axvline(fit.xmin, color="tab:red", linestyle=":", linewidth=1, label=f"xmin = {fit.xmin:.3g}")
+        ax.axvline(fit.peak, color="gray", linestyle="--", linewidth=1, label=f"ESD peak = {fit.peak:.3g}")
+        _readable_log_ticks(ax.xaxis)
         ax.set_title(_short(lm.name), fontsize=8)
         ax.set_xlabel("eigenvalue of W^T W", fontsize=7)
         ax.set_ylabel("P(lambda >= x)", fontsize=7)
-        ax.legend(fontsize=6)
-    title = (f"ESD with the {'OpenTrans authors' if authors else 'opentrans-qkv (ours)'} power-law fit "
-             "(red: xmin, grey: ESD peak)")
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower left")
+    title = f"ESD with the {'OpenTrans authors' if authors else 'opentrans-qkv (ours)'} power-law fit"
     fig.suptitle(f"{title}\n{weights}" if weights else title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
