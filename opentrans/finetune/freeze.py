@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import torch
 from torch import nn
 
 from opentrans.errors import OpenTransError
-from opentrans.models.attention import has_fused_qkv
+from opentrans.models.attention import QKV_SLICE, has_fused_qkv
 from opentrans.models.modes import preserved_modes
 from opentrans.analyze.spectral import LayerAlpha
 from opentrans.models.segmentor import OpenVocabSegmentor
@@ -141,7 +140,6 @@ def head_only_plan() -> FreezePlan:
     return FreezePlan(policy=HEAD_ONLY, median_alpha=None, frozen=(), trainable=(), alphas={})
 
 
-_SLICE = re.compile(r"^(?P<mha>.+)\.in_proj_weight\[(?P<tag>[qkv])\]$")
 _MASK_ATTR = "_opentrans_row_mask"
 _HOOK_ATTR = "_opentrans_row_hook"
 
@@ -149,7 +147,7 @@ _HOOK_ATTR = "_opentrans_row_hook"
 def _plan_target(seg: OpenVocabSegmentor, name: str) -> tuple[nn.Module, str | None]:
     """``(module, None)`` for a Linear/Conv2d name, ``(MultiheadAttention, 'q'|'k'|'v')`` for a slice name."""
     visual_prefix = "clip.visual."
-    m = _SLICE.match(name)
+    m = QKV_SLICE.match(name)
     target, tag = (m["mha"], m["tag"]) if m else (name, None)
     module = None
     if target.startswith(visual_prefix):

@@ -21,6 +21,8 @@ and restore them through ``model.json`` (``SegmentorSpec.modules``).
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d
@@ -219,6 +221,11 @@ def rebuild_attention(root: nn.Module, structure: dict[str, dict]) -> None:
 
 __all__ = ["PrunedMultiheadAttention", "PrunedAttentionPool2d", "convert_attention", "attention_structure",
            "rebuild_attention", "MHA_TYPE", "POOL_TYPE"]
+
+
+#: A layer name for one Q/K/V row block of a fused attention projection, as the spectral analysis, the freeze
+#: plans and the adapters name it: ``<attention module>.in_proj_weight[q|k|v]``.
+QKV_SLICE = re.compile(r"^(?P<mha>.+)\.in_proj_weight\[(?P<tag>[qkv])\]$")
 
 
 def has_fused_qkv(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from opentrans.errors import OpenTransError
 from opentrans.models.segmentor import OpenVocabSegmentor
+from opentrans.models.modes import preserved_modes
 
 
 @contextlib.contextmanager
@@ -101,13 +102,9 @@ def count_encoder_cost(seg: OpenVocabSegmentor) -> dict:
     """
     images = torch.zeros(1, 3, *seg.image_size)  # (1, 3, H, W)
     feats = torch.zeros(1, seg.feature_grid[0] * seg.feature_grid[1], seg.embed_dim)  # (1, h*w, D)
-    was_training = seg.training
-    seg.eval()  # BatchNorm in train mode would update its running statistics
-    try:
-        with mha_fastpath(False):
-            total = _count_macs(lambda: seg.dense_features(images))
-            head = _count_macs(lambda: seg.head(feats))
-    finally:
-        seg.train(was_training)
+    # eval mode: BatchNorm in train mode would update its running statistics
+    with preserved_modes(seg, train=False), mha_fastpath(False):
+        total = _count_macs(lambda: seg.dense_features(images))
+        head = _count_macs(lambda: seg.head(feats))
     params = sum(p.numel() for p in seg.visual.parameters())
     return {"gmacs": (total - head) / 1e9, "params_m": params / 1e6}

@@ -24,6 +24,7 @@ from opentrans.errors import OpenTransError
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.prune.imp import Target, refresh_masked
 from opentrans.prune.options import check_recovery_options  # noqa: F401 (re-exported)
+from opentrans.models.modes import preserved_modes
 
 
 def open_images(spec: str, image_size: tuple[int, int], mean, std, limit: int | None = None):
@@ -129,11 +130,16 @@ def recover(student: OpenVocabSegmentor, teacher: OpenVocabSegmentor, dataset, s
     student.eval()
     teacher.eval()
     params = [p for p in student.visual.parameters()]
-    flags = {id(p): p.requires_grad for p in student.parameters()}
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    with preserved_modes(student, requires_grad=False):  # only the image tower trains; flags restored after
+        for p in params:
+            p.requires_grad_(True)
+        return _recover_steps(student, teacher, dataset, steps, targets, params, batch_size, lr, seed,
+                              pooled_weight, rank, world)
+
+
+def _recover_steps(student, teacher, dataset, steps, targets, params, batch_size, lr, seed, pooled_weight, rank,
+                   world) -> list[float]:
+    """The Adam loop of :func:`recover` (the trainable parameters set); masked weights re-zeroed at the end."""
     model = _Student(student, targets)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -153,8 +159,6 @@ def recover(student: OpenVocabSegmentor, teacher: OpenVocabSegmentor, dataset, s
                 torch.distributed.all_reduce(logged)
             losses.append(float(logged) / world)
     finally:
-        for p in student.parameters():
-            p.requires_grad_(flags.get(id(p), True))
         with torch.no_grad():
             refresh_masked(targets)
     return losses

@@ -59,6 +59,7 @@ from opentrans.models.cost import count_encoder_cost, mha_fastpath  # noqa: F401
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.prune.importances import IMPORTANCES
 from opentrans.prune.options import RANKINGS, STRUCTURES, check_structured, parse_structures  # noqa: F401
+from opentrans.models.modes import preserved_modes
 
 #: The structured options' check, under its earlier name.
 validate_prune_options = check_structured
@@ -128,22 +129,12 @@ def _unwrapped_parameters(visual: nn.Module) -> list[tuple[nn.Parameter, int]]:
 
 def _dependency_graph(visual: nn.Module) -> tp.DependencyGraph:
     """Trace ``visual`` at its native input size (eval mode, gradients on, so nothing is updated)."""
-    was_training = visual.training
-    flags = {name: p.requires_grad for name, p in visual.named_parameters()}
-    visual.eval()
-    try:
-        for p in visual.parameters():
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                visual,
-                example_inputs=torch.zeros(1, 3, *_native_size(visual)),
-                unwrapped_parameters=_unwrapped_parameters(visual),
-            )
-    finally:
-        visual.train(was_training)
-        for name, p in visual.named_parameters():
-            p.requires_grad_(flags[name])
+    with preserved_modes(visual, train=False, requires_grad=True), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            visual,
+            example_inputs=torch.zeros(1, 3, *_native_size(visual)),
+            unwrapped_parameters=_unwrapped_parameters(visual),
+        )
 
 
 def group_norm_scores(visual: nn.Module, structures: tuple[str, ...], channel_importance, p: int
@@ -461,14 +452,9 @@ def taylor_scores(seg: OpenVocabSegmentor, images: torch.Tensor, structures: tup
                 chosen = consumers or [s for s in us.slices if isinstance(s.tensor(), nn.Parameter)]
                 targets[structure][us.name] = [(s, us.count) for s in chosen]
     gen = torch.Generator().manual_seed(seed)
-    flags = {id(p): p.requires_grad for p in seg.parameters()}
-    was_training = seg.training
-    seg.eval()
     scores = {st: {name: torch.zeros(pairs[0][1]) for name, pairs in layers.items()} for st, layers in targets.items()}
     params = {id(s.tensor()): s.tensor() for layers in targets.values() for pairs in layers.values() for s, _ in pairs}
-    try:
-        for p in seg.parameters():
-            p.requires_grad_(False)
+    with preserved_modes(seg, train=False, requires_grad=False):
         for p in visual.parameters():
             p.requires_grad_(True)
         with torch.enable_grad(), mha_fastpath(False):
@@ -487,10 +473,6 @@ def taylor_scores(seg: OpenVocabSegmentor, images: torch.Tensor, structures: tup
                             if g is not None:
                                 contrib += s.per_unit((g * s.tensor()).detach(), units).float()
                         scores[st][name] += contrib ** 2 / probes
-    finally:
-        for p in seg.parameters():
-            p.requires_grad_(flags.get(id(p), True))
-        seg.train(was_training)
     return scores
 
 

@@ -7,7 +7,6 @@ imports none of them), so a new adapter is one new file.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,13 +16,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from opentrans.errors import OpenTransError
-from opentrans.models.attention import has_fused_qkv
+from opentrans.models.attention import QKV_SLICE, has_fused_qkv
 from opentrans.registry import Registry
 
 if TYPE_CHECKING:
     from opentrans.finetune.options import FinetuneOptions
 
-_SLICE = re.compile(r"^(?P<mha>.+)\.in_proj_weight\[(?P<tag>[qkv])\]$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def resolve_target(model: nn.Module, name: str) -> tuple[nn.Module, str, tuple[i
     Raises:
         OpenTransError: ``name`` is neither a Linear module nor a Q/K/V slice of a fused in-projection.
     """
-    m = _SLICE.match(name)
+    m = QKV_SLICE.match(name)
     path = m["mha"] if m else name
     try:
         module = model.get_submodule(path)

@@ -26,7 +26,7 @@ embedding is resized to another patch grid (:data:`POS_RESIZE`). Each docstring 
 method section), writes out the equation, and cites the repository, the commit that was read and the lines.
 Variants of OpenTrans's own are named options, documented as such: the ``maskclip-noresidual`` mode (the
 ClearCLIP repository's residual-free MaskCLIP baseline), ``cliper_scores(fusion="row-average")`` and
-``embed_tokens(pos_resize=...)`` with a resize other than the mode's. ``tests/test_dense.py`` holds each mode
+``embed_tokens(pos_resize=...)`` with a resize other than the mode's. ``tests/models/test_dense.py`` holds each mode
 against an independent transcription of the authors' code. Paper equation numbers were not available offline
 and are not quoted.
 """
