@@ -326,9 +326,6 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
     Raises:
         OpenTransError: ``report`` has no analysed layer.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    from matplotlib.patches import Patch
-
     out_dir = Path(out_dir)
     median = report.median_alpha
     rows = [{**asdict(la), "shape": list(la.shape), "below_median": la.alpha < median} for la in report.layers]
@@ -370,6 +367,17 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
         "comparison": comparison,
     })
 
+    _plot_alphas(report, other, compare, weights, out_dir / "alphas.png")
+    return [csv_path, json_path, out_dir / "alphas.png"]
+
+
+def _plot_alphas(report: SpectralReport, other: dict[str, float], compare: SpectralReport | None,
+                 weights: str | None, path: Path) -> None:
+    """``alphas.png`` (see :func:`write_alpha_report`), written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.patches import Patch
+
+    median = report.median_alpha
     n = len(report.layers)
     fig = Figure(figsize=(max(7.0, 0.22 * n + 3.5), 4.8))
     ax = fig.add_subplot(1, 1, 1)
@@ -397,9 +405,8 @@ def write_alpha_report(report: SpectralReport, out_dir: str | os.PathLike, weigh
                  f"Per-layer heavy-tail alpha, {n} layers", fontsize=9)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    with atomic_path(out_dir / "alphas.png") as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
-    return [csv_path, json_path, out_dir / "alphas.png"]
 
 
 # ---------------------------------------------------------------------------------------------------------
