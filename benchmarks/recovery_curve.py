@@ -77,9 +77,13 @@ def main() -> None:
                      "recovery_s": seconds})
         print(f"{done:4d} steps: mIoU {miou:.2f} % (drop {ref_miou - miou:+.2f} points), agreement {agree:.2f} %, "
               f"{seconds:.0f} s")
+        _write(rows, out, args.reference, info["weights"], ref_miou, len(val))  # after every checkpoint
 
-    lines = [f"# Recovery curve: {args.reference.name}, 2x plan", "",
-             f"- Weights: **{info['weights']}** (reference val mIoU {ref_miou:.2f} % on {len(val)} CamVid val images)",
+
+def _write(rows: list[dict], out: Path, reference: Path, weights: str, ref_miou: float, val_images: int) -> None:
+    """``recovery_curve.{md,json,png}`` in ``out`` for the checkpoints measured so far."""
+    lines = [f"# Recovery curve: {reference.name}, 2x plan", "",
+             f"- Weights: **{weights}** (reference val mIoU {ref_miou:.2f} % on {val_images} CamVid val images)",
              f"- Machine: {cpu_isa().summary()}; recovery: label-free distillation on CamVid train images, batch "
              f"{BATCH}, Adam lr {LR:g}, Adam state restarted at each checkpoint", "",
              "| recovery steps | val mIoU % | mIoU drop (points) | agreement % | recovery s |",
@@ -87,10 +91,9 @@ def main() -> None:
     lines += [f"| {r['steps']} | {r['miou']:.2f} | {r['miou_drop']:.2f} | {r['agreement']:.2f} | "
               f"{r['recovery_s']:.0f} |" for r in rows]
     write_text(out / "recovery_curve.md", "\n".join(lines) + "\n")
-    write_json(out / "recovery_curve.json", {"reference": str(args.reference), "weights": info["weights"],
+    write_json(out / "recovery_curve.json", {"reference": str(reference), "weights": weights,
                                              "cpu": cpu_isa().to_json(), "batch_size": BATCH, "lr": LR, "rows": rows})
-    _plot(rows, out / "recovery_curve.png", args.reference.name, info["weights"])
-    print("\n".join(lines))
+    _plot(rows, out / "recovery_curve.png", reference.name, weights)
 
 
 def _plot(rows: list[dict], path: Path, name: str, weights: str) -> None:
