@@ -104,3 +104,16 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         """(name, entry) pairs, sorted by name."""
         return [(n, self._entries[n]) for n in self.names()]
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], object]:
+    """A package's ``__getattr__`` (PEP 562) that imports each public name of ``exports`` (name -> module) from its
+    module on first use, so importing the package (or its light ``options`` module, as the CLI does) loads nothing
+    heavy. Use as ``__getattr__ = lazy_exports(__name__, _EXPORTS)``; an unknown name is an AttributeError."""
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name]), name)
+
+    return __getattr__

@@ -4,7 +4,7 @@ The names below are imported on first use, so reading :mod:`opentrans.bench.opti
 its flags) does not load the stage.
 """
 
-import importlib
+from opentrans.registry import lazy_exports
 
 _EXPORTS = {"BenchOptions": "opentrans.bench.options", "bench_stage": "opentrans.bench.stage",
             "discover_artifacts": "opentrans.bench.stage", "measure_latency": "opentrans.bench.latency"}
@@ -12,8 +12,4 @@ _EXPORTS = {"BenchOptions": "opentrans.bench.options", "bench_stage": "opentrans
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """The public names above, imported from their modules on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'opentrans.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ below are imported on first use, so reading :mod:`opentrans.deploy.options` (the
 does not load the stage.
 """
 
-import importlib
+from opentrans.registry import lazy_exports
 
 _EXPORTS = {
     "DeployOptions": "opentrans.deploy.options",
@@ -28,8 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """The public names above, imported from their modules on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'opentrans.deploy' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -19,7 +19,7 @@ The options of both are :class:`~opentrans.prune.options.StructuredOptions` and
 
 from __future__ import annotations
 
-import importlib
+from opentrans.registry import lazy_exports
 
 #: public name -> module it lives in
 _EXPORTS = {
@@ -47,10 +47,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """Import a public name's module on first use (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'opentrans.prune' has no attribute '{name}'")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
