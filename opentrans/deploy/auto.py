@@ -90,10 +90,13 @@ def decision_markdown(decision: dict[str, Any]) -> str:
     """The decision table as Markdown (for the card): candidate, median ms, parity figures, kept or why not."""
     lines = [f"Precision chosen by `--precision auto` on {decision['cpu']} ({decision['rounds']} interleaved rounds, "
              f"batch 1): **{decision['kept']}**", "",
-             "| candidate | median ms | pixel agreement % | cosine | max abs diff | kept |", "|---|---:|---:|---:|---:|---|"]
+             "| candidate | median ms | pixel agreement % | decided agreement % | cosine | max abs diff | kept |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in decision["candidates"]:
         ms = "" if r["median_ms"] is None else f"{r['median_ms']:.1f}"
         f = r["figures"]
-        lines.append(f"| {r['precision']} | {ms} | {f['pixel_agreement']:.2f} | {f['cosine']:.6f} | "
+        decided = f.get("decided_agreement")  # None: too few decided pixels; absent: a decision made before it
+        lines.append(f"| {r['precision']} | {ms} | {f['pixel_agreement']:.2f} | "
+                     f"{'n/a' if decided is None else f'{decided:.3f}'} | {f['cosine']:.6f} | "
                      f"{f['max_abs_diff']:.3g} | {'yes' if r['kept'] else 'no: ' + r['why']} |")
     return "\n".join(lines) + "\n"

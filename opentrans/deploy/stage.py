@@ -51,7 +51,9 @@ from opentrans.options import as_record
 #: INT8 builds: what was quantised and what was kept in floating point (and why).
 QUANT_REPORT_FILE = "quant_report.json"
 #: The parity figures recorded in ``parity.json`` and quoted in a failed check's message.
-FIGURE_KEYS = ("max_abs_diff", "mean_abs_diff", "cosine", "pixel_agreement", "teacher_miou")
+#: The parity figures parity.json and decision.json record (decided_*: see opentrans.deploy.parity).
+FIGURE_KEYS = ("max_abs_diff", "mean_abs_diff", "cosine", "pixel_agreement", "teacher_miou", "decided_pixels_pct",
+               "decided_agreement")
 
 __all__ = ["PARITY_THRESHOLDS", "QUANT_REPORT_FILE", "DeployResult", "check_parity", "deploy_stage",
            "recorded_data"]
@@ -256,7 +258,7 @@ def _build_auto(target: str, candidates: list[Candidate], tmp: Path, onnx_path: 
     timed = {p: (lambda r=built.runner: r(image, text)) for p, (built, _, failures) in results.items() if not failures}
     medians = interleaved_ms(timed, repeats=AUTO_ROUNDS, warmup=AUTO_WARMUP)
     rows = [{"precision": p, "median_ms": medians.get(p),
-             "figures": {k: figures[k] for k in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou")},
+             "figures": {k: figures[k] for k in FIGURE_KEYS if k != "mean_abs_diff"},
              "passed": not failures, "failures": failures} for p, (_, figures, failures) in results.items()]
     kept = choose(rows)
     built, figures, _ = results[kept]
@@ -315,7 +317,8 @@ def _sensitivity(onnx_path: Path, data: DeployInputs, options: DeployOptions) ->
 def _parity_failure(options: DeployOptions, data: DeployInputs, figures: dict, failures: list[str],
                     out_dir: Path) -> OpenTransError:
     """The one-line error of a build that missed its parity gate."""
-    summary = ", ".join(f"{k} {figures[k]:.6g}" for k in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou"))
+    summary = ", ".join(f"{k} {figures[k]:.6g}" for k in FIGURE_KEYS
+                        if k != "mean_abs_diff" and figures.get(k) is not None)
     return OpenTransError(
         f"deploy {options.target}-{options.precision}: parity check against PyTorch failed on {len(data.val)} "
         f"{data.val.name} val images ({data.spec.weights}): {'; '.join(failures)} (measured {summary}); nothing "

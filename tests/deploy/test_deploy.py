@@ -189,8 +189,9 @@ def test_openvino_int8_is_quantised_and_keeps_the_text_path_fp32(builds):
                     stack.append(consumer)
     parity = read_json(path / "parity.json")
     assert parity["checked_precision"] == "int8" and parity["thresholds"] == json.loads(json.dumps(PARITY_THRESHOLDS["int8"]))
-    for key in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou"):
+    for key in ("max_abs_diff", "cosine", "pixel_agreement", "teacher_miou", "decided_pixels_pct", "decided_agreement"):
         assert parity["figures"][key] == figures[key]
+    assert parity["figures"]["decided_pixels_pct"] > 1 and parity["figures"]["decided_agreement"] >= 99.9
     assert 0 < figures["max_abs_diff"] and figures["cosine"] >= 0.99  # quantised: not bit-exact, still close
     fp32_mb = sum((builds["vit-openvino"][0] / f).stat().st_size for f in ("model.xml", "model.bin")) / 1e6
     assert figures["size_mb"] < 0.7 * fp32_mb  # int8 weights

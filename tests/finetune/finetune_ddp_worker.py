@@ -1,8 +1,8 @@
-"""Worker for tests/test_trainer.py: one tiny-ViT ``finetune_stage`` run, under torchrun (2 processes, gloo, CPU)
+"""Worker for tests/finetune/test_trainer.py: one tiny-ViT ``finetune_stage`` run, under torchrun (2 processes, gloo, CPU)
 or in a single process. Every process logs the files it wrote (each write of the stage ends in the
 ``os.replace`` of :func:`opentrans.artifacts.atomic_path`) to ``LOG_DIR/writes-rank<R>.json``.
 
-    torchrun --standalone --nproc_per_node 2 tests/finetune_ddp_worker.py CAMVID_SPEC OUT_DIR LOG_DIR
+    torchrun --standalone --nproc_per_node 2 tests/finetune/finetune_ddp_worker.py CAMVID_SPEC OUT_DIR LOG_DIR
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Worker for tests/test_prune_imp.py: one IMP round plus distillation recovery of the tiny ViT, under torchrun
+"""Worker for tests/prune/test_prune_imp.py: one IMP round plus distillation recovery of the tiny ViT, under torchrun
 (gloo, CPU) or in a single process. Writes the recovered image tower (safetensors) to argv[2] from rank 0.
 
-    torchrun --standalone --nproc_per_node 2 tests/prune_ddp_worker.py CAMVID_SPEC OUT.safetensors [STAGE_DIR]
+    torchrun --standalone --nproc_per_node 2 tests/prune/prune_ddp_worker.py CAMVID_SPEC OUT.safetensors [STAGE_DIR]
 
 With STAGE_DIR, every rank then runs the whole ``imp_stage`` (one round, one recovery step) into STAGE_DIR: only
 rank 0 may write there; each rank appends the figures it got back to STAGE_DIR/../figures_rank{R}.json.
