@@ -182,6 +182,27 @@ def from_mapping(cls: type, raw: Any, where: str):
     return options
 
 
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose values are read when first needed (a value to check, ``--help`` to show), not when
+    the command is built: a registry's ``names`` imports its plug-in modules (torch among them), and building the
+    CLI must not (``opentrans --help`` stays fast)."""
+
+    def __init__(self, choices: Iterable[str] | Callable[[], Iterable[str]], case_sensitive: bool = True):
+        self._source = choices
+        self._resolved: tuple[str, ...] | None = None
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._resolved is None:
+            self._resolved = tuple(choice_names(self._source))
+        return self._resolved
+
+    @choices.setter
+    def choices(self, value) -> None:
+        self._source, self._resolved = value, None
+
+
 def _click_type(annotation: Any):
     """click's parameter type for a field annotation without an explicit ``type`` (floats refuse nan/inf)."""
     allowed = _allowed_python_types(annotation) or ()
@@ -240,7 +261,7 @@ def cli_options(cls: type, *, exclude: Iterable[str] = (), defaults: dict[str, A
                 decls = [flag]
                 kwargs["default"] = list(default) if isinstance(default, (list, tuple)) and default else default
                 if spec.choices is not None:
-                    kwargs["type"] = click.Choice(choice_names(spec.choices))
+                    kwargs["type"] = LazyChoice(spec.choices)
                 elif spec.type is not None:
                     kwargs["type"] = spec.type
                 elif not isinstance(default, (list, tuple)) and _click_type(hints[fld.name]) is not None:

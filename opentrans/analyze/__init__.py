@@ -12,10 +12,17 @@ self-regularisation, computed with weightwatcher); :mod:`opentrans.finetune` fre
   :func:`analyze_spectrum`, :func:`layer_alphas`, :func:`write_alpha_report`, :func:`write_esd_plot`.
 * :mod:`~opentrans.analyze.options`: :class:`AnalyzeOptions`.
 * :mod:`~opentrans.analyze.stage`: :func:`analyze_stage`.
+
+The names below are imported on first use, so reading :mod:`opentrans.analyze.options` (the CLI does, to build
+its flags) does not load torch.
 """
 
-from opentrans.analyze.options import AnalyzeOptions
-from opentrans.analyze.spectral import LayerAlpha, SpectralReport, analyze_model
-from opentrans.analyze.stage import analyze_stage
+from opentrans.registry import lazy_exports
 
-__all__ = ["AnalyzeOptions", "LayerAlpha", "SpectralReport", "analyze_model", "analyze_stage"]
+_EXPORTS = {"AnalyzeOptions": "opentrans.analyze.options", "LayerAlpha": "opentrans.analyze.spectral",
+            "SpectralReport": "opentrans.analyze.spectral", "analyze_model": "opentrans.analyze.spectral",
+            "analyze_stage": "opentrans.analyze.stage"}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

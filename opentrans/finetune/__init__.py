@@ -20,60 +20,40 @@ well trained and stay frozen; the rest are finetuned with the segmentation head.
 * :mod:`~opentrans.finetune.adapters`: LoRA and OFT, mergeable into plain weights.
 * :mod:`~opentrans.finetune.stage`: :func:`finetune_stage` (:func:`opentrans.analyze.stage.analyze_stage` is
   re-exported here).
+
+The names below are imported on first use, so reading :mod:`opentrans.finetune.options` (the CLI does, to build
+its flags) does not load the stage.
 """
 
-from opentrans.finetune.freeze import (
-    FreezePlan,
-    apply_freeze_plan,
-    freeze_plan,
-    gradient_free_parameters,
-    head_only_plan,
-)
-from opentrans.finetune.freeze import trainable_param_count
-from opentrans.analyze.spectral import (
-    LayerAlpha,
-    PowerLawFit,
-    SpectralReport,
-    analyze_model,
-    analyze_opentrans,
-    analyze_opentrans_qkv,
-    analyze_spectrum,
-    analyze_weightwatcher,
-    authors_layers,
-    esd,
-    fit_power_law,
-    fit_power_law_authors,
-    layer_alphas,
-    write_alpha_report,
-    write_esd_plot,
-)
-from opentrans.analyze.stage import analyze_stage
-from opentrans.finetune.stage import finetune_stage
-from opentrans.finetune.trainer import train_segmentor
+from opentrans.registry import lazy_exports
 
-__all__ = [
-    "FreezePlan",
-    "LayerAlpha",
-    "PowerLawFit",
-    "SpectralReport",
-    "analyze_model",
-    "analyze_opentrans",
-    "analyze_opentrans_qkv",
-    "analyze_spectrum",
-    "analyze_weightwatcher",
-    "authors_layers",
-    "esd",
-    "fit_power_law",
-    "fit_power_law_authors",
-    "trainable_param_count",
-    "write_esd_plot",
-    "analyze_stage",
-    "apply_freeze_plan",
-    "finetune_stage",
-    "freeze_plan",
-    "gradient_free_parameters",
-    "head_only_plan",
-    "layer_alphas",
-    "train_segmentor",
-    "write_alpha_report",
-]
+_EXPORTS = {
+    "FreezePlan": "opentrans.finetune.freeze",
+    "apply_freeze_plan": "opentrans.finetune.freeze",
+    "freeze_plan": "opentrans.finetune.freeze",
+    "gradient_free_parameters": "opentrans.finetune.freeze",
+    "head_only_plan": "opentrans.finetune.freeze",
+    "trainable_param_count": "opentrans.finetune.freeze",
+    "LayerAlpha": "opentrans.analyze.spectral",
+    "PowerLawFit": "opentrans.analyze.spectral",
+    "SpectralReport": "opentrans.analyze.spectral",
+    "analyze_model": "opentrans.analyze.spectral",
+    "analyze_opentrans": "opentrans.analyze.spectral",
+    "analyze_opentrans_qkv": "opentrans.analyze.spectral",
+    "analyze_spectrum": "opentrans.analyze.spectral",
+    "analyze_weightwatcher": "opentrans.analyze.spectral",
+    "authors_layers": "opentrans.analyze.spectral",
+    "esd": "opentrans.analyze.spectral",
+    "fit_power_law": "opentrans.analyze.spectral",
+    "fit_power_law_authors": "opentrans.analyze.spectral",
+    "layer_alphas": "opentrans.analyze.spectral",
+    "write_alpha_report": "opentrans.analyze.spectral",
+    "write_esd_plot": "opentrans.analyze.spectral",
+    "analyze_stage": "opentrans.analyze.stage",
+    "finetune_stage": "opentrans.finetune.stage",
+    "train_segmentor": "opentrans.finetune.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -53,9 +53,9 @@ from opentrans.models.attention import QKV_SLICE, has_fused_qkv
 from opentrans.models.modes import preserved_modes
 from opentrans.analyze.spectral import LayerAlpha
 from opentrans.models.segmentor import OpenVocabSegmentor
+from opentrans.finetune.options import POLICIES
 
 #: Policies of :func:`freeze_plan`.
-POLICIES = ("median", "fraction", "inverse", "random")
 HEAD_ONLY = "head-only"
 
 

@@ -4,14 +4,39 @@ API and the manifest record (every default written once, here)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import click
 
 from opentrans.errors import OpenTransError
-from opentrans.finetune.freeze import POLICIES
-from opentrans.finetune.trainer import AMP_MODES, check_train_options
 from opentrans.options import FiniteFloat, StageOptions, option
+
+
+#: Freeze policies of a heavy-tail plan (:func:`opentrans.finetune.freeze.freeze_plan`).
+POLICIES = ("median", "fraction", "inverse", "random")
+#: ``--amp`` modes (:func:`opentrans.finetune.trainer.resolve_amp`).
+AMP_MODES = ("off", "bf16", "auto")
+
+
+def check_train_options(steps: int, batch_size: int, lr: float, grad_accum: int = 1,
+                        checkpoint_every: int = 0) -> None:
+    """Validate the training budget.
+
+    Raises:
+        OpenTransError: ``steps``, ``batch_size`` or ``grad_accum`` below 1, ``lr`` not a positive finite
+            number, or a negative ``checkpoint_every``.
+    """
+    if grad_accum < 1:
+        raise OpenTransError(f"--grad-accum {grad_accum}: must be at least 1")
+    if checkpoint_every < 0:
+        raise OpenTransError(f"--checkpoint-every {checkpoint_every}: must be 0 (off) or more")
+    if steps < 1:
+        raise OpenTransError(f"--steps {steps}: must be at least 1")
+    if batch_size < 1:
+        raise OpenTransError(f"--batch-size {batch_size}: must be at least 1")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise OpenTransError(f"--lr {lr}: must be a positive number")
 
 
 def _adapter_names() -> list[str]:

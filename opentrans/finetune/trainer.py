@@ -41,10 +41,10 @@ from opentrans.errors import OpenTransError, OpenTransWarning
 from opentrans.finetune.losses import check_loss, segmentation_loss
 from opentrans.models.segmentor import OpenVocabSegmentor
 from opentrans.progress import progress as progress_bar
+from opentrans.finetune.options import AMP_MODES, check_train_options
 
 POLY_POWER = 0.9
 #: ``amp`` choices of :func:`train_segmentor`.
-AMP_MODES = ("off", "bf16", "auto")
 #: Checkpoint files in ``checkpoint_dir``: tensors, then the JSON that commits them.
 CKPT_TENSORS = "trainer_state.safetensors"
 CKPT_JSON = "trainer_state.json"
@@ -90,26 +90,6 @@ def resolve_amp(amp: str) -> bool:
                       f"several times slower than fp32 here (--amp auto picks fp32 on it)", OpenTransWarning,
                       stacklevel=2)
     return amp == "bf16" or (amp == "auto" and isa.native_bf16)
-
-
-def check_train_options(steps: int, batch_size: int, lr: float, grad_accum: int = 1,
-                        checkpoint_every: int = 0) -> None:
-    """Validate the training budget.
-
-    Raises:
-        OpenTransError: ``steps``, ``batch_size`` or ``grad_accum`` below 1, ``lr`` not a positive finite
-            number, or a negative ``checkpoint_every``.
-    """
-    if grad_accum < 1:
-        raise OpenTransError(f"--grad-accum {grad_accum}: must be at least 1")
-    if checkpoint_every < 0:
-        raise OpenTransError(f"--checkpoint-every {checkpoint_every}: must be 0 (off) or more")
-    if steps < 1:
-        raise OpenTransError(f"--steps {steps}: must be at least 1")
-    if batch_size < 1:
-        raise OpenTransError(f"--batch-size {batch_size}: must be at least 1")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise OpenTransError(f"--lr {lr}: must be a positive number")
 
 
 def _fingerprint(names: list[str], **settings) -> str:
