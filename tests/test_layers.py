@@ -57,3 +57,13 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from opentrans.cli import cli\n    import opentrans.bench.stage\n")
     assert _imported_parts(module) == {"cli", "bench"}
+
+
+def test_building_the_cli_loads_no_torch():
+    """``opentrans --help`` stays fast: the CLI's registry-backed choices and the stage packages load their plug-ins
+    and torch only when a command needs them."""
+    import subprocess
+    import sys
+
+    code = "import sys, opentrans.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent).returncode == 0
